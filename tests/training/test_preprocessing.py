@@ -1,0 +1,174 @@
+"""The one preprocessing implementation: formats, modes, EXIF, errors, geometry."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import exif_rotated_jpeg, photo
+from training.preprocessing import (
+    ImageDecodeError,
+    ImageTooLargeError,
+    PreprocessSpec,
+    UnusableImageError,
+    decode_image,
+    normalize,
+    preprocess_bytes,
+    resize,
+)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "jpeg", "png", "grey_png", "rgba_png", "palette_png", "palette_transparent_png",
+        "grey16_png", "cmyk_jpeg", "exif_rotated_jpeg", "gif_animated", "bmp", "tiff",
+        "tiff_multipage", "webp",
+    ],
+)
+def test_every_format_and_mode_decodes_to_rgb_uint8(images, key):
+    decoded = decode_image(images[key])
+    assert decoded.pixels.dtype == np.uint8
+    assert decoded.pixels.ndim == 3 and decoded.pixels.shape[2] == 3
+    x, geom = preprocess_bytes(images[key], PreprocessSpec(40, 56))
+    assert x.shape == (40, 56, 3) and x.dtype == np.float32
+    assert -1.0 <= x.min() and x.max() <= 1.0
+
+
+def test_grey_is_replicated_to_three_equal_channels(images):
+    px = decode_image(images["grey_png"]).pixels
+    assert np.array_equal(px[..., 0], px[..., 1]) and np.array_equal(px[..., 1], px[..., 2])
+    assert np.array_equal(px[..., 0], np.asarray(photo("camera.png").convert("L")))
+
+
+def test_sixteen_bit_is_scaled_not_clipped(images):
+    grey8 = np.asarray(photo("camera.png").convert("L"))
+    px = decode_image(images["grey16_png"]).pixels
+    # 8-bit values v were stored as v*257; scaling by 255/65535 gives v back exactly.
+    assert np.array_equal(px[..., 0], grey8)
+    assert px.max() > 200  # clipping to 255 would have made almost everything white
+
+
+def test_alpha_is_composited_over_the_background():
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200  # red, fully transparent on the left half, opaque on the right
+    rgba[:, 2:, 3] = 255
+    data = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(data, format="PNG")
+    px = decode_image(data.getvalue(), alpha_background=(10, 20, 30)).pixels
+    assert (px[:, :2] == [10, 20, 30]).all()
+    assert (px[:, 2:] == [200, 0, 0]).all()
+
+
+def test_palette_transparency_uses_the_background(images):
+    px = decode_image(images["palette_transparent_png"], alpha_background=(1, 2, 3)).pixels
+    pal = Image.open(io.BytesIO(images["palette_transparent_png"]))
+    transparent = np.asarray(pal) == 0
+    assert transparent.any()
+    assert (px[transparent] == [1, 2, 3]).all()
+
+
+def test_cmyk_converts_close_to_the_original(images):
+    px = decode_image(images["cmyk_jpeg"]).pixels.astype(int)
+    ref = np.asarray(photo("chelsea.png").convert("RGB")).astype(int)
+    assert np.abs(px - ref).mean() < 8
+
+
+def test_exif_orientation_is_applied():
+    data, upright = exif_rotated_jpeg()
+    decoded = decode_image(data)
+    assert decoded.exif_rotated
+    assert decoded.pixels.shape == upright.shape
+    assert np.array_equal(decoded.pixels, upright)
+    stored = decode_image(data, exif_orientation=False).pixels
+    assert stored.shape == (upright.shape[1], upright.shape[0], 3)
+
+
+def test_first_frame_of_animations_or_refusal(images):
+    first = decode_image(images["gif_animated"])
+    assert first.frames == 2
+    ref = np.asarray(Image.open(io.BytesIO(images["gif_animated"])).convert("RGB"))
+    assert np.array_equal(first.pixels, ref)
+    with pytest.raises(UnusableImageError) as err:
+        decode_image(images["gif_animated"], multi_frame="reject")
+    assert err.value.status == 422
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 20, b"GIF89a\x01"],
+)
+def test_non_images_raise_decode_error(data):
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(data)
+    assert err.value.status == 400
+
+
+@pytest.mark.parametrize("key", ["jpeg", "png"])
+def test_truncated_images_raise_decode_error(images, key):
+    data = images[key]
+    with pytest.raises(ImageDecodeError):
+        decode_image(data[: len(data) // 2])
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims a huge size; the pixel data is tiny (a bomb)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+
+
+def test_pixel_limit_refuses_decompression_bombs_before_decoding():
+    with pytest.raises(ImageTooLargeError) as err:
+        decode_image(_png_header_only(50_000, 50_000))
+    assert err.value.status == 413
+    with pytest.raises(ImageTooLargeError):
+        decode_image(_png_header_only(300, 300), max_pixels=300 * 299)
+
+
+def test_stretch_resize_geometry_maps_boxes_back():
+    px = np.zeros((100, 200, 3), np.uint8)
+    out, geom = resize(px, PreprocessSpec(50, 50))
+    assert out.shape == (50, 50, 3)
+    box = geom.boxes_to_original(np.array([[0.1, 0.2, 0.5, 1.0]]))
+    np.testing.assert_allclose(box, [[10, 40, 50, 200]])
+
+
+def test_letterbox_keeps_aspect_and_maps_boxes_back():
+    px = np.full((100, 200, 3), 255, np.uint8)
+    spec = PreprocessSpec(64, 64, geometry="letterbox", pad_value=0)
+    out, geom = resize(px, spec)
+    # 200x100 scaled by 0.32 -> 64x32, centred vertically with 16 rows of padding.
+    assert (out[:16] == 0).all() and (out[48:] == 0).all() and (out[16:48] == 255).all()
+    box = geom.boxes_to_original(np.array([[16 / 64, 0.0, 48 / 64, 1.0]]))
+    np.testing.assert_allclose(box, [[0, 0, 100, 200]], atol=1e-6)
+
+
+def test_normalisation_is_the_spec_affine_map():
+    spec = PreprocessSpec(2, 2)
+    x = normalize(np.array([[[0, 127.5, 255]]], np.uint8), spec)
+    np.testing.assert_allclose(x, [[[-1.0, -0.003921628, 1.0]]], atol=1e-6)
+
+
+def test_resize_method_is_part_of_the_spec():
+    px = np.asarray(photo("chelsea.png").convert("RGB"))
+    a, _ = resize(px, PreprocessSpec(32, 32, resize_method="bilinear"))
+    b, _ = resize(px, PreprocessSpec(32, 32, resize_method="nearest"))
+    assert not np.array_equal(a, b)
+
+
+def test_spec_round_trips_through_the_model_card_dict():
+    spec = PreprocessSpec(96, 128, geometry="letterbox", alpha_background=(0, 0, 0))
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError):
+        PreprocessSpec.from_dict({**spec.to_dict(), "mystery": 1})
+    with pytest.raises(ValueError):
+        PreprocessSpec(96, 96, resize_method="magic")

@@ -1,0 +1,385 @@
+"""MobileNetV2 image classifier: build, train (freeze then fine-tune), check, export.
+
+The run, in order:
+
+1. data: class folders or the synthetic set, preprocessed once by
+   :mod:`training.preprocessing`, split deterministically; class weights from
+   counts;
+2. model: ``keras.applications.MobileNetV2`` (``alpha``, input size, weights
+   none | imagenet | a local file) + global pooling, dropout, dense logits;
+3. BN momentum set for the run length (:func:`training.bn.momentum_for_steps`);
+4. with pretrained weights, the head is trained with the backbone frozen (its
+   BN layers in inference mode), then the top ``fine_tune_layers`` layers are
+   unfrozen at a lower learning rate; from scratch everything trains at once;
+   warm-up + cosine (or exponential) learning rate, early stopping on
+   validation loss, augmentation in the input pipeline only;
+5. precise BN over the training data, then the inference/training-mode parity
+   check on held-out data; a failed check stops the export unless forced;
+6. export (:func:`training.export.export_model`) with the model card.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from training import bn, synthetic
+from training.data import (
+    ImageSet,
+    class_weights,
+    load_directory,
+    make_dataset,
+    normalized_batches,
+    split,
+    synthetic_set,
+)
+from training.export import ExportResult, export_model, pixel_statistics
+from training.preprocessing import PreprocessSpec, normalize
+
+REFERENCE_SET = "reference_set.npz"
+
+
+class ParityError(RuntimeError):
+    """Inference mode and training mode disagree: the model must not be exported."""
+
+
+@dataclass
+class ClassifierConfig:
+    """Parameters of one classifier run (the CLI flags map one-to-one)."""
+
+    data: str = "synthetic"  # a class-folder directory, or "synthetic"
+    model_base: str = "models"
+    name: str = "classifier"
+    alpha: float = 0.35
+    image_size: int = 96
+    resize_method: str = "bilinear"
+    geometry: str = "stretch"
+    weights: str = "none"  # none | imagenet | path to a backbone .weights.h5
+    epochs: int = 20
+    head_epochs: int = 3  # frozen-backbone epochs (pretrained weights only)
+    fine_tune_layers: int = 60  # top backbone layers unfrozen for fine-tuning (-1: all)
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    fine_tune_learning_rate: float = 3e-4
+    schedule: str = "cosine"  # cosine | exponential
+    warmup_epochs: float = 1.0
+    dropout: float = 0.2
+    label_smoothing: float = 0.0
+    augment: bool = True
+    patience: int = 6
+    val_fraction: float = 0.2
+    seed: int = 0
+    synthetic_images: int = 3000
+    synthetic_imbalance: float = 2.0
+    synthetic_classes: int = len(synthetic.CLASSES)  # use the first k shape classes
+    bn_momentum: str = "auto"  # auto | keras (leave 0.999) | a number
+    precise_bn: bool = True
+    max_parity_gap: float = 0.02
+    force: bool = False
+    version_labels: tuple[str, ...] = ("stable",)
+    reference_images: int = 256
+    verbose: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha <= 1.4:
+            raise ValueError("alpha must be in (0, 1.4]")
+        if self.image_size < 32:
+            raise ValueError("MobileNetV2 needs an input of at least 32x32")
+        if self.schedule not in ("cosine", "exponential"):
+            raise ValueError("schedule must be cosine or exponential")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be positive")
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return PreprocessSpec(
+            height=self.image_size,
+            width=self.image_size,
+            resize_method=self.resize_method,
+            geometry=self.geometry,
+        )
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The demo model `make models` builds: <= 10 minutes on 2 CPU cores.
+    "demo": dict(
+        alpha=0.35, image_size=96, epochs=30, batch_size=64, synthetic_images=4000,
+        synthetic_imbalance=2.0, learning_rate=1e-2, patience=8,
+    ),
+    # Seconds, for tests (with a small, easy dataset).
+    "tiny": dict(
+        alpha=0.35, image_size=32, epochs=8, batch_size=16, learning_rate=0.01,
+        synthetic_images=300, reference_images=32, patience=100, max_parity_gap=0.05,
+    ),
+}
+
+
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up, then cosine decay to 1% (or exponential decay) of the peak."""
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, kind: str = "cosine"):
+        self.peak, self.warmup, self.total, self.kind = peak, max(1, warmup_steps), total_steps, kind
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warm = self.peak * (step + 1) / self.warmup
+        progress = tf.clip_by_value(
+            (step - self.warmup) / max(1.0, float(self.total - self.warmup)), 0.0, 1.0
+        )
+        if self.kind == "cosine":
+            decayed = self.peak * (0.01 + 0.99 * 0.5 * (1 + tf.cos(math.pi * progress)))
+        else:
+            decayed = self.peak * tf.pow(0.01, progress)
+        return tf.where(step < self.warmup, warm, decayed)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"peak": self.peak, "warmup_steps": self.warmup, "total_steps": self.total, "kind": self.kind}
+
+
+def build_classifier(
+    num_classes: int, *, image_size: int, alpha: float, weights: str = "none", dropout: float = 0.2
+) -> tuple[keras.Model, keras.Model]:
+    """MobileNetV2 backbone + pooling, dropout, dense logits; returns (model, backbone).
+
+    The classifier is one flat functional graph over the backbone's layers, so
+    every BN layer's input is reachable for probes and precise BN.
+    """
+    w = None if weights in ("none", "", None) else weights
+    backbone = keras.applications.MobileNetV2(
+        input_shape=(image_size, image_size, 3), alpha=alpha, include_top=False, weights=w
+    )
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(backbone.output)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    logits = keras.layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(backbone.input, logits, name="mobilenetv2_classifier"), backbone
+
+
+def augmentation_layers(spec: PreprocessSpec, seed: int) -> list[keras.layers.Layer]:
+    """Flip, rotation, zoom, contrast; on normalised input (value range from the spec)."""
+    lo = spec.offset
+    hi = 255.0 * spec.scale + spec.offset
+    return [
+        keras.layers.RandomFlip("horizontal", seed=seed),
+        keras.layers.RandomRotation(0.1, fill_mode="reflect", seed=seed + 1),
+        keras.layers.RandomZoom(0.15, fill_mode="reflect", seed=seed + 2),
+        keras.layers.RandomContrast(0.3, value_range=(lo, hi), seed=seed + 3),
+    ]
+
+
+def classifier_postprocess(temperature: float = 1.0):
+    """Signature outputs: raw ``logits`` and ``probabilities`` = softmax(logits / T)."""
+    t = float(temperature)
+
+    def post(outs: list[tf.Tensor]) -> dict[str, tf.Tensor]:
+        logits = outs[0]
+        return {"logits": logits, "probabilities": tf.nn.softmax(logits / t, axis=-1)}
+
+    return post
+
+
+def load_data(cfg: ClassifierConfig) -> ImageSet:
+    if cfg.data == "synthetic":
+        return synthetic_set(
+            cfg.spec,
+            cfg.synthetic_images,
+            seed=cfg.seed,
+            imbalance=cfg.synthetic_imbalance,
+            classes=synthetic.CLASSES[: cfg.synthetic_classes],
+        )
+    return load_directory(cfg.data, cfg.spec)
+
+
+def _strategy() -> tf.distribute.Strategy:
+    gpus = tf.config.list_logical_devices("GPU")
+    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+
+
+def _resolve_momentum(cfg: ClassifierConfig, steps_per_epoch: int) -> float | None:
+    if cfg.bn_momentum == "keras":
+        return None
+    if cfg.bn_momentum == "auto":
+        return bn.momentum_for_steps(steps_per_epoch)
+    return float(cfg.bn_momentum)
+
+
+def _fit(model, train_ds, val_ds, *, epochs, lr_peak, steps_per_epoch, cfg, weights) -> keras.callbacks.History:
+    total = max(1, epochs * steps_per_epoch)
+    schedule = WarmupSchedule(lr_peak, int(cfg.warmup_epochs * steps_per_epoch), total, cfg.schedule)
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing)
+        if cfg.label_smoothing
+        else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    callbacks = [
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=cfg.patience, restore_best_weights=True
+        )
+    ]
+    verbose = cfg.verbose if cfg.verbose is not None else (1 if sys.stdout.isatty() else 2)
+    return model.fit(
+        train_ds, validation_data=val_ds, epochs=epochs, class_weight=weights,
+        callbacks=callbacks, verbose=verbose,
+    )
+
+
+def train_classifier(cfg: ClassifierConfig, *, export: bool = True) -> dict[str, Any]:
+    """Run the whole pipeline; returns the summary (and exports unless ``export=False``).
+
+    The summary's ``model`` entry holds the trained Keras model.
+    """
+    started = time.monotonic()
+    keras.utils.set_random_seed(cfg.seed)
+    spec = cfg.spec
+    data = load_data(cfg)
+    train, val = split(data, cfg.val_fraction, seed=cfg.seed)
+    num_classes = len(data.class_names)
+    weights = class_weights(train.labels, num_classes)
+
+    strategy = _strategy()
+    with strategy.scope():
+        model, backbone = build_classifier(
+            num_classes, image_size=cfg.image_size, alpha=cfg.alpha, weights=cfg.weights, dropout=cfg.dropout
+        )
+    steps_per_epoch = max(1, len(train) // cfg.batch_size)
+    pretrained = cfg.weights not in ("none", "", None)
+    momentum = _resolve_momentum(cfg, steps_per_epoch)
+    if momentum is not None:
+        bn.set_bn_momentum(model, momentum)
+
+    aug = augmentation_layers(spec, cfg.seed) if cfg.augment else None
+    train_ds = make_dataset(train, spec, batch_size=cfg.batch_size, training=True, seed=cfg.seed, augment=aug)
+    val_ds = make_dataset(val, spec, batch_size=cfg.batch_size, training=False)
+
+    history: dict[str, list[float]] = {}
+    with strategy.scope():
+        if pretrained:
+            # Phase 1: the backbone frozen; trainable=False also runs its BN in inference mode.
+            backbone.trainable = False
+            h = _fit(model, train_ds, val_ds, epochs=cfg.head_epochs, lr_peak=cfg.learning_rate,
+                     steps_per_epoch=steps_per_epoch, cfg=cfg, weights=weights)
+            history["head"] = h.history.get("val_accuracy", [])
+            # Phase 2: unfreeze the top K layers (their BN layers train with batch statistics).
+            backbone.trainable = True
+            k = len(backbone.layers) if cfg.fine_tune_layers < 0 else cfg.fine_tune_layers
+            for layer in backbone.layers[: len(backbone.layers) - k]:
+                layer.trainable = False
+            lr = cfg.fine_tune_learning_rate
+        else:
+            lr = cfg.learning_rate
+        h = _fit(model, train_ds, val_ds, epochs=cfg.epochs, lr_peak=lr,
+                 steps_per_epoch=steps_per_epoch, cfg=cfg, weights=weights)
+        history["train"] = h.history.get("val_accuracy", [])
+    epochs_run = len(history["train"])
+
+    val_x = normalize(val.pixels, spec)
+    before = bn.classification_parity(model, val_x, val.labels, threshold=cfg.max_parity_gap)
+    if cfg.precise_bn:
+        # Only BN layers that trained with batch statistics get new moving statistics;
+        # frozen ones were used (and trained around) with the statistics they have.
+        trainable_bn = [lyr for lyr in bn.bn_layers(model) if lyr.trainable]
+        bn.precise_bn(model, normalized_batches(train.pixels, spec, 128), layers=trainable_bn)
+    parity = bn.classification_parity(model, val_x, val.labels, threshold=cfg.max_parity_gap)
+
+    logits = bn.predict_in_mode(model, val_x, training=False)
+    pred = logits.argmax(-1)
+    accuracy = float(np.mean(pred == val.labels))
+    per_class = {
+        c: float(np.mean(pred[val.labels == i] == i)) if (val.labels == i).any() else None
+        for i, c in enumerate(data.class_names)
+    }
+    train_seconds = time.monotonic() - started
+    summary: dict[str, Any] = {
+        "name": cfg.name,
+        "accuracy": accuracy,
+        "per_class_accuracy": per_class,
+        "parity": parity.to_dict(),
+        "parity_before_precise_bn": before.to_dict(),
+        "bn_momentum": momentum if momentum is not None else "keras-default",
+        "class_counts": train.counts(),
+        "class_weights": {data.class_names[i]: w for i, w in weights.items()},
+        "train_images": len(train),
+        "val_images": len(val),
+        "epochs_run": epochs_run,
+        "train_seconds": round(train_seconds, 1),
+        "skipped_files": data.skipped,
+        "model": model,
+    }
+    if not export:
+        return summary
+    if not parity.passed and not cfg.force:
+        raise ParityError(
+            f"parity check failed: inference-mode accuracy {parity.inference_metric:.3f} vs "
+            f"training-mode {parity.training_metric:.3f} (gap {parity.gap:.3f} > "
+            f"{parity.threshold}); moving statistics do not describe the data. "
+            "Not exported (use --force to export anyway)."
+        )
+    result = export_classifier(model, cfg, data, train, val, summary)
+    summary["version"] = result.version
+    summary["exported"] = str(result.path)
+    return summary
+
+
+def _reference_set(val: ImageSet, n: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.permutation(len(val))[:n])
+    buf = io.BytesIO()
+    np.savez_compressed(buf, pixels=val.pixels[idx], labels=val.labels[idx])
+    return buf.getvalue()
+
+
+def export_classifier(
+    model: keras.Model, cfg: ClassifierConfig, data: ImageSet, train: ImageSet, val: ImageSet, summary: dict
+) -> ExportResult:
+    """Export with the model card: metrics, parity, pixel stats, lineage, reference set."""
+    spec = cfg.spec
+    params = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("extra", "verbose")}
+    card_fields = {
+        "metrics": {
+            "accuracy": summary["accuracy"],
+            "per_class_accuracy": summary["per_class_accuracy"],
+            "parity": summary["parity"],
+            "val_images": summary["val_images"],
+            "evaluated_in": "inference_mode",
+        },
+        "bn_reference": {"pixel_stats": pixel_statistics(normalize(train.pixels[:2000], spec))},
+        "training": {
+            "class_counts": summary["class_counts"],
+            "class_weights": summary["class_weights"],
+            "bn_momentum": summary["bn_momentum"],
+            "precise_bn": cfg.precise_bn,
+            "epochs_run": summary["epochs_run"],
+            "train_seconds": summary["train_seconds"],
+        },
+        "lineage": {
+            "parent_version": None,
+            "dataset": {"source": data.source, "fingerprint": data.fingerprint},
+            "parameters": params,
+        },
+        "reference_set": {"file": REFERENCE_SET, "images": min(cfg.reference_images, len(val))},
+    }
+    return export_model(
+        model,
+        model_base=cfg.model_base,
+        name=cfg.name,
+        task="classification",
+        spec=spec,
+        labels=data.class_names,
+        postprocess=classifier_postprocess(1.0),
+        probe_layers=bn.select_probe_layers(model),
+        card_fields=card_fields,
+        warmup_images=normalize(val.pixels[:8], spec),
+        version_labels=cfg.version_labels,
+        extra_files={REFERENCE_SET: _reference_set(val, cfg.reference_images, cfg.seed)},
+    )

@@ -1,0 +1,155 @@
+"""Command line: ``python -m training <command> ...`` (thin layer over the library).
+
+Commands:
+  classifier     train, check and export a MobileNetV2 classifier
+  detector       train, evaluate and export a MobileNetV2 SSDLite detector
+  make-dataset   write the synthetic classification set as class folders
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _add_classifier(sub: argparse._SubParsersAction) -> None:
+    from training.classifier import PRESETS, ClassifierConfig
+
+    p = sub.add_parser("classifier", help="train and export a MobileNetV2 classifier")
+    defaults = ClassifierConfig()
+    p.add_argument("--data", default="synthetic", help="class-folder directory, or 'synthetic'")
+    p.add_argument("--model-base", default="models", help="model repository (default ./models)")
+    p.add_argument("--name", required=True, help="model name in the repository")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named parameter set; flags override it")
+    p.add_argument("--alpha", type=float, help=f"depth multiplier (default {defaults.alpha})")
+    p.add_argument("--image-size", type=int, help=f"input height = width (default {defaults.image_size})")
+    p.add_argument("--resize-method", choices=["bilinear", "bicubic", "area", "nearest", "lanczos"])
+    p.add_argument("--geometry", choices=["stretch", "letterbox"])
+    p.add_argument("--weights", help="none | imagenet | PATH to backbone weights (.weights.h5)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--head-epochs", type=int, help="frozen-backbone epochs (pretrained weights)")
+    p.add_argument("--fine-tune-layers", type=int, help="top backbone layers to fine-tune (-1 all)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--fine-tune-learning-rate", type=float)
+    p.add_argument("--schedule", choices=["cosine", "exponential"])
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--patience", type=int, help="early-stopping patience in epochs")
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
+    p.add_argument("--val-fraction", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--synthetic-images", type=int)
+    p.add_argument("--synthetic-imbalance", type=float, help="largest/smallest class ratio")
+    p.add_argument("--bn-momentum", help="auto | keras | a number")
+    p.add_argument("--no-precise-bn", dest="precise_bn", action="store_false", default=None)
+    p.add_argument("--max-parity-gap", type=float)
+    p.add_argument("--force", action="store_true", default=None, help="export despite a failed parity check")
+    p.add_argument("--label", dest="version_labels", action="append",
+                   help="version label(s) to point at the new version (default stable)")
+    p.set_defaults(func=_run_classifier)
+
+
+def _config_from(args: argparse.Namespace, cls: type, presets: dict[str, dict]) -> Any:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = dict(presets.get(args.preset, {})) if getattr(args, "preset", None) else {}
+    for key, value in vars(args).items():
+        if key in fields and value is not None:
+            values[key] = tuple(value) if key == "version_labels" else value
+    return cls(**values)
+
+
+def _run_classifier(args: argparse.Namespace) -> int:
+    from training.classifier import PRESETS, ClassifierConfig, ParityError, train_classifier
+
+    cfg = _config_from(args, ClassifierConfig, PRESETS)
+    try:
+        summary = train_classifier(cfg)
+    except ParityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    shown = {k: v for k, v in summary.items() if k != "model"}
+    print("\n== summary ==")
+    print(f"held-out accuracy (inference mode): {summary['accuracy']:.4f}")
+    p = summary["parity"]
+    print(
+        f"parity: inference {p['inference_mode']:.4f} vs training mode {p['training_mode']:.4f}, "
+        f"gap {100 * p['gap']:.2f} points ({'ok' if p['passed'] else 'FAILED'})"
+    )
+    print("per-class accuracy:")
+    for cls, acc in summary["per_class_accuracy"].items():
+        n = summary["class_counts"].get(cls, 0)
+        w = summary["class_weights"].get(cls, 0.0)
+        print(f"  {cls:>12}: {acc if acc is None else f'{acc:.4f}'}  (train n={n}, weight {w:.2f})")
+    if summary.get("skipped_files"):
+        print(f"skipped {len(summary['skipped_files'])} undecodable files:")
+        for key, why in summary["skipped_files"][:20]:
+            print(f"  {key}: {why}")
+    print(f"training time: {summary['train_seconds']} s, epochs run: {summary['epochs_run']}")
+    if "exported" in summary:
+        print(f"exported: {summary['exported']} (version {summary['version']})")
+    print(json.dumps(shown, default=str, sort_keys=True))
+
+
+def _add_detector(sub: argparse._SubParsersAction) -> None:
+    try:
+        from training.detection.train import add_detector_arguments, run_detector
+    except ImportError:
+        return
+    p = sub.add_parser("detector", help="train and export a MobileNetV2 SSDLite detector")
+    add_detector_arguments(p)
+    p.set_defaults(func=lambda a: 0 if run_detector(a) is not None else 1)
+
+
+def _add_make_dataset(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("make-dataset", help="write the synthetic set as class folders of PNG/JPEG")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--images", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--imbalance", type=float, default=1.0)
+    p.add_argument("--background", default=None, help="domain: solid|gradient|noise|checker|stripes")
+    p.add_argument("--format", choices=["png", "jpeg"], default="png")
+    p.set_defaults(func=_run_make_dataset)
+
+
+def _run_make_dataset(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from training import synthetic
+
+    images, labels = synthetic.generate(
+        args.images, seed=args.seed, imbalance=args.imbalance, background=args.background
+    )
+    ext = "png" if args.format == "png" else "jpg"
+    for i, (img, y) in enumerate(zip(images, labels, strict=True)):
+        d = args.out / synthetic.CLASSES[int(y)]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"{i:06d}.{ext}", quality=92)
+    print(f"wrote {len(images)} images to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_classifier(sub)
+    _add_detector(sub)
+    _add_make_dataset(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)

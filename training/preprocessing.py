@@ -1,0 +1,332 @@
+"""The one preprocessing implementation: image bytes -> model input.
+
+Training's input pipeline and the serving gateway both call this module, and
+every choice it makes is read from a :class:`PreprocessSpec`, which is stored in
+the model card. Nothing else in the project decodes, resizes or normalises
+images, so training/serving skew cannot come from a second copy.
+
+Decoding rule (``decode_image``), applied in this order:
+
+1. The header is read first; more than ``max_pixels`` pixels is refused before
+   any pixel is decoded (decompression bombs), as :class:`ImageTooLargeError`.
+2. Multi-frame images (animated GIF/WebP/PNG, multi-page TIFF) use their first
+   frame, or are refused as :class:`UnusableImageError` when the caller asks.
+3. EXIF orientation is applied (phone photos are stored sideways).
+4. Colour is converted to 8-bit RGB by one rule:
+   - 16-bit and 32-bit integer grey (``I;16*``, ``I``) is scaled to 0..255 by
+     the type's full range (value * 255 / 65535 for 16-bit), never clipped;
+     float grey (``F``) is taken as 0..1 when its maximum is <= 1, else 0..255;
+   - 16-bit RGB(A) PNGs are scaled the same way;
+   - palette images are expanded through their palette;
+   - images with alpha (``RGBA``, ``LA``, ``PA``, palette transparency) are
+     composited over ``spec.alpha_background``;
+   - CMYK and YCbCr/LAB are converted by Pillow's colour conversion;
+   - grey (``L``, ``1``) is replicated to three channels.
+
+Resize: ``spec.resize_method`` is a Pillow filter (antialiased when shrinking);
+``spec.geometry`` is ``stretch`` (to H x W, aspect ratio not kept) or
+``letterbox`` (scaled to fit, centred, padded with ``spec.pad_value``). The
+geometry is returned so detections can be mapped back to original pixels.
+
+Normalise: ``x * spec.scale + spec.offset`` per channel, in float32. For
+MobileNetV2 the default maps 0..255 to -1..1 (``scale=1/127.5, offset=-1``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import struct
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# A truncated file is an error, never silently half-grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+#: Default pixel limit for one decoded image (width * height): 40 megapixels.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "area": Image.Resampling.BOX,
+}
+
+
+class ImageError(ValueError):
+    """Base class of image input errors; ``status`` is the HTTP status it maps to."""
+
+    status = 400
+    code = "invalid_image"
+
+
+class ImageDecodeError(ImageError):
+    """The bytes are not a decodable image (not an image, truncated, corrupt)."""
+
+    status = 400
+    code = "undecodable_image"
+
+
+class ImageTooLargeError(ImageError):
+    """The image has more pixels than allowed (decompression-bomb guard)."""
+
+    status = 413
+    code = "image_too_large"
+
+
+class UnusableImageError(ImageError):
+    """Decodable, but not usable as model input (e.g. refused multi-frame, zero size)."""
+
+    status = 422
+    code = "unusable_image"
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Everything needed to turn image bytes into the model input, as data.
+
+    Stored verbatim under ``preprocessing`` in the model card; the gateway builds
+    its pipeline from the card with :meth:`from_dict`.
+    """
+
+    height: int
+    width: int
+    channels: int = 3
+    color: str = "RGB"
+    exif_orientation: bool = True
+    alpha_background: tuple[int, int, int] = (255, 255, 255)
+    resize_method: str = "bilinear"
+    geometry: str = "stretch"  # "stretch" | "letterbox"
+    pad_value: int = 0
+    scale: float = 1.0 / 127.5
+    offset: float = -1.0
+    dtype: str = "float32"
+    decode_rule: str = "first-frame; exif-transpose; 16-bit scaled by 255/65535; alpha over background; cmyk via Pillow; grey replicated"
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"input size must be positive, got {self.height}x{self.width}")
+        if self.channels != 3 or self.color != "RGB":
+            raise ValueError("only 3-channel RGB model input is supported")
+        if self.resize_method not in _RESAMPLE:
+            raise ValueError(f"resize_method must be one of {sorted(_RESAMPLE)}")
+        if self.geometry not in ("stretch", "letterbox"):
+            raise ValueError("geometry must be 'stretch' or 'letterbox'")
+        if self.dtype != "float32":
+            raise ValueError("only float32 model input is supported")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["alpha_background"] = list(self.alpha_background)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            # A card written by a newer exporter: refusing is safer than guessing.
+            raise ValueError(f"unknown preprocessing fields {sorted(unknown)}")
+        d = dict(d)
+        if "alpha_background" in d:
+            d["alpha_background"] = tuple(int(v) for v in d["alpha_background"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """How an original image maps into the model input (for undoing the resize).
+
+    A point (x, y) in model-input pixels is ``((x - pad_x) / scale_x,
+    (y - pad_y) / scale_y)`` in original pixels.
+    """
+
+    original_height: int
+    original_width: int
+    scale_y: float
+    scale_x: float
+    pad_y: float
+    pad_x: float
+    input_height: int
+    input_width: int
+
+    def boxes_to_original(self, boxes: np.ndarray) -> np.ndarray:
+        """Normalised (ymin, xmin, ymax, xmax) in model input -> original pixel (same order).
+
+        Coordinates are clipped to the original image.
+        """
+        b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        y = (b[:, [0, 2]] * self.input_height - self.pad_y) / self.scale_y
+        x = (b[:, [1, 3]] * self.input_width - self.pad_x) / self.scale_x
+        y = np.clip(y, 0, self.original_height)
+        x = np.clip(x, 0, self.original_width)
+        return np.stack([y[:, 0], x[:, 0], y[:, 1], x[:, 1]], axis=1)
+
+
+@dataclass
+class DecodedImage:
+    """An image decoded to RGB uint8, with what decoding noticed."""
+
+    pixels: np.ndarray  # (H, W, 3) uint8
+    format: str | None
+    original_mode: str
+    frames: int = 1
+    exif_rotated: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    multi_frame: str = "first",
+    alpha_background: tuple[int, int, int] = (255, 255, 255),
+    exif_orientation: bool = True,
+) -> DecodedImage:
+    """Decode image bytes to RGB uint8 by the module's rule (see module docstring).
+
+    Raises :class:`ImageDecodeError` (400) for bytes that are not an image or are
+    truncated, :class:`ImageTooLargeError` (413) above ``max_pixels``, and
+    :class:`UnusableImageError` (422) for refused multi-frame or empty images.
+    """
+    if not data:
+        raise ImageDecodeError("empty image body")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width < 1 or height < 1:
+                raise UnusableImageError("image has zero width or height")
+            if width * height > max_pixels:
+                raise ImageTooLargeError(
+                    f"image is {width}x{height} = {width * height} pixels, limit is {max_pixels}"
+                )
+            frames = int(getattr(img, "n_frames", 1) or 1)
+            if frames > 1 and multi_frame == "reject":
+                raise UnusableImageError(f"multi-frame image ({frames} frames) is not accepted")
+            img.seek(0)
+            fmt = img.format
+            original_mode = img.mode
+            img.load()
+            rotated = False
+            if exif_orientation:
+                orientation = img.getexif().get(0x0112, 1)
+                if orientation not in (1, None):
+                    img = ImageOps.exif_transpose(img)
+                    rotated = True
+            rgb = _to_rgb(img, alpha_background)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError("bytes are not a recognised image format") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
+        raise ImageDecodeError(f"image could not be decoded: {exc}") from exc
+    pixels = np.asarray(rgb, dtype=np.uint8)
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise UnusableImageError(f"decoded to unexpected shape {pixels.shape}")
+    return DecodedImage(pixels, fmt, original_mode, frames, rotated)
+
+
+def _scale_to_uint8(arr: np.ndarray, full_range: float) -> np.ndarray:
+    return np.clip(np.rint(arr.astype(np.float64) * (255.0 / full_range)), 0, 255).astype(np.uint8)
+
+
+def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        grey = _scale_to_uint8(np.asarray(img), 65535.0)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "I":
+        arr = np.asarray(img)
+        # Pillow opens 16-bit PNG/TIFF grey as "I"; its range decides the scale.
+        full = 65535.0 if arr.max(initial=0) <= 65535 and arr.min(initial=0) >= 0 else float(2**31 - 1)
+        return Image.fromarray(_scale_to_uint8(np.clip(arr, 0, None), full)).convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        full = 1.0 if np.nanmax(arr) <= 1.0 else 255.0
+        return Image.fromarray(_scale_to_uint8(np.nan_to_num(np.clip(arr, 0, None)), full)).convert("RGB")
+    if mode in ("RGBA;16", "RGB;16", "RGBX"):
+        return img.convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+        if mode == "RGB":
+            return img
+    if mode in ("PA", "LA", "La", "RGBa"):
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode == "L" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode == "RGBA":
+        canvas = Image.new("RGB", img.size, tuple(background))
+        canvas.paste(img, mask=img.getchannel("A"))
+        return canvas
+    # L, 1, CMYK, YCbCr, LAB, HSV: Pillow's conversions.
+    return img.convert("RGB")
+
+
+def resize(pixels: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray, ImageGeometry]:
+    """Resize RGB uint8 ``(h, w, 3)`` to the spec's input size; returns uint8 and geometry."""
+    h, w = pixels.shape[:2]
+    th, tw = spec.height, spec.width
+    method = _RESAMPLE[spec.resize_method]
+    img = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
+    if spec.geometry == "stretch":
+        out = np.asarray(img.resize((tw, th), method) if (h, w) != (th, tw) else img)
+        geom = ImageGeometry(h, w, th / h, tw / w, 0.0, 0.0, th, tw)
+        return out, geom
+    s = min(th / h, tw / w)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    resized = img.resize((nw, nh), method) if (nh, nw) != (h, w) else img
+    top, left = (th - nh) // 2, (tw - nw) // 2
+    canvas = Image.new("RGB", (tw, th), (spec.pad_value,) * 3)
+    canvas.paste(resized, (left, top))
+    geom = ImageGeometry(h, w, nh / h, nw / w, float(top), float(left), th, tw)
+    return np.asarray(canvas), geom
+
+
+def normalize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """uint8 (or float 0..255) pixels -> float32 model input: ``x * scale + offset``."""
+    return np.asarray(pixels, dtype=np.float32) * np.float32(spec.scale) + np.float32(spec.offset)
+
+
+def denormalize(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Model input back to 0..255 float pixels (for statistics and debugging)."""
+    return (np.asarray(x, dtype=np.float32) - np.float32(spec.offset)) / np.float32(spec.scale)
+
+
+def preprocess_pixels(pixels: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray, ImageGeometry]:
+    """Decoded RGB uint8 -> (model input float32 (H, W, 3), geometry)."""
+    resized, geom = resize(pixels, spec)
+    return normalize(resized, spec), geom
+
+
+def preprocess_bytes(
+    data: bytes,
+    spec: PreprocessSpec,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    multi_frame: str = "first",
+) -> tuple[np.ndarray, ImageGeometry]:
+    """Image bytes -> (model input float32 (H, W, 3), geometry): the whole pipeline."""
+    decoded = decode_image(
+        data,
+        max_pixels=max_pixels,
+        multi_frame=multi_frame,
+        alpha_background=spec.alpha_background,
+        exif_orientation=spec.exif_orientation,
+    )
+    return preprocess_pixels(decoded.pixels, spec)
