@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODELS ?= models
 
-.PHONY: setup models serve test test-fast lint bench clean
+.PHONY: setup models serve test test-fast lint bench k8s clean
 
 setup: $(STAMP)
 
@@ -31,8 +31,14 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check training serving tests
-	$(VENV)/bin/ruff format --check training serving tests
+	$(VENV)/bin/ruff check training serving tests k8s bench
+	$(VENV)/bin/ruff format --check training serving tests k8s bench
+	$(VENV)/bin/hadolint Dockerfile
+	promtool check rules monitoring/alerts.yml
+
+# Regenerate the kustomize inputs copied from models/ and monitoring/ (one source).
+k8s: $(STAMP)
+	$(PY) k8s/generate.py
 
 bench: $(STAMP)
 	@echo "No benchmarks yet."
