@@ -254,7 +254,9 @@ class ParityReport:
 
     inference_metric: float
     training_metric: float
-    gap: float  # |training - inference|, in the metric's units (accuracy: 0..1)
+    # training - inference, in the metric's units (accuracy: 0..1). One-sided: the
+    # failure to catch is inference mode doing worse; better is sampling noise.
+    gap: float
     distinct_predictions: int  # classes predicted in inference mode (1 = collapse)
     passed: bool
     threshold: float
@@ -313,7 +315,7 @@ def classification_parity(
     trn = predict_in_mode(model, x, training=True, batch_size=batch_size).argmax(-1)
     acc_inf = float(np.mean(inf == y))
     acc_trn = float(np.mean(trn == y))
-    gap = abs(acc_trn - acc_inf)
+    gap = acc_trn - acc_inf
     return ParityReport(acc_inf, acc_trn, gap, int(len(np.unique(inf))), gap <= threshold, threshold)
 
 
@@ -322,6 +324,6 @@ def metric_parity(
 ) -> ParityReport:
     """Parity for any task: ``evaluate(training)`` returns a quality metric in that mode."""
     m_inf, m_trn = float(evaluate(False)), float(evaluate(True))
-    gap = abs(m_trn - m_inf)
+    gap = m_trn - m_inf
     ok = gap <= threshold and not math.isnan(gap)
     return ParityReport(m_inf, m_trn, gap, distinct, ok, threshold)

@@ -32,7 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training import bn, synthetic
+from training import bn, drift, synthetic
 from training.data import (
     ImageSet,
     class_weights,
@@ -113,17 +113,18 @@ class ClassifierConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # The demo model `make models` builds: <= 10 minutes on 2 CPU cores.
     "demo": dict(
-        alpha=0.35, image_size=96, epochs=30, batch_size=64, synthetic_images=4000,
+        alpha=0.35, image_size=96, epochs=40, batch_size=64, synthetic_images=5000,
         synthetic_imbalance=2.0, learning_rate=1e-2, patience=8,
     ),
     # Seconds, for tests (with a small, easy dataset).
     "tiny": dict(
-        alpha=0.35, image_size=32, epochs=8, batch_size=16, learning_rate=0.01,
+        alpha=0.35, image_size=32, epochs=10, batch_size=16, learning_rate=0.01,
         synthetic_images=300, reference_images=32, patience=100, max_parity_gap=0.05,
     ),
 }
 
 
+@keras.saving.register_keras_serializable(package="imgserve")
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warm-up, then cosine decay to 1% (or exponential decay) of the peak."""
 
@@ -382,4 +383,8 @@ def export_classifier(
         warmup_images=normalize(val.pixels[:8], spec),
         version_labels=cfg.version_labels,
         extra_files={REFERENCE_SET: _reference_set(val, cfg.reference_images, cfg.seed)},
+        drift_images=normalize(val.pixels, spec),
+        staleness_images=normalize(train.pixels[:2000], spec),
+        drift_window=min(drift.DEFAULT_WINDOW, max(16, len(val) // 2)),
+        force=cfg.force,
     )

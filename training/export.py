@@ -23,6 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from training import drift
 from training.bn import probe_layers, probe_moments, probe_reference
 from training.model_card import (
     KERAS_MODEL_RELPATH,
@@ -37,6 +38,10 @@ SIGNATURE = "serving_default"
 INPUT_NAME = "images"
 
 Postprocess = Callable[[list[tf.Tensor]], dict[str, tf.Tensor]]
+
+
+class StalenessError(RuntimeError):
+    """The training data itself looks drifted against the stored BN statistics."""
 
 
 @dataclass
@@ -118,6 +123,35 @@ def write_warmup(path: Path, name: str, images: np.ndarray, batch_sizes: Sequenc
             writer.write(log.SerializeToString())
 
 
+def probe_outputs(module: ServingModule, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image ``bn_input_mean``/``bn_input_sqmean`` from the exported graph itself."""
+    means, sqmeans = [], []
+    for i in range(0, len(images), batch_size):
+        out = module.serve(tf.constant(images[i : i + batch_size], tf.float32))
+        means.append(out["bn_input_mean"].numpy())
+        sqmeans.append(out["bn_input_sqmean"].numpy())
+    return np.concatenate(means), np.concatenate(sqmeans)
+
+
+def drift_reference(
+    module: ServingModule,
+    probes: list[dict[str, Any]],
+    held_out: np.ndarray,
+    training: np.ndarray | None,
+    *,
+    window: int = drift.DEFAULT_WINDOW,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Reference quantiles of drift scores on held-out data, and the staleness check."""
+    refs = drift.probe_references({"bn_reference": {"probes": probes}})
+    hm, hs = probe_outputs(module, held_out)
+    reference = drift.reference_quantiles(hm, hs, refs, window=window)
+    report = None
+    if training is not None:
+        tm, ts = probe_outputs(module, training)
+        report = drift.staleness(tm, ts, refs)
+    return reference, report
+
+
 def _signature_description(module: ServingModule) -> dict[str, Any]:
     concrete = module.serve.get_concrete_function()
     outputs = {
@@ -143,6 +177,10 @@ def export_model(
     warmup_images: np.ndarray,
     version_labels: Sequence[str] = ("stable",),
     extra_files: dict[str, bytes] | None = None,
+    drift_images: np.ndarray | None = None,
+    staleness_images: np.ndarray | None = None,
+    drift_window: int = drift.DEFAULT_WINDOW,
+    force: bool = False,
 ) -> ExportResult:
     """Export ``model`` as the next version of ``name`` in ``model_base``.
 
@@ -151,6 +189,11 @@ def export_model(
     there, the probe part is filled in from the model. ``extra_files`` are written
     under ``assets.extra/`` (e.g. a labelled reference set). ``version_labels``
     are pointed at the new version in ``models.config`` (empty: publish only).
+
+    ``drift_images`` (held-out, preprocessed) calibrate the drift alarm: the
+    score quantiles over windows of ``drift_window`` images go to
+    ``bn_reference.drift``. ``staleness_images`` (training data) must then score
+    below the alarm threshold, else :class:`StalenessError` unless ``force``.
     """
     repo = ModelRepository(model_base)
     module = ServingModule(model, probe_layers, postprocess)
@@ -182,6 +225,19 @@ def export_model(
     bn_ref = dict(card.get("bn_reference", {}))
     bn_ref["probes"] = probes
     bn_ref["total_channels"] = sum(p["channels"] for p in probes)
+    if drift_images is not None:
+        reference, stale = drift_reference(
+            module, probes, drift_images, staleness_images, window=drift_window
+        )
+        bn_ref["drift"] = reference
+        if stale is not None:
+            card["metrics"] = {**card.get("metrics", {}), "staleness": stale}
+            if not stale["passed"] and not force:
+                raise StalenessError(
+                    "the training data's own drift score exceeds the staleness limits "
+                    f"({'; '.join(stale['failures'])}): the stored BN statistics do not "
+                    "describe the training data. Not exported (force to export anyway)."
+                )
     card["bn_reference"] = bn_ref
 
     with repo.lock():

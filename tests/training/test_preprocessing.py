@@ -37,7 +37,7 @@ def test_every_format_and_mode_decodes_to_rgb_uint8(images, key):
     assert decoded.pixels.ndim == 3 and decoded.pixels.shape[2] == 3
     x, geom = preprocess_bytes(images[key], PreprocessSpec(40, 56))
     assert x.shape == (40, 56, 3) and x.dtype == np.float32
-    assert -1.0 <= x.min() and x.max() <= 1.0
+    assert x.min() >= -1.0 and x.max() <= 1.0
 
 
 def test_grey_is_replicated_to_three_equal_channels(images):

@@ -1,0 +1,98 @@
+"""BN discipline: momentum policy, exact re-estimation, probes, and the seeds' bug."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from tests.conftest import write_photo_crops
+from training import bn
+from training.classifier import PRESETS, ClassifierConfig, build_classifier, train_classifier
+
+
+def _tiny_model(classes: int = 3):
+    keras.utils.set_random_seed(0)
+    model, _ = build_classifier(classes, image_size=32, alpha=0.35)
+    return model
+
+
+def test_momentum_policy_suits_the_run_length():
+    assert bn.momentum_for_steps(20) == 0.9
+    assert bn.momentum_for_steps(250) == pytest.approx(0.98)
+    assert bn.momentum_for_steps(10**6) == 0.99
+    model = _tiny_model()
+    n = bn.set_bn_momentum(model, 0.95)
+    assert n == len(bn.bn_layers(model)) > 30
+    assert all(layer.momentum == 0.95 for layer in bn.bn_layers(model))
+
+
+def test_probe_layers_span_early_middle_late():
+    model = _tiny_model()
+    names = [layer.name for layer in bn.bn_layers(model)]
+    probes = bn.select_probe_layers(model, 3)
+    assert len(probes) == 3 and probes[0] == names[0] and probes[-1] == names[-1]
+    assert names.index(probes[0]) < names.index(probes[1]) < names.index(probes[2])
+
+
+def test_precise_bn_makes_inference_mode_equal_training_mode_on_the_same_batch():
+    """With the whole data as one batch, exact statistics make the two modes identical."""
+    model = _tiny_model()
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (48, 32, 32, 3)).astype(np.float32)
+    before = np.abs(
+        bn.predict_in_mode(model, x, training=False, batch_size=48)
+        - bn.predict_in_mode(model, x, training=True, batch_size=48)
+    ).max()
+    stats = bn.precise_bn(model, [x])
+    after = np.abs(
+        bn.predict_in_mode(model, x, training=False, batch_size=48)
+        - bn.predict_in_mode(model, x, training=True, batch_size=48)
+    ).max()
+    assert before > 1e-2  # fresh moving statistics (0, 1) are wrong for this data
+    assert after < 1e-3 * max(1.0, before)
+    # The first BN layer's input is the stem conv of the raw input: check against numpy.
+    first = bn.bn_layers(model)[0]
+    conv_out = bn.bn_input_model(model, [first])(x).numpy().astype(np.float64)
+    np.testing.assert_allclose(first.moving_mean.numpy(), conv_out.mean((0, 1, 2)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(first.moving_variance.numpy(), conv_out.var((0, 1, 2)), rtol=1e-3, atol=1e-5)
+    assert stats[0].images == 48
+
+
+def test_precise_bn_does_not_depend_on_batching():
+    model = _tiny_model()
+    x = np.random.default_rng(1).uniform(-1, 1, (32, 32, 32, 3)).astype(np.float32)
+    first = bn.bn_layers(model)[0]  # upstream of it there is no BN, so batching cannot matter
+    bn.precise_bn(model, [x])
+    one = first.moving_variance.numpy().copy()
+    bn.precise_bn(model, [x[:8], x[8:20], x[20:]])
+    np.testing.assert_allclose(first.moving_variance.numpy(), one, rtol=1e-5)
+
+
+def test_prior_strength_mixes_source_and_target_statistics():
+    model = _tiny_model()
+    first = bn.bn_layers(model)[0]
+    x = np.random.default_rng(2).uniform(-1, 1, (16, 32, 32, 3)).astype(np.float32)
+    target = bn.collect_bn_statistics(model, [x], layers=[first])[0]
+    first.moving_mean.assign(np.full(first.moving_mean.shape, 5.0, np.float32))
+    bn.precise_bn(model, [x], layers=[first], prior_strength=16.0)  # N = n: half and half
+    np.testing.assert_allclose(first.moving_mean.numpy(), 0.5 * 5.0 + 0.5 * target.mean, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_seeds_bug_reproduced_and_fixed(tmp_path):
+    """Keras defaults (momentum 0.999, no re-estimation) collapse in inference mode;
+    the package's policy + precise BN pass parity on the same run."""
+    data = write_photo_crops(tmp_path, 100)
+    common = {**PRESETS["tiny"], "data": str(data)}
+    broken = train_classifier(
+        ClassifierConfig(**common, bn_momentum="keras", precise_bn=False), export=False
+    )
+    p = broken["parity"]
+    assert p["training_mode"] >= 0.6, "the model must have learned something in training mode"
+    assert not p["passed"]
+    # Inference mode is near chance (3 classes), typically one constant class.
+    assert p["inference_mode"] < 0.5 and p["inference_mode"] < p["training_mode"] - 0.25
+    fixed = train_classifier(ClassifierConfig(**common), export=False)
+    assert fixed["parity"]["passed"], fixed["parity"]
+    assert fixed["accuracy"] >= 0.6

@@ -1,0 +1,85 @@
+"""The command line: transfer learning from a local weights file, parity refusal, datasets."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from tests.conftest import write_photo_crops
+from training.cli import main
+from training.model_card import KERAS_MODEL_RELPATH, load_model_card
+from training.repository import ModelRepository
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory):
+    return write_photo_crops(tmp_path_factory.mktemp("crops"), 100)
+
+
+def _backbone_weights_file(model_repo, path):
+    """A backbone weights file made from the trained tiny classifier (no download)."""
+    trained = keras.models.load_model(model_repo / "tiny_classifier" / "1" / KERAS_MODEL_RELPATH, compile=False)
+    backbone = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, include_top=False, weights=None
+    )
+    for layer in backbone.layers:
+        if layer.weights:
+            layer.set_weights(trained.get_layer(layer.name).get_weights())
+    backbone.save_weights(path)
+    return backbone
+
+
+def test_transfer_learning_freezes_then_fine_tunes_the_top_layers(model_repo, crops, tmp_path, capsys):
+    source = _backbone_weights_file(model_repo, tmp_path / "backbone.weights.h5")
+    base = tmp_path / "models"
+    k = 12
+    rc = main([
+        "classifier", "--data", str(crops), "--model-base", str(base), "--name", "transfer",
+        "--preset", "tiny", "--weights", str(tmp_path / "backbone.weights.h5"),
+        "--head-epochs", "2", "--epochs", "2", "--fine-tune-layers", str(k),
+    ])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "held-out accuracy (inference mode)" in out and "per-class accuracy" in out
+    model = keras.models.load_model(base / "transfer" / "1" / KERAS_MODEL_RELPATH, compile=False)
+    frozen, tuned = source.layers[: len(source.layers) - k], source.layers[len(source.layers) - k :]
+    frozen = [layer for layer in frozen if layer.weights]
+    tuned = [layer for layer in tuned if layer.weights]
+    for layer in frozen:
+        for a, b in zip(layer.get_weights(), model.get_layer(layer.name).get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)  # loaded from the file, never changed
+    changed = [
+        layer.name
+        for layer in tuned
+        if any(
+            not np.array_equal(a, b)
+            for a, b in zip(layer.get_weights(), model.get_layer(layer.name).get_weights(), strict=True)
+        )
+    ]
+    assert changed, "fine-tuning must update the unfrozen top layers"
+    card = load_model_card(base / "transfer" / "1")
+    assert card["lineage"]["parameters"]["weights"].endswith("backbone.weights.h5")
+    assert card["lineage"]["parameters"]["fine_tune_layers"] == k
+
+
+def test_failed_parity_stops_the_export_unless_forced(crops, tmp_path, capsys):
+    base = tmp_path / "models"
+    args = [
+        "classifier", "--data", str(crops), "--model-base", str(base), "--name", "stale",
+        "--preset", "tiny", "--epochs", "3", "--bn-momentum", "keras", "--no-precise-bn",
+    ]
+    assert main(args) == 3
+    assert "parity check failed" in capsys.readouterr().err
+    assert ModelRepository(base).versions("stale") == []
+    assert main([*args, "--force"]) == 0
+    assert ModelRepository(base).versions("stale") == [1]
+
+
+def test_make_dataset_writes_class_folders(tmp_path):
+    assert main(["make-dataset", "--out", str(tmp_path), "--images", "12", "--seed", "1"]) == 0
+    folders = sorted(p.name for p in tmp_path.iterdir())
+    assert len(folders) >= 2 and all(any((tmp_path / f).iterdir()) for f in folders)
+    assert sum(1 for _ in tmp_path.rglob("*.png")) == 12

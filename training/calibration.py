@@ -1,0 +1,916 @@
+"""Online calibration: captured traffic -> re-estimated BN statistics -> gated new version.
+
+``calibrate`` takes the version labelled ``stable``, and:
+
+1. loads its Keras model (``assets.extra/model.keras``), model card and shipped
+   reference set, and the newest captured samples of the model
+   (:mod:`training.samples`) with their feedback labels;
+2. splits the samples by request id into a fit part and a held-out part, and
+   re-estimates the statistics of *every* BN layer on the fit part with
+   :func:`training.bn.precise_bn` (AdaBN; optionally mixed with the source
+   statistics by ``prior_strength``). Layers frozen at training time are
+   unfrozen for the pass, so each layer sees its input normalised by the new
+   statistics upstream, and re-frozen before saving;
+3. fits a temperature (:mod:`training.temperature`) on the labelled fit samples
+   when there are at least ``min_labelled`` labelled ones, reports NLL/ECE at
+   T=1 and at T on the labelled held-out samples, and exports the temperature
+   in the graph (``classifier_postprocess(T)``);
+4. gates the candidate (every check is computed and reported):
+
+   - ``class_balance``: no class dominates the samples (labels, else the
+     candidate's predictions): statistics of one class are not a domain;
+   - ``accuracy_traffic``: on the labelled samples, the candidate is not worse
+     than the parent by more than ``accuracy_tolerance``, and
+     ``above_chance``: it beats the majority-class rate by ``min_accuracy_lift``;
+   - ``accuracy_reference``: on the version's shipped reference set, the
+     candidate is not worse than the parent by more than ``accuracy_tolerance``.
+     It gates unless the captured traffic is drifted under the parent's
+     statistics *and* there is labelled traffic to judge on: statistics adapted
+     to a shifted domain are, by design, worse on the source domain, and the
+     labelled traffic is then the evidence about the domain being served;
+   - ``parity``: inference mode vs training mode (batch statistics) on the
+     labelled samples (else on the reference set);
+   - ``drift``: the held-out traffic's drift score under the candidate's
+     statistics is below the parent's alarm threshold at every probe layer;
+   - ``statistics_converged``: the export's staleness check on the fit samples;
+5. publishes a passing candidate atomically as version N+1 with ``lineage``
+   (parent, samples, prior, temperature, gate) and points ``canary`` (or
+   ``stable``) at it; a failing one goes to ``<name>/rejected/<N+1>`` with the
+   reasons, and ``models.config`` is not touched.
+
+Label moves are appended to ``<name>/label_history.jsonl``; :func:`rollback`
+uses it to move ``stable`` back to the version it pointed at before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from training import bn, drift
+from training.classifier import REFERENCE_SET, classifier_postprocess
+from training.export import export_model, pixel_statistics
+from training.model_card import KERAS_MODEL_RELPATH, load_model_card, write_model_card
+from training.preprocessing import PreprocessSpec, normalize
+from training.repository import ModelRepository, RepositoryError
+from training.samples import SampleSet, load_samples
+from training.temperature import TemperatureFit, calibration_report, fit_and_evaluate
+
+PROMOTE_LABELS = ("canary", "stable")
+#: CLI exit codes.
+EXIT_PUBLISHED = 0
+EXIT_REJECTED = 3
+EXIT_NOT_ENOUGH_SAMPLES = 4
+EXIT_ERROR = 5
+#: Card keys ``export_model`` writes itself; everything else is carried from the parent.
+_EXPORT_OWNED = {
+    "schema_version",
+    "name",
+    "version",
+    "task",
+    "labels",
+    "created_at",
+    "input",
+    "signature",
+    "preprocessing",
+    "bn_reference",
+    "metrics",
+    "calibration",
+    "lineage",
+}
+
+
+class CalibrationError(RuntimeError):
+    """Calibration cannot run as asked (no stable version, unsupported model, bad input)."""
+
+
+class NotEnoughSamplesError(CalibrationError):
+    """Too few captured samples to re-estimate statistics from."""
+
+
+class LabelError(CalibrationError):
+    """A promotion or rollback that cannot be done."""
+
+
+@dataclass
+class GateCheck:
+    """One gate check: ``gating`` checks decide, the others are reported only."""
+
+    name: str
+    passed: bool
+    gating: bool
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CalibrationResult:
+    """What a calibration run did and measured."""
+
+    name: str
+    status: str  # "published" | "rejected"
+    version: int
+    path: Path
+    parent_version: int
+    labels_moved: dict[str, int]
+    checks: list[GateCheck]
+    temperature: float
+    temperature_fit: TemperatureFit | None
+    accuracy: dict[str, Any]
+    samples: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "published"
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why the gate rejected the candidate (empty when it passed)."""
+        return [c.reason for c in self.checks if c.gating and not c.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "version": self.version,
+            "path": str(self.path),
+            "parent_version": self.parent_version,
+            "labels_moved": self.labels_moved,
+            "reasons": self.reasons,
+            "gate": [c.to_dict() for c in self.checks],
+            "temperature": self.temperature,
+            "temperature_fit": None
+            if self.temperature_fit is None
+            else self.temperature_fit.to_dict(),
+            "accuracy": self.accuracy,
+            "samples": self.samples,
+        }
+
+
+# -- helpers ----------------------------------------------------------------
+
+
+def _holdout_mask(request_ids: list[str], fraction: float) -> np.ndarray:
+    """Deterministic split by request id: the images of one request stay together."""
+    u = np.array([int(hashlib.sha256(r.encode()).hexdigest()[:8], 16) / 2**32 for r in request_ids])
+    return u < fraction
+
+
+def _label_indices(labels: list[Any], class_names: list[str]) -> tuple[np.ndarray, int]:
+    """Feedback labels as class indices (-1: none); also how many were not valid classes."""
+    out = np.full(len(labels), -1, dtype=np.int64)
+    invalid = 0
+    for i, lab in enumerate(labels):
+        if lab is None:
+            continue
+        if isinstance(lab, str) and lab in class_names:
+            out[i] = class_names.index(lab)
+        elif isinstance(lab, int | np.integer) and 0 <= int(lab) < len(class_names):
+            out[i] = int(lab)
+        else:
+            invalid += 1
+    return out, invalid
+
+
+def _load_keras(version_dir: Path) -> keras.Model:
+    # compile=False: only the graph and weights are needed; the optimizer's custom
+    # learning-rate schedule does not have to be importable.
+    return keras.models.load_model(version_dir / KERAS_MODEL_RELPATH, compile=False)
+
+
+def _logits(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    return bn.predict_in_mode(model, x, training=False, batch_size=batch_size)
+
+
+def _probe_moments(model: keras.Model, names: list[str], x: np.ndarray, batch_size: int):
+    """Per-image ``bn_input_mean``/``bn_input_sqmean`` in inference mode (the signature's)."""
+    collector = bn.bn_input_model(model, bn.probe_layers(model, names))
+    means, sqmeans = [], []
+    for i in range(0, len(x), batch_size):
+        outs = collector(x[i : i + batch_size], training=False)
+        outs = list(outs) if isinstance(outs, list | tuple) else [outs]
+        m, s = bn.probe_moments(outs)
+        means.append(m.numpy())
+        sqmeans.append(s.numpy())
+    return np.concatenate(means), np.concatenate(sqmeans)
+
+
+def drift_exceedances(
+    model: keras.Model,
+    probe_names: list[str],
+    x: np.ndarray,
+    thresholds: dict[str, dict[str, float]],
+    *,
+    batch_size: int = 64,
+) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Drift scores of ``x`` pooled as one window under ``model``'s statistics.
+
+    Returns the scores per layer and the ``layer.score=value > threshold``
+    failures against ``thresholds`` (the alarm thresholds of a model card).
+    """
+    m, s = _probe_moments(model, probe_names, x, batch_size)
+    refs = drift.probe_references(
+        {"bn_reference": {"probes": bn.probe_reference(model, probe_names)}}
+    )
+    scores = drift.pooled_scores(m, s, refs)
+    failures = [
+        f"{layer}.{name}={scores[layer][name]:.4g} > {limit:.4g}"
+        for layer, by_score in thresholds.items()
+        if layer in scores
+        for name, limit in by_score.items()
+        if scores[layer][name] > limit
+    ]
+    return scores, failures
+
+
+def _says(passed: bool, failure: str, facts: str) -> str:
+    """A check's reason: the facts, led by what is wrong when it failed."""
+    return facts if passed else f"{failure}: {facts}"
+
+
+def _largest_share(values: np.ndarray) -> tuple[float, int | None]:
+    if len(values) == 0:
+        return 0.0, None
+    cls, count = Counter(values.tolist()).most_common(1)[0]
+    return count / len(values), int(cls)
+
+
+# -- label moves and history --------------------------------------------------
+
+
+def _append_history(repo: ModelRepository, name: str, record: dict[str, Any]) -> None:
+    path = repo.history_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **record}
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_label_history(model_base: str | os.PathLike[str], name: str) -> list[dict[str, Any]]:
+    """Every recorded label move of ``name``, oldest first."""
+    path = ModelRepository(model_base).history_path(name)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _move_label(
+    repo: ModelRepository, name: str, label: str, version: int, action: str, **extra
+) -> int | None:
+    """Point ``label`` at ``version`` in models.config and record it (caller holds the lock)."""
+    previous = repo.labels(name).get(label)
+    try:
+        repo.set_labels(name, {label: version})
+    except RepositoryError as exc:
+        raise LabelError(str(exc)) from exc
+    _append_history(
+        repo,
+        name,
+        {"action": action, "label": label, "version": int(version), "previous": previous, **extra},
+    )
+    return previous
+
+
+def _label_stack(history: list[dict[str, Any]], label: str, current: int | None) -> list[int]:
+    """The versions ``label`` pointed at, oldest first, with rolled-back ones removed."""
+    stack: list[int] = []
+    for rec in history:
+        if rec.get("label") != label:
+            continue
+        if rec["action"] == "rollback":
+            if stack and stack[-1] == rec.get("previous"):
+                stack.pop()
+        elif rec.get("previous") is not None and (not stack or stack[-1] != rec["previous"]):
+            stack.append(int(rec["previous"]))
+        if not stack or stack[-1] != rec["version"]:
+            stack.append(int(rec["version"]))
+    # A label set outside this history (an export) is where the label points now.
+    if current is not None and (not stack or stack[-1] != current):
+        stack.append(current)
+    return stack
+
+
+def promote(
+    model_base: str | os.PathLike[str], name: str, version: int, label: str = "stable"
+) -> int | None:
+    """Point ``label`` at a published ``version``; returns the version it pointed at before."""
+    repo = ModelRepository(model_base)
+    with repo.lock():
+        if int(version) not in repo.versions(name):
+            raise LabelError(f"{name} has no published version {version}")
+        return _move_label(repo, name, label, int(version), "promote")
+
+
+def rollback(
+    model_base: str | os.PathLike[str], name: str, label: str = "stable"
+) -> tuple[int, int]:
+    """Move ``label`` back to the version it pointed at before; returns (from, to).
+
+    Repeated rollbacks walk further back through the label history; versions
+    no longer on disk are skipped.
+    """
+    repo = ModelRepository(model_base)
+    with repo.lock():
+        current = repo.labels(name).get(label)
+        if current is None:
+            raise LabelError(f"{name} has no {label!r} label to roll back")
+        stack = _label_stack(read_label_history(model_base, name), label, current)
+        on_disk = set(repo.versions(name))
+        candidates = [v for v in stack[:-1] if v in on_disk and v != current]
+        if not candidates:
+            raise LabelError(f"{name}: no earlier {label!r} version to roll back to")
+        target = candidates[-1]
+        repo.set_labels(name, {label: target})
+        _append_history(
+            repo,
+            name,
+            {"action": "rollback", "label": label, "version": target, "previous": current},
+        )
+        return current, target
+
+
+# -- calibrate ----------------------------------------------------------------
+
+
+def calibrate(
+    model_base: str | os.PathLike[str],
+    name: str,
+    samples_dir: str | os.PathLike[str],
+    *,
+    prior_strength: float = 0.0,
+    min_samples: int = 64,
+    min_labelled: int = 32,
+    accuracy_tolerance: float = 0.02,
+    promote: str = "canary",
+    max_samples: int = 2048,
+    holdout_fraction: float = 0.25,
+    max_class_share: float = 0.75,
+    min_accuracy_lift: float = 0.1,
+    parity_threshold: float | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> CalibrationResult:
+    """Calibrate the ``stable`` version of ``name`` on captured samples (module docstring).
+
+    ``samples_dir`` is the capture store root (samples of ``name`` are in
+    ``<samples_dir>/<name>``). Raises :class:`NotEnoughSamplesError` below
+    ``min_samples`` images, :class:`CalibrationError` when there is no stable
+    version or the task is not classification. A rejected candidate is not an
+    exception: the result's ``status`` is ``"rejected"`` with ``reasons``.
+    """
+    if promote not in PROMOTE_LABELS:
+        raise ValueError(f"promote must be one of {PROMOTE_LABELS}, got {promote!r}")
+    if prior_strength < 0 or min_samples < 1 or min_labelled < 1 or not 0 <= holdout_fraction < 1:
+        raise ValueError(
+            "prior_strength >= 0, min_samples >= 1, min_labelled >= 1, 0 <= holdout < 1"
+        )
+    repo = ModelRepository(model_base)
+    parent_version = repo.labels(name).get("stable")
+    if parent_version is None:
+        raise CalibrationError(f"{name} has no version labelled 'stable' in {repo.config_path}")
+    parent_dir = repo.version_dir(name, parent_version)
+    card = load_model_card(parent_dir)
+    if card["task"] != "classification":
+        raise CalibrationError(
+            f"calibration supports classification models; {name} is {card['task']}"
+        )
+    spec = PreprocessSpec.from_dict(card["preprocessing"])
+    class_names = list(card["labels"])
+    probe_names = [p["name"] for p in card["bn_reference"]["probes"]]
+    ref_path = (
+        parent_dir / "assets.extra" / card.get("reference_set", {}).get("file", REFERENCE_SET)
+    )
+    if not ref_path.exists():
+        raise CalibrationError(
+            f"version {parent_version} of {name} ships no reference set ({ref_path})"
+        )
+    ref_bytes = ref_path.read_bytes()
+    with np.load(ref_path) as ref:
+        ref_x, ref_y = normalize(ref["pixels"], spec), ref["labels"].astype(np.int64)
+
+    # -- samples --------------------------------------------------------------
+    shape = (spec.height, spec.width, spec.channels)
+    data: SampleSet = load_samples(samples_dir, name, max_samples=max_samples, input_shape=shape)
+    if len(data) < min_samples:
+        raise NotEnoughSamplesError(
+            f"{len(data)} usable samples of {name} in {samples_dir} (need {min_samples})"
+            + (f"; skipped {data.skipped}" if data.skipped else "")
+        )
+    x = data.inputs
+    y, invalid_labels = _label_indices(data.labels, class_names)
+    labelled = y >= 0
+    holdout = _holdout_mask(data.request_ids, holdout_fraction)
+    if holdout.sum() < 8 or (~holdout).sum() < 8:
+        holdout[:] = False  # too few to split: everything fits, the held-out checks run in-sample
+    fit = ~holdout
+    held = holdout if holdout.any() else fit
+    n_lab = int(labelled.sum())
+    enough_labels = n_lab >= min_labelled
+
+    # -- parent ---------------------------------------------------------------
+    parent = _load_keras(parent_dir)
+    parent_logits = _logits(parent, x, batch_size)
+    parent_ref_acc = float(np.mean(_logits(parent, ref_x, batch_size).argmax(-1) == ref_y))
+    thresholds = drift.thresholds(card)
+    parent_scores, parent_exceed = (
+        drift_exceedances(parent, probe_names, x[held], thresholds, batch_size=batch_size)
+        if thresholds
+        else ({}, [])
+    )
+    domain_shift = bool(parent_exceed)
+
+    # -- candidate: AdaBN over every BN layer ---------------------------------
+    candidate = _load_keras(parent_dir)
+    layers = bn.bn_layers(candidate)
+    frozen = [layer.trainable for layer in layers]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(np.flatnonzero(fit))  # i.i.d. batches, not capture order
+    batches = [x[idx] for idx in np.array_split(order, max(1, round(len(order) / batch_size)))]
+    try:
+        for layer in layers:
+            layer.trainable = True  # frozen BN runs in inference mode even in training mode
+        bn.precise_bn(candidate, batches, layers=layers, prior_strength=prior_strength)
+    finally:
+        for layer, flag in zip(layers, frozen, strict=True):
+            layer.trainable = flag
+    cand_logits = _logits(candidate, x, batch_size)
+    cand_ref_acc = float(np.mean(_logits(candidate, ref_x, batch_size).argmax(-1) == ref_y))
+
+    # -- temperature ----------------------------------------------------------
+    parent_t = float(card["calibration"].get("temperature", 1.0))
+    t_fit: TemperatureFit | None = None
+    calibration: dict[str, Any]
+    if enough_labels:
+        fit_l = labelled & fit if (labelled & fit).sum() >= min_labelled // 2 else labelled
+        eval_l = labelled & held & ~fit_l if (labelled & held & ~fit_l).sum() >= 10 else fit_l
+        t_fit = fit_and_evaluate(cand_logits[fit_l], y[fit_l], cand_logits[eval_l], y[eval_l])
+        parent_cal = calibration_report(parent_logits[eval_l], y[eval_l], parent_t)
+        temperature = t_fit.temperature
+        calibration = {
+            "temperature": temperature,
+            "method": "temperature_scaling",
+            "objective": "nll",
+            "fitted_on": t_fit.fitted_on,
+            "evaluated_on": int(eval_l.sum()),
+            "evaluation": "held_out" if not np.array_equal(eval_l, fit_l) else "in_sample",
+            "ece_bins": 15,
+            "before": t_fit.before.to_dict(),
+            "after": t_fit.after.to_dict(),
+            "parent": parent_cal.to_dict(),
+        }
+    else:
+        temperature = parent_t
+        calibration = {
+            "temperature": temperature,
+            "method": "inherited",
+            "note": f"{n_lab} labelled samples (< {min_labelled}): the parent's temperature is kept",
+        }
+
+    # -- gate -----------------------------------------------------------------
+    checks: list[GateCheck] = []
+    cand_pred = cand_logits.argmax(-1)
+    # Without labels the parent's predictions say what the traffic holds: the candidate's
+    # cannot, since statistics fitted to one class wash that class's signal out.
+    share_src = "labels" if enough_labels else "parent_predictions"
+    share, top = _largest_share(y[labelled] if enough_labels else parent_logits.argmax(-1))
+    cand_share, cand_top = _largest_share(cand_pred)
+    checks.append(
+        GateCheck(
+            "class_balance",
+            share <= max_class_share,
+            True,
+            _says(
+                share <= max_class_share,
+                "one class dominates the samples (statistics of one class are not a domain)",
+                f"{share:.0%} of the samples' {share_src.replace('_', ' ')} are class "
+                f"{class_names[top] if top is not None else '?'} (limit {max_class_share:.0%})",
+            ),
+            {
+                "largest_share": share,
+                "class": top,
+                "source": share_src,
+                "limit": max_class_share,
+                "candidate_prediction_share": cand_share,
+                "candidate_prediction_class": cand_top,
+            },
+        )
+    )
+    acc_traffic: dict[str, Any] = {}
+    if enough_labels:
+        p_acc = float(np.mean(parent_logits[labelled].argmax(-1) == y[labelled]))
+        c_acc = float(np.mean(cand_pred[labelled] == y[labelled]))
+        base_rate, _ = _largest_share(y[labelled])
+        acc_traffic = {
+            "parent": p_acc,
+            "candidate": c_acc,
+            "images": n_lab,
+            "majority_rate": base_rate,
+        }
+        checks.append(
+            GateCheck(
+                "accuracy_traffic",
+                c_acc >= p_acc - accuracy_tolerance,
+                True,
+                _says(
+                    c_acc >= p_acc - accuracy_tolerance,
+                    "worse than the parent on labelled traffic",
+                    f"accuracy on {n_lab} labelled traffic images {c_acc:.3f} vs parent {p_acc:.3f} "
+                    f"(tolerance {accuracy_tolerance})",
+                ),
+                {**acc_traffic, "tolerance": accuracy_tolerance},
+            )
+        )
+        checks.append(
+            GateCheck(
+                "above_chance",
+                c_acc - base_rate >= min_accuracy_lift,
+                True,
+                _says(
+                    c_acc - base_rate >= min_accuracy_lift,
+                    "no better than guessing the majority class",
+                    f"accuracy on labelled traffic {c_acc:.3f} vs majority-class rate {base_rate:.3f} "
+                    f"(lift needed {min_accuracy_lift})",
+                ),
+                {"candidate": c_acc, "majority_rate": base_rate, "min_lift": min_accuracy_lift},
+            )
+        )
+    else:
+        checks.append(
+            GateCheck(
+                "accuracy_traffic",
+                True,
+                False,
+                f"not checked: {n_lab} labelled samples (< {min_labelled})",
+                {"images": n_lab},
+            )
+        )
+    ref_gates = not (domain_shift and enough_labels)
+    checks.append(
+        GateCheck(
+            "accuracy_reference",
+            cand_ref_acc >= parent_ref_acc - accuracy_tolerance,
+            ref_gates,
+            _says(
+                cand_ref_acc >= parent_ref_acc - accuracy_tolerance,
+                "worse than the parent on the version's reference set",
+                f"accuracy on the reference set {cand_ref_acc:.3f} vs parent {parent_ref_acc:.3f} "
+                f"(tolerance {accuracy_tolerance})",
+            )
+            + (
+                ""
+                if ref_gates
+                else "; informational: the traffic has drifted from the reference "
+                "domain and labelled traffic decides"
+            )
+            + (
+                "; labelled feedback on the traffic would let the gate judge the traffic's domain"
+                if domain_shift and not enough_labels
+                else ""
+            ),
+            {
+                "parent": parent_ref_acc,
+                "candidate": cand_ref_acc,
+                "images": int(len(ref_y)),
+                "tolerance": accuracy_tolerance,
+                "traffic_drifted": domain_shift,
+            },
+        )
+    )
+    p_threshold = (
+        parity_threshold
+        if parity_threshold is not None
+        else float(card.get("metrics", {}).get("parity", {}).get("threshold", 0.02))
+    )
+    px, py, pon = (
+        (x[labelled], y[labelled], "labelled_traffic")
+        if enough_labels
+        else (ref_x, ref_y, "reference_set")
+    )
+    # Training mode normalises by batch statistics: batches must be mixed, not in capture order.
+    mix = rng.permutation(len(py))
+    px, py = px[mix], py[mix]
+    parity = bn.classification_parity(
+        candidate, px, py, threshold=p_threshold, batch_size=batch_size
+    )
+    checks.append(
+        GateCheck(
+            "parity",
+            parity.passed,
+            True,
+            _says(
+                parity.passed,
+                "inference mode is worse than training mode",
+                f"inference-mode accuracy {parity.inference_metric:.3f} vs training-mode "
+                f"{parity.training_metric:.3f} on the {pon.replace('_', ' ')} "
+                f"(gap {parity.gap:.3f}, limit {p_threshold})",
+            ),
+            {**parity.to_dict(), "evaluated_on": pon},
+        )
+    )
+    if thresholds:
+        cand_scores, exceed = drift_exceedances(
+            candidate, probe_names, x[held], thresholds, batch_size=batch_size
+        )
+        checks.append(
+            GateCheck(
+                "drift",
+                not exceed,
+                True,
+                _says(
+                    not exceed,
+                    "held-out traffic still drifts under the candidate's statistics",
+                    "; ".join(exceed)
+                    or f"below the alarm thresholds on {int(held.sum())} held-out images",
+                ),
+                {
+                    "candidate_scores": cand_scores,
+                    "parent_scores": parent_scores,
+                    "parent_exceedances": parent_exceed,
+                    "images": int(held.sum()),
+                    "held_out": bool(holdout.any()),
+                },
+            )
+        )
+    else:
+        checks.append(
+            GateCheck(
+                "drift",
+                True,
+                False,
+                "not checked: the parent's card has no bn_reference.drift",
+                {},
+            )
+        )
+
+    # -- export into a private directory, then publish or reject ---------------
+    fit_idx = np.flatnonzero(fit)
+    samples_info = {
+        "store": str(Path(samples_dir).resolve()),
+        "used": int(len(data)),
+        "fit": int(fit.sum()),
+        "held_out": int(holdout.sum()),
+        "labelled": n_lab,
+        "invalid_labels": invalid_labels,
+        "skipped": data.skipped,
+        "versions": {str(k): int(v) for k, v in Counter(data.versions.tolist()).items()},
+        "captured_from": float(data.captured_at.min()),
+        "captured_to": float(data.captured_at.max()),
+        "fingerprint": hashlib.sha256("\n".join(sorted(data.request_ids)).encode()).hexdigest()[
+            :16
+        ],
+    }
+    accuracy = {
+        "reference_set": {"parent": parent_ref_acc, "candidate": cand_ref_acc},
+        "traffic": acc_traffic,
+    }
+    lineage = {
+        "parent_version": int(parent_version),
+        "method": "adabn-precise-bn",
+        "bn_layers_reestimated": len(layers),
+        "prior_strength": float(prior_strength),
+        "samples": samples_info,
+        "temperature": temperature,
+        "traffic_drifted_from_parent": domain_shift,
+        "gate": {"passed": None, "checks": [c.to_dict() for c in checks]},
+    }
+    card_fields = {k: v for k, v in card.items() if k not in _EXPORT_OWNED}
+    card_fields.update(
+        {
+            "metrics": {
+                "accuracy": acc_traffic["candidate"] if acc_traffic else cand_ref_acc,
+                "accuracy_on": "labelled_traffic" if acc_traffic else "reference_set",
+                "reference_set_accuracy": cand_ref_acc,
+                "parity": {**parity.to_dict(), "evaluated_on": pon},
+                "evaluated_in": "inference_mode",
+            },
+            "bn_reference": {"pixel_stats": pixel_statistics(x[fit_idx])},
+            "calibration": calibration,
+            "lineage": lineage,
+        }
+    )
+    drift_x = x[held] if len(x[held]) >= 16 else x
+    window = int(card["bn_reference"].get("drift", {}).get("window", drift.DEFAULT_WINDOW))
+    private = repo.base / name / f".calibrate-{secrets.token_hex(6)}"
+    try:
+        exported = export_model(
+            candidate,
+            model_base=private,
+            name=name,
+            task="classification",
+            spec=spec,
+            labels=class_names,
+            postprocess=classifier_postprocess(temperature),
+            probe_layers=probe_names,
+            card_fields=card_fields,
+            warmup_images=x[:8],
+            version_labels=(),
+            extra_files={REFERENCE_SET: ref_bytes},
+            drift_images=drift_x,
+            staleness_images=x[fit_idx],
+            drift_window=min(window, max(16, len(drift_x) // 2)),
+            force=True,  # a stale candidate is rejected below, with the reason, and kept
+        )
+        stale = exported.card.get("metrics", {}).get("staleness")
+        if stale is not None:
+            checks.append(
+                GateCheck(
+                    "statistics_converged",
+                    bool(stale["passed"]),
+                    True,
+                    _says(
+                        bool(stale["passed"]),
+                        "the statistics do not describe the samples they were estimated on",
+                        "; ".join(stale["failures"])
+                        or "the fit samples score below the candidate's alarm thresholds",
+                    ),
+                    {"failures": stale["failures"], "images": stale["images"]},
+                )
+            )
+        passed = all(c.passed for c in checks if c.gating)
+        new_card = dict(exported.card)
+        new_card["lineage"] = {
+            **new_card["lineage"],
+            "gate": {"passed": passed, "checks": [c.to_dict() for c in checks]},
+        }
+        moved: dict[str, int] = {}
+        with repo.lock():
+            version = repo.next_version(name)
+            new_card["version"] = version
+            write_model_card(exported.path, new_card)
+            if passed:
+                repo.publish(name, exported.path, version)
+                path = repo.version_dir(name, version)
+                _move_label(repo, name, promote, version, "calibrate", parent=int(parent_version))
+                moved[promote] = version
+            else:
+                reasons = [c.reason for c in checks if c.gating and not c.passed]
+                (exported.path / "assets.extra" / "rejection.json").write_text(
+                    json.dumps(
+                        {"reasons": reasons, "gate": [c.to_dict() for c in checks]},
+                        indent=1,
+                        default=float,
+                    )
+                    + "\n"
+                )
+                path = repo.reject(name, exported.path, version)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    return CalibrationResult(
+        name=name,
+        status="published" if passed else "rejected",
+        version=version,
+        path=path,
+        parent_version=int(parent_version),
+        labels_moved=moved,
+        checks=checks,
+        temperature=temperature,
+        temperature_fit=t_fit,
+        accuracy=accuracy,
+        samples=samples_info,
+    )
+
+
+# -- command line ---------------------------------------------------------------
+
+
+def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``python -m training calibrate``."""
+    parser.add_argument(
+        "--model-base", default="models", help="model repository (default ./models)"
+    )
+    parser.add_argument("--name", required=True, help="model name in the repository")
+    parser.add_argument("--samples", required=True, help="capture store root (holds <name>/)")
+    parser.add_argument(
+        "--prior-strength",
+        type=float,
+        default=0.0,
+        help="source statistics as N pseudo-images (0: the samples alone)",
+    )
+    parser.add_argument("--min-samples", type=int, default=64, help="fewest images to calibrate on")
+    parser.add_argument(
+        "--min-labelled",
+        type=int,
+        default=32,
+        help="fewest labelled images to fit a temperature and judge on traffic",
+    )
+    parser.add_argument("--max-samples", type=int, default=2048, help="newest images used at most")
+    parser.add_argument(
+        "--accuracy-tolerance",
+        type=float,
+        default=0.02,
+        help="largest accuracy drop the gate accepts (0..1)",
+    )
+    parser.add_argument(
+        "--max-class-share",
+        type=float,
+        default=0.75,
+        help="largest share of one class in the samples",
+    )
+    parser.add_argument(
+        "--promote",
+        choices=PROMOTE_LABELS,
+        default="canary",
+        help="label to point at a published candidate (default canary)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """Run a calibration; exit 0 published, 3 rejected by the gate, 4 too few samples, 5 error."""
+    try:
+        result = calibrate(
+            args.model_base,
+            args.name,
+            args.samples,
+            prior_strength=args.prior_strength,
+            min_samples=args.min_samples,
+            min_labelled=args.min_labelled,
+            max_samples=args.max_samples,
+            accuracy_tolerance=args.accuracy_tolerance,
+            max_class_share=args.max_class_share,
+            promote=args.promote,
+            seed=args.seed,
+        )
+    except NotEnoughSamplesError as exc:
+        print(f"not enough samples: {exc}", file=sys.stderr)
+        return EXIT_NOT_ENOUGH_SAMPLES
+    except (CalibrationError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(json.dumps(result.to_dict(), indent=1, default=float))
+    if result.passed:
+        print(
+            f"published {result.name} version {result.version} ({result.labels_moved})",
+            file=sys.stderr,
+        )
+        return EXIT_PUBLISHED
+    print(f"rejected: candidate kept at {result.path}", file=sys.stderr)
+    for reason in result.reasons:
+        print(f"  - {reason}", file=sys.stderr)
+    return EXIT_REJECTED
+
+
+def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``python -m training promote``."""
+    parser.add_argument(
+        "--model-base", default="models", help="model repository (default ./models)"
+    )
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--version", type=int, required=True, help="published version to label")
+    parser.add_argument("--label", default="stable", help="version label to move (default stable)")
+
+
+def run_promote(args: argparse.Namespace) -> int:
+    """Move a label; exit 0, or 5 when the version or label cannot be used."""
+    try:
+        previous = promote(args.model_base, args.name, args.version, args.label)
+    except (LabelError, RepositoryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(
+        json.dumps(
+            {"name": args.name, "label": args.label, "version": args.version, "previous": previous}
+        )
+    )
+    return 0
+
+
+def add_rollback_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``python -m training rollback``."""
+    parser.add_argument(
+        "--model-base", default="models", help="model repository (default ./models)"
+    )
+    parser.add_argument("--name", required=True)
+    parser.add_argument(
+        "--label", default="stable", help="version label to move back (default stable)"
+    )
+
+
+def run_rollback(args: argparse.Namespace) -> int:
+    """Move a label back to its previous version; exit 0, or 5 when there is none."""
+    try:
+        current, target = rollback(args.model_base, args.name, args.label)
+    except (LabelError, RepositoryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(json.dumps({"name": args.name, "label": args.label, "from": current, "to": target}))
+    return 0
