@@ -20,9 +20,13 @@ $(STAMP): requirements.lock pyproject.toml
 # Skipped when a version already exists (delete models/<name>/ to rebuild).
 models: $(STAMP)
 	@test -d $(MODELS)/demo_classifier/1 || $(PY) -m training classifier --data synthetic --model-base $(MODELS) --name demo_classifier --preset demo
+	@test -d $(MODELS)/demo_detector/1 || $(PY) -m training detector --data synthetic --model-base $(MODELS) --name demo_detector --preset demo
 
 serve: models
-	@echo "The gateway is not built yet (issue 3); demo models are in $(MODELS)/."
+	@echo "imgserve gateway on http://$${IMGSERVE_BIND:-127.0.0.1:8080} (embedded backend, models in $(MODELS)/)"
+	@echo "  curl -s -X POST -H 'Content-Type: image/jpeg' --data-binary @photo.jpg http://127.0.0.1:8080/v1/classify"
+	@echo "  curl -s http://127.0.0.1:8080/v1/models ; API description: http://127.0.0.1:8080/openapi.json"
+	IMGSERVE_MODEL_BASE=$(MODELS) $(VENV)/bin/gunicorn -c serving/gunicorn.conf.py 'serving.app:create_app()'
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -40,8 +44,9 @@ lint: $(STAMP)
 k8s: $(STAMP)
 	$(PY) k8s/generate.py
 
-bench: $(STAMP)
-	@echo "No benchmarks yet."
+bench: models
+	$(PY) bench/gateway_bench.py --model-base $(MODELS) --model demo_classifier
+	$(PY) bench/drift_acceptance.py --model-base $(MODELS) --name demo_classifier
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -3,6 +3,10 @@
 Commands:
   classifier     train, check and export a MobileNetV2 classifier
   detector       train, evaluate and export a MobileNetV2 SSDLite detector
+  calibrate      re-estimate BN statistics (and temperature) from captured traffic,
+                 gate, publish as the next version and move a version label
+  promote        point a version label at a version
+  rollback       move the stable label back to the previous stable version
   make-dataset   write the synthetic classification set as class folders
 """
 
@@ -67,11 +71,12 @@ def _config_from(args: argparse.Namespace, cls: type, presets: dict[str, dict]) 
 
 def _run_classifier(args: argparse.Namespace) -> int:
     from training.classifier import PRESETS, ClassifierConfig, ParityError, train_classifier
+    from training.export import StalenessError
 
     cfg = _config_from(args, ClassifierConfig, PRESETS)
     try:
         summary = train_classifier(cfg)
-    except ParityError as exc:
+    except (ParityError, StalenessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
     _print_summary(summary)
@@ -103,13 +108,27 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _add_detector(sub: argparse._SubParsersAction) -> None:
-    try:
-        from training.detection.train import add_detector_arguments, run_detector
-    except ImportError:
-        return
+    from training.detection.train import add_detector_arguments, run_detector
+
     p = sub.add_parser("detector", help="train and export a MobileNetV2 SSDLite detector")
     add_detector_arguments(p)
     p.set_defaults(func=lambda a: 0 if run_detector(a) is not None else 1)
+
+
+def _add_calibration(sub: argparse._SubParsersAction) -> None:
+    from training import calibration
+
+    for name, help_, add, run in [
+        ("calibrate", "calibrate a model on captured traffic and publish the next version",
+         calibration.add_calibrate_arguments, calibration.run_calibrate),
+        ("promote", "point a version label at a version",
+         calibration.add_promote_arguments, calibration.run_promote),
+        ("rollback", "move the stable label back to the previous stable version",
+         calibration.add_rollback_arguments, calibration.run_rollback),
+    ]:
+        p = sub.add_parser(name, help=help_)
+        add(p)
+        p.set_defaults(func=run)
 
 
 def _add_make_dataset(sub: argparse._SubParsersAction) -> None:
@@ -146,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_classifier(sub)
     _add_detector(sub)
+    _add_calibration(sub)
     _add_make_dataset(sub)
     return parser
 

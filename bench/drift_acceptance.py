@@ -1,0 +1,153 @@
+"""Drift acceptance report: in-distribution false alarms and detection of input shifts.
+
+For a served model version (default: the demo classifier), fresh synthetic
+images go through the gateway's preprocessing and the exported signature, and
+the per-image probe rows are pooled exactly as the gateway's count window pools
+them (``training.drift``), against the model card's alarm thresholds.
+
+- In distribution: the share of windows of ``--window`` images whose score stays
+  below the threshold on every probe layer and score.
+- Per shift (brightness +30%, contrast x0.5, Gaussian noise sigma=0.1, blur,
+  colour inversion, a different synthetic background): the score of a window of
+  shifted images, and the number of shifted images that must enter a window full
+  of clean traffic before the alarm fires.
+
+Usage: python bench/drift_acceptance.py [--model-base models] [--name demo_classifier]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image, ImageFilter
+
+from training import drift, synthetic
+from training.model_card import load_model_card
+from training.preprocessing import PreprocessSpec, preprocess_pixels
+from training.repository import ModelRepository
+
+
+def _shift(name: str, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    x = img.astype(np.float64)
+    if name == "brightness+30%":
+        x = x * 1.3
+    elif name == "contrast*0.5":
+        x = (x - x.mean()) * 0.5 + x.mean()
+    elif name == "noise_sigma0.1":
+        x = x + rng.normal(0, 0.1 * 255, x.shape)
+    elif name == "blur":
+        return np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(2.5)))
+    elif name == "inversion":
+        x = 255 - x
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+SHIFTS = [
+    "brightness+30%",
+    "contrast*0.5",
+    "noise_sigma0.1",
+    "blur",
+    "inversion",
+    "background:checker",
+]
+
+
+def probe_rows(
+    serve, spec: PreprocessSpec, images: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    x = np.stack([preprocess_pixels(img, spec)[0] for img in images])
+    means, sqmeans = [], []
+    for i in range(0, len(x), 64):
+        out = serve(images=tf.constant(x[i : i + 64]))
+        means.append(out["bn_input_mean"].numpy())
+        sqmeans.append(out["bn_input_sqmean"].numpy())
+    return np.concatenate(means).astype(np.float64), np.concatenate(sqmeans).astype(np.float64)
+
+
+def alarms(scores: dict, thr: dict) -> list[str]:
+    return [
+        f"{layer}.{s}" for layer in scores for s in drift.SCORES if scores[layer][s] > thr[layer][s]
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model-base", default="models")
+    ap.add_argument("--name", default="demo_classifier")
+    ap.add_argument("--version", type=int)
+    ap.add_argument("--clean-images", type=int, default=1500)
+    ap.add_argument("--windows", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=12345)
+    args = ap.parse_args(argv)
+
+    repo = ModelRepository(args.model_base)
+    version = args.version or repo.labels(args.name).get("stable") or max(repo.versions(args.name))
+    vdir = repo.version_dir(args.name, version)
+    card = load_model_card(vdir)
+    spec = PreprocessSpec.from_dict(card["preprocessing"])
+    serve = tf.saved_model.load(str(vdir)).signatures["serving_default"]
+    probes = drift.probe_references(card)
+    thr = drift.thresholds(card)
+    window = int(card["bn_reference"]["drift"]["window"])
+    rng = np.random.default_rng(args.seed)
+
+    # Clean traffic has the training data's class mix (a different mix is label shift).
+    imbalance = float(card["lineage"].get("parameters", {}).get("synthetic_imbalance", 1.0))
+    clean_imgs, _ = synthetic.generate(args.clean_images, seed=args.seed, imbalance=imbalance)
+    cm, cs = probe_rows(serve, spec, clean_imgs)
+    quiet = 0
+    for _ in range(args.windows):
+        idx = rng.choice(len(cm), size=window, replace=False)
+        quiet += not alarms(drift.pooled_scores(cm[idx], cs[idx], probes), thr)
+    print(f"model {args.name} v{version}, window {window} images")
+    print(
+        f"in-distribution: {quiet}/{args.windows} windows below every threshold "
+        f"({100 * quiet / args.windows:.1f}%)"
+    )
+
+    layers = [p.name for p in probes]
+    header = "| shift | " + " | ".join(
+        f"{layer} shift / KL (thr {thr[layer]['mean_shift']:.3g} / {thr[layer]['sym_kl']:.3g})"
+        for layer in layers
+    )
+    print()
+    print(header + " | images to alarm |")
+    print("|" + "---|" * (len(layers) + 2))
+    base = window
+    for name in SHIFTS:
+        if name.startswith("background:"):
+            imgs, _ = synthetic.generate(
+                window, seed=args.seed + 1, imbalance=imbalance, background=name.split(":")[1]
+            )
+        else:
+            src, _ = synthetic.generate(window, seed=args.seed + 1, imbalance=imbalance)
+            imgs = [_shift(name, img, rng) for img in src]
+        sm, ss = probe_rows(serve, spec, imgs)
+        scores = drift.pooled_scores(sm, ss, probes)
+        # Traffic switches from clean to shifted: after k shifted images the window
+        # holds (window - k) clean and k shifted images.
+        needed = None
+        clean_idx = rng.choice(len(cm), size=base, replace=False)
+        for k in range(1, window + 1):
+            m = np.concatenate([cm[clean_idx[: base - k]], sm[:k]])
+            s = np.concatenate([cs[clean_idx[: base - k]], ss[:k]])
+            if alarms(drift.pooled_scores(m, s, probes), thr):
+                needed = k
+                break
+        cells = [
+            f"{scores[layer]['mean_shift']:.3g} / {scores[layer]['sym_kl']:.3g}" for layer in layers
+        ]
+        print(f"| {name} | " + " | ".join(cells) + f" | {needed if needed else f'> {window}'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,477 @@
+"""Gateway benchmark (``make bench``): raw model throughput vs the gateway over HTTP and gRPC.
+
+1. Raw: the SavedModel's ``serving_default`` called in-process on preprocessed
+   batches of ``IMGSERVE_MAX_BATCH_SIZE`` images: the throughput limit of this
+   machine. Also its latency for one image, the floor of any request's latency.
+2. HTTP: the gateway under gunicorn (embedded backend, default settings) on
+   loopback; closed-loop clients post one encoded image per request at several
+   concurrencies.
+3. gRPC: ``python -m serving.grpc_server`` on loopback, the same load.
+
+For each run: images/s, p50 and p99 latency, throughput as a fraction of raw,
+and at concurrency 1 the p50 overhead over the raw single-image latency.
+Clients run on the same machine as the server, so their CPU time counts against
+the gateway (the figures are a lower bound for a separate client machine).
+
+    python bench/gateway_bench.py --model-base models --model demo_classifier
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from serving.settings import Settings  # noqa: E402
+from training.model_card import load_model_card  # noqa: E402
+from training.preprocessing import PreprocessSpec, preprocess_bytes  # noqa: E402
+
+
+@dataclass
+class Result:
+    name: str
+    concurrency: int
+    images_per_request: int
+    images_per_s: float
+    p50_ms: float
+    p99_ms: float
+    mean_batch: float
+    errors: int
+    requests: int
+
+    def ratio(self, raw: float) -> float:
+        return self.images_per_s / raw if raw else float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sample_image(spec: PreprocessSpec, size: int) -> bytes:
+    """A real photograph (scikit-image's chelsea), as a JPEG of ``size`` pixels on its long side."""
+    from PIL import Image
+    from skimage import data
+
+    img = Image.fromarray(data.chelsea())
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return float(np.percentile(np.asarray(values), q))
+
+
+# -- raw ---------------------------------------------------------------------------------
+def bench_raw(
+    version_dir: Path, spec: PreprocessSpec, image: bytes, batch: int, seconds: float, intra_op: int
+) -> tuple[float, float]:
+    """(images/s at ``batch``, p50 seconds of one single-image call), in this process."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+    fn = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    x1, _ = preprocess_bytes(image, spec)
+    xb = tf.constant(np.repeat(x1[None], batch, axis=0))
+    single = tf.constant(x1[None])
+    for _ in range(3):
+        fn(images=xb)
+        fn(images=single)
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        fn(images=xb)
+        n += 1
+    throughput = n * batch / (time.perf_counter() - t0)
+    lat = []
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < min(seconds, 3.0):
+        s = time.perf_counter()
+        fn(images=single)
+        lat.append(time.perf_counter() - s)
+    return throughput, statistics.median(lat)
+
+
+def raw_limit(args: argparse.Namespace, batch: int) -> dict[int, tuple[float, float]]:
+    """Raw throughput per TensorFlow intra-op pool size (1 and all cores), each in a fresh process."""
+    results = {}
+    for intra in sorted({1, os.cpu_count() or 1}):
+        cmd = [
+            sys.executable,
+            __file__,
+            "--model-base",
+            args.model_base,
+            "--model",
+            args.model,
+            "--seconds",
+            str(args.seconds),
+            "--raw-intra",
+            str(intra),
+            "--raw-batch",
+            str(batch),
+        ]
+        if args.version:
+            cmd += ["--version", str(args.version)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+        results[intra] = tuple(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+# -- load generation ---------------------------------------------------------------------
+def closed_loop(
+    call, concurrency: int, seconds: float, warmup: float = 1.0
+) -> tuple[int, int, list[float], float]:
+    """``concurrency`` threads calling ``call()`` back to back; (ok, errors, latencies, elapsed)."""
+    lat: list[float] = []
+    counts = {"ok": 0, "err": 0}
+    lock = threading.Lock()
+    start = time.monotonic() + warmup
+    end = start + seconds
+
+    def worker() -> None:
+        state = {}
+        while True:
+            t0 = time.monotonic()
+            if t0 >= end:
+                return
+            ok = call(state)
+            t1 = time.monotonic()
+            if t0 >= start:
+                with lock:
+                    counts["ok" if ok else "err"] += 1
+                    if ok:
+                        lat.append(t1 - t0)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + warmup + 120)
+    return counts["ok"], counts["err"], lat, seconds
+
+
+def http_call(port: int, image: bytes, n: int = 1):
+    """One image as a raw body, or ``n`` as multipart ``image`` fields."""
+    if n == 1:
+        body, headers = image, {"Content-Type": "image/jpeg"}
+    else:
+        boundary = "benchboundary"
+        part = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n'
+                "Content-Type: image/jpeg\r\n\r\n"
+            ).encode()
+            + image
+            + b"\r\n"
+        )
+        body = part * n + f"--{boundary}--\r\n".encode()
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+    def call(state: dict) -> bool:
+        conn = state.get("conn")
+        if conn is None:
+            conn = state["conn"] = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            conn.request("POST", "/v1/classify?top_k=1", body=body, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            return response.status == 200
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            state.pop("conn", None)
+            return False
+
+    return call
+
+
+def grpc_call(port: int, image: bytes, n: int = 1):
+    import grpc
+
+    from serving.proto import imgserve_pb2, imgserve_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = imgserve_pb2_grpc.ImageServiceStub(channel)
+    request = imgserve_pb2.ClassifyRequest(images=[image] * n, top_k=1)
+
+    def call(state: dict) -> bool:
+        try:
+            stub.Classify(request, timeout=60)
+            return True
+        except grpc.RpcError:
+            return False
+
+    return call
+
+
+# -- servers -------------------------------------------------------------------------------
+def batch_totals(metrics_port: int) -> tuple[float, float]:
+    """(sum, count) of ``imgserve_batch_size`` from the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    total = count = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "imgserve_batch_size":
+            for s in family.samples:
+                if s.name == "imgserve_batch_size_sum":
+                    total += s.value
+                elif s.name == "imgserve_batch_size_count":
+                    count += s.value
+    return total, count
+
+
+def start_server(
+    kind: str, model_base: Path, port: int, log: Path, metrics_port: int = 0
+) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["IMGSERVE_MODEL_BASE"] = str(model_base)
+    if kind == "http":
+        env["IMGSERVE_BIND"] = f"127.0.0.1:{port}"
+        gunicorn = str(Path(sys.executable).parent / "gunicorn")
+        cmd = [gunicorn, "-c", "serving/gunicorn.conf.py", "serving.app:create_app()"]
+    else:
+        env["IMGSERVE_GRPC_BIND"] = f"127.0.0.1:{port}"
+        env["IMGSERVE_GRPC_METRICS_BIND"] = f"127.0.0.1:{metrics_port}"
+        cmd = [sys.executable, "-m", "serving.grpc_server"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_ready(kind: str, port: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{kind} server exited with {proc.returncode}")
+        try:
+            if kind == "http":
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/readyz")
+                if conn.getresponse().status == 200:
+                    return
+            else:
+                import grpc
+                from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+                with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                    status = health_pb2_grpc.HealthStub(ch).Check(
+                        health_pb2.HealthCheckRequest(), timeout=2
+                    )
+                    if status.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{kind} server not ready after {timeout}s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def bench_server(
+    kind: str,
+    model_base: Path,
+    image: bytes,
+    levels: list[int],
+    seconds: float,
+    log_dir: Path,
+    images_per_request: list[int],
+) -> list[Result]:
+    port = free_port()
+    metrics_port = port if kind == "http" else free_port()
+    proc = start_server(kind, model_base, port, log_dir / f"{kind}.log", metrics_port)
+    results = []
+    try:
+        wait_ready(kind, port, proc)
+        factory = http_call if kind == "http" else grpc_call
+        for n in images_per_request:
+            # The same images in flight for every request size (and within the queue bound).
+            for c in sorted({max(1, level // n) for level in levels}):
+                s0, c0 = batch_totals(metrics_port)
+                ok, err, lat, elapsed = closed_loop(factory(port, image, n), c, seconds)
+                s1, c1 = batch_totals(metrics_port)
+                r = Result(
+                    kind,
+                    c,
+                    n,
+                    ok * n / elapsed,
+                    percentile(lat, 50) * 1e3,
+                    percentile(lat, 99) * 1e3,
+                    (s1 - s0) / max(1.0, c1 - c0),
+                    err,
+                    ok + err,
+                )
+                results.append(r)
+                print(
+                    f"  {kind:5s} c={c:3d} x{n}: {r.images_per_s:8.1f} img/s  p50 {r.p50_ms:7.2f} ms"
+                    f"  p99 {r.p99_ms:7.2f} ms  batch {r.mean_batch:5.1f}  errors {err}",
+                    flush=True,
+                )
+    finally:
+        stop_server(proc)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-base", default=os.environ.get("IMGSERVE_MODEL_BASE", "models"))
+    parser.add_argument("--model", default="demo_classifier")
+    parser.add_argument("--version", type=int, default=None, help="default: the newest")
+    parser.add_argument("--concurrency", default="1,8,32,64")
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=0,
+        help="long side of the JPEG clients send (default: the model's input size)",
+    )
+    parser.add_argument(
+        "--images-per-request",
+        default="1,8",
+        help="comma-separated; each value is a run at every concurrency",
+    )
+    parser.add_argument("--skip-grpc", action="store_true")
+    parser.add_argument("--out", default=".bench/gateway.json")
+    parser.add_argument("--raw-intra", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--raw-batch", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    model_base = Path(args.model_base).resolve()
+    versions = (
+        sorted(int(p.name) for p in (model_base / args.model).iterdir() if p.name.isdigit())
+        if (model_base / args.model).is_dir()
+        else []
+    )
+    if not versions:
+        print(
+            f"no versions of {args.model} under {model_base}; run `make models` first",
+            file=sys.stderr,
+        )
+        return 2
+    version = args.version or versions[-1]
+    card = load_model_card(model_base / args.model / str(version))
+    spec = PreprocessSpec.from_dict(card["preprocessing"])
+    image = sample_image(spec, args.image_size or max(spec.height, spec.width))
+    settings = Settings.from_env()
+    if args.raw_intra:  # the child process of raw_limit()
+        vdir = model_base / args.model / str(version)
+        print(
+            json.dumps(bench_raw(vdir, spec, image, args.raw_batch, args.seconds, args.raw_intra))
+        )
+        return 0
+    levels = [int(c) for c in args.concurrency.split(",")]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    print(
+        f"model {args.model}/{version}: input {spec.height}x{spec.width}, client image "
+        f"{len(image)} bytes JPEG; {os.cpu_count()} CPUs; max batch {settings.max_batch_size}",
+        flush=True,
+    )
+    raws = raw_limit(args, settings.max_batch_size)
+    for intra, (tput, single) in raws.items():
+        print(
+            f"  raw   batch {settings.max_batch_size}, {intra} intra-op thread(s): {tput:8.1f} "
+            f"img/s; one image {single * 1e3:.2f} ms",
+            flush=True,
+        )
+    # The machine's limit: the best pool size for throughput, and for single-image latency.
+    raw = max(t for t, _ in raws.values())
+    raw_single = min(s for _, s in raws.values())
+    print(
+        f"  gateway: {settings.worker_count()} worker(s), {settings.intra_op_threads()} intra-op "
+        f"thread(s), {settings.threads} threads per worker",
+        flush=True,
+    )
+    per_request = [int(n) for n in args.images_per_request.split(",")]
+    results = bench_server("http", model_base, image, levels, args.seconds, out.parent, per_request)
+    if not args.skip_grpc:
+        results += bench_server(
+            "grpc", model_base, image, levels, args.seconds, out.parent, per_request
+        )
+
+    print()
+    print(
+        f"{'path':6s} {'conc':>4s} {'img/req':>7s} {'img/s':>9s} {'vs raw':>7s} {'p50 ms':>8s} "
+        f"{'p99 ms':>8s} {'batch':>6s} {'p50 overhead':>13s} {'errors':>6s}"
+    )
+    print(
+        f"{'raw':6s} {'':>4s} {settings.max_batch_size:7d} {raw:9.1f} {'100%':>7s} "
+        f"{raw_single * 1e3:8.2f} {'':>8s} {settings.max_batch_size:6d} {'':>13s} {0:6d}"
+    )
+    for r in results:
+        overhead = (
+            f"{r.p50_ms - raw_single * 1e3:10.2f} ms"
+            if r.concurrency == 1 and r.images_per_request == 1
+            else ""
+        )
+        print(
+            f"{r.name:6s} {r.concurrency:4d} {r.images_per_request:7d} {r.images_per_s:9.1f} "
+            f"{r.ratio(raw):7.0%} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {r.mean_batch:6.1f} {overhead:>13s} "
+            f"{r.errors:6d}"
+        )
+    print()
+    for k in ("http", "grpc"):
+        for n in per_request:
+            runs = [r for r in results if r.name == k and r.images_per_request == n]
+            if not runs:
+                continue
+            best = max(runs, key=lambda r: r.images_per_s)
+            line = (
+                f"{k} x{n}: best {best.images_per_s:.0f} img/s = {best.ratio(raw):.0%} of raw "
+                "(target >= 80%)"
+            )
+            if n == 1:
+                c1 = min(runs, key=lambda r: r.concurrency)
+                line += (
+                    f"; p50 overhead at concurrency {c1.concurrency}: "
+                    f"{c1.p50_ms - raw_single * 1e3:.2f} ms (target < 5 ms)"
+                )
+            print(line)
+    out.write_text(
+        json.dumps(
+            {
+                "model": f"{args.model}/{version}",
+                "raw_images_per_s": raw,
+                "raw_single_image_s": raw_single,
+                "raw_by_intra_op_threads": {str(k): v for k, v in raws.items()},
+                "max_batch_size": settings.max_batch_size,
+                "results": [asdict(r) for r in results],
+            },
+            indent=1,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,204 @@
+"""Calibration jobs started from the gateway, run in a separate process.
+
+The admin endpoint never calibrates inside a request worker: it starts
+``python -m serving.calibration_jobs JOB_FILE``, a detached process that runs
+``python -m training calibrate`` in-process and writes the outcome into the job
+file (atomic rename). Any worker can report any job's status because the state
+lives in files, not in the worker that started it. One job per model at a time.
+
+Outcomes follow the calibrator's exit codes: 0 ``published``, 3 ``rejected``
+(the gate refused the candidate), 4 ``insufficient_samples``, anything else
+``failed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+OUTCOMES = {0: "published", 3: "rejected", 4: "insufficient_samples"}
+
+
+class CalibrationBusy(RuntimeError):
+    """A calibration of this model is already running."""
+
+
+class UnknownJob(KeyError):
+    """No calibration job with that id."""
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of this worker is not alive: reap it if it is ours.
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return True
+
+
+class CalibrationJobs:
+    """Start and follow calibration jobs; state in ``state_dir/jobs``."""
+
+    def __init__(
+        self,
+        model_base: str | os.PathLike[str],
+        samples_dir: str | os.PathLike[str],
+        state_dir: str | os.PathLike[str],
+    ) -> None:
+        self.model_base = Path(model_base)
+        self.samples_dir = Path(samples_dir)
+        self.dir = Path(state_dir) / "jobs"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def start(
+        self,
+        model: str,
+        *,
+        prior_strength: float | None = None,
+        promote: str | None = None,
+        min_samples: int | None = None,
+    ) -> dict[str, Any]:
+        """Start a job for ``model``; raises CalibrationBusy if one is running."""
+        with open(self.dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for job in self.jobs():
+                if job["model"] == model and job["status"] == "running":
+                    raise CalibrationBusy(f"calibration job {job['id']} for {model!r} is running")
+            job_id = f"{int(time.time())}-{secrets.token_hex(4)}"
+            args = [
+                "calibrate",
+                "--model-base",
+                str(self.model_base),
+                "--name",
+                model,
+                "--samples",
+                str(self.samples_dir),
+            ]
+            if prior_strength is not None:
+                args += ["--prior-strength", str(float(prior_strength))]
+            if promote is not None:
+                args += ["--promote", promote]
+            if min_samples is not None:
+                args += ["--min-samples", str(int(min_samples))]
+            job = {
+                "id": job_id,
+                "model": model,
+                "args": args,
+                "status": "running",
+                "started_at": time.time(),
+                "finished_at": None,
+                "exit_code": None,
+            }
+            path = self.dir / f"{job_id}.json"
+            _write_json(path, job)
+            log = open(self.dir / f"{job_id}.log", "wb")  # noqa: SIM115 - handed to the child
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "serving.calibration_jobs", str(path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # survives a worker restart; not in the request path
+            )
+            log.close()
+            job["pid"] = proc.pid
+            _write_json(path, job)
+            return job
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        path = self.dir / f"{job_id}.json"
+        if "/" in job_id or not path.exists():
+            raise UnknownJob(job_id)
+        return self._refresh(path)
+
+    def _refresh(self, path: Path) -> dict[str, Any]:
+        job = json.loads(path.read_text())
+        if job["status"] == "running" and job.get("pid") and not _alive(int(job["pid"])):
+            # The runner died without recording an outcome (killed, OOM).
+            job = json.loads(path.read_text())
+            if job["status"] == "running":
+                job.update(
+                    status="failed",
+                    finished_at=time.time(),
+                    exit_code=None,
+                    error="the calibration process ended without a result",
+                )
+                _write_json(path, job)
+        log = path.with_suffix(".log")
+        if log.exists():
+            job["log_tail"] = log.read_bytes()[-2000:].decode(errors="replace")
+        return job
+
+    def jobs(self) -> list[dict[str, Any]]:
+        out = []
+        for path in sorted(self.dir.glob("*.json")):
+            with contextlib.suppress(OSError, ValueError):
+                out.append(self._refresh(path))
+        return out
+
+
+class CalibrationCollector(Collector):
+    """``imgserve_calibration_runs_total{model,outcome}`` from the job files."""
+
+    def __init__(self, jobs: CalibrationJobs) -> None:
+        self.jobs = jobs
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "imgserve_calibration_runs",
+            "Finished calibration jobs by outcome.",
+            labels=["model", "outcome"],
+        )
+        counts: dict[tuple[str, str], int] = {}
+        for job in self.jobs.jobs():
+            if job["status"] != "running":
+                key = (job["model"], job["status"])
+                counts[key] = counts.get(key, 0) + 1
+        for (model, outcome), n in sorted(counts.items()):
+            family.add_metric([model, outcome], float(n))
+        yield family
+
+
+def _run(job_file: Path) -> int:
+    """The job process: run the calibrator and record its outcome."""
+    from training.cli import main
+
+    job = json.loads(job_file.read_text())
+    try:
+        code = int(main(job["args"]))
+    except SystemExit as exc:  # argparse errors
+        code = int(exc.code or 2)
+    except Exception as exc:  # noqa: BLE001 - recorded as the job's failure
+        print(f"calibration failed: {exc!r}", file=sys.stderr)
+        code = 5
+    job = json.loads(job_file.read_text())
+    job.update(status=OUTCOMES.get(code, "failed"), exit_code=code, finished_at=time.time())
+    _write_json(job_file, job)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(_run(Path(sys.argv[1])))

@@ -1,0 +1,86 @@
+"""gunicorn settings for the gateway: ``gunicorn -c serving/gunicorn.conf.py 'serving.app:create_app()'``.
+
+Sizing, from the ``IMGSERVE_*`` settings (``serving/settings.py``):
+
+- ``gthread`` workers: request threads mostly wait on the dynamic batcher, so a
+  worker holds many (``IMGSERVE_THREADS``, 128: more than a running batch plus the
+  queue bound, so overload is shed by the batcher with 429 instead of piling up
+  in gunicorn's connection queue) while TensorFlow runs the batches.
+- ``embedded`` backend: one worker by default. Each worker is a full copy of
+  every model and its own TensorFlow runtime; one process batches all traffic
+  into the fullest batches. Its intra-op pool gets the cores less one, which the
+  request threads (HTTP, decoding; one GIL) use. With ``IMGSERVE_WORKERS=N`` each
+  worker's pool gets cores / N - 1 threads (at least 1), so the workers together
+  do not oversubscribe the CPU.
+- TF Serving backends: the gateway only decodes and forwards, so 2 workers per core.
+- No preload: TensorFlow is not fork-safe, every worker imports it after the fork.
+
+Prometheus multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` is set here, in the
+master, before any worker imports ``prometheus_client``; it is emptied when the
+server starts, and ``child_exit`` marks a dead worker's live gauges as gone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from serving.settings import Settings
+
+_settings = Settings.from_env()
+_shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+bind = [_settings.bind]
+workers = _settings.worker_count()
+worker_class = "gthread"
+threads = _settings.threads
+# Worker heartbeat: longer than the slowest model load at boot, shorter than a hang.
+timeout = 120
+# SIGTERM: stop accepting, let requests in flight (and their batches) finish.
+graceful_timeout = 30
+keepalive = 5
+preload_app = False
+# Heartbeat files on tmpfs: a slow disk must not make healthy workers look dead.
+worker_tmp_dir = _shm
+accesslog = None
+errorlog = "-"
+loglevel = os.environ.get("IMGSERVE_LOG_LEVEL", "info")
+proc_name = "imgserve-gateway"
+
+# Every worker sizes its TensorFlow pools from the worker count the master chose.
+os.environ.setdefault("IMGSERVE_WORKERS", str(workers))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+_created_metrics_dir = False
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="imgserve-metrics-", dir=_shm)
+    _created_metrics_dir = True
+
+
+def on_starting(server) -> None:
+    """Start from an empty metrics directory: stale files would resurrect old counts."""
+    path = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    path.mkdir(parents=True, exist_ok=True)
+    for entry in path.glob("*.db"):
+        entry.unlink()
+    server.log.info(
+        "imgserve gateway: backend=%s workers=%d threads=%d metrics=%s",
+        _settings.backend,
+        workers,
+        threads,
+        path,
+    )
+
+
+def child_exit(server, worker) -> None:
+    """A worker died or was replaced: its live gauges must stop counting."""
+    from serving.metrics import mark_process_dead
+
+    mark_process_dead(worker.pid)
+
+
+def on_exit(server) -> None:
+    if _created_metrics_dir:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

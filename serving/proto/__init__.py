@@ -1,0 +1,1 @@
+"""The gateway's gRPC API (``imgserve.proto``) and its generated Python modules."""

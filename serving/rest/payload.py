@@ -1,0 +1,171 @@
+"""Request bodies of ``/v1/classify`` and ``/v1/detect`` -> encoded images and options.
+
+Three body forms are accepted:
+
+- ``multipart/form-data`` with one or more ``image`` file fields; options as form
+  fields or query parameters;
+- a raw ``image/*`` (or ``application/octet-stream``) body holding one image;
+  options as query parameters;
+- ``application/json`` in TF Serving's row format,
+  ``{"instances": [{"b64": "..."}, ...], "model": ..., "top_k": ...}``; options as
+  keys beside ``instances`` or as query parameters.
+
+Anything else is 415. The per-request deadline may be shortened with the
+``X-Request-Timeout`` header (seconds).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Request
+
+from serving.errors import (
+    BadRequest,
+    InvalidParameter,
+    PayloadTooLarge,
+    TooManyImages,
+    UnsupportedMediaType,
+)
+from serving.service import PredictOptions
+
+OPTION_NAMES = ("model", "version", "label", "top_k", "score_threshold", "max_detections")
+TIMEOUT_HEADER = "X-Request-Timeout"
+RAW_TYPES = ("application/octet-stream",)
+
+
+def parse_predict_request(request: Request, max_images: int) -> tuple[list[bytes], PredictOptions]:
+    """The images and options of a predict request; raises typed 400/413/415 errors."""
+    mimetype = (request.mimetype or "").lower()
+    values: dict[str, Any] = {}
+    _merge(values, request.args, "query")
+    if mimetype == "multipart/form-data":
+        files = request.files.getlist("image")
+        unexpected = sorted(set(request.files) - {"image"})
+        if unexpected:
+            raise BadRequest(f"unexpected file fields {unexpected}; send images as 'image'")
+        if not files:
+            raise BadRequest("multipart body has no 'image' field")
+        if len(files) > max_images:
+            raise TooManyImages(f"{len(files)} images in one request, limit is {max_images}")
+        _merge(values, request.form, "form")
+        images = [f.read() for f in files]
+    elif mimetype.startswith("image/") or mimetype in RAW_TYPES:
+        images = [read_body(request)]
+        if not images[0]:
+            raise BadRequest("empty request body")
+    elif mimetype == "application/json":
+        images, body_options = _parse_json(read_body(request), max_images)
+        _merge(values, body_options, "JSON body")
+    elif not mimetype and not request.content_length and not read_body(request):
+        raise BadRequest("empty request body")
+    else:
+        raise UnsupportedMediaType(
+            f"content type {mimetype or '(none)'!r} is not accepted; send multipart/form-data "
+            "with 'image' fields, a raw image/* body, or application/json with 'instances'"
+        )
+    timeout = request.headers.get(TIMEOUT_HEADER)
+    if timeout is not None:
+        values["timeout_s"] = _number(TIMEOUT_HEADER, timeout, float)
+    return images, options_from(values)
+
+
+def read_body(request: Request) -> bytes:
+    """The whole body, never more than ``MAX_CONTENT_LENGTH`` bytes (413 beyond).
+
+    Werkzeug checks a declared Content-Length, but it silently truncates a chunked
+    body at the limit; the limit is enforced here by reading one byte past it.
+    """
+    limit = request.max_content_length
+    if request.content_length is not None or limit is None:
+        return request.get_data(cache=False)
+    stream = request.environ["wsgi.input"]
+    body = bytearray()
+    while len(body) <= limit:
+        chunk = stream.read(min(1 << 16, limit + 1 - len(body)))
+        if not chunk:
+            break
+        body += chunk
+    if len(body) > limit:
+        raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+    return bytes(body)
+
+
+def options_from(values: Mapping[str, Any]) -> PredictOptions:
+    """Typed :class:`PredictOptions` from strings or JSON values; 400 on a bad value."""
+    return PredictOptions(
+        model=_text("model", values.get("model")),
+        version=_number("version", values.get("version"), int),
+        label=_text("label", values.get("label")),
+        top_k=_number("top_k", values.get("top_k"), int),
+        score_threshold=_number("score_threshold", values.get("score_threshold"), float),
+        max_detections=_number("max_detections", values.get("max_detections"), int),
+        timeout_s=values.get("timeout_s"),
+    )
+
+
+def _merge(values: dict[str, Any], source: Mapping[str, Any], where: str) -> None:
+    for key in source:
+        if key not in OPTION_NAMES:
+            raise InvalidParameter(f"unknown parameter {key!r} in the {where}")
+        value = source[key]
+        if key in values and values[key] != value:
+            raise InvalidParameter(f"parameter {key!r} is given twice with different values")
+        values[key] = value
+
+
+def _text(name: str, value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InvalidParameter(f"{name!r} must be a string")
+    return value
+
+
+def _number(name: str, value: Any, typ: type) -> Any:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise InvalidParameter(f"{name!r} must be a number")
+    try:
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        return float(value)
+    except (TypeError, ValueError):
+        raise InvalidParameter(
+            f"{name!r} must be {'an integer' if typ is int else 'a number'}, got {value!r}"
+        ) from None
+
+
+def _parse_json(body: bytes, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
+    if not body:
+        raise BadRequest("empty request body")
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or "instances" not in doc:
+        raise BadRequest('JSON body must be an object with "instances": [{"b64": ...}, ...]')
+    instances = doc.pop("instances")
+    if not isinstance(instances, list) or not instances:
+        raise BadRequest('"instances" must be a non-empty list')
+    if len(instances) > max_images:
+        raise TooManyImages(f"{len(instances)} images in one request, limit is {max_images}")
+    images = []
+    for i, inst in enumerate(instances):
+        # TF Serving's row format: {"b64": ...}, or a named input {"image": {"b64": ...}}.
+        if isinstance(inst, dict) and "image" in inst and len(inst) == 1:
+            inst = inst["image"]
+        if not (isinstance(inst, dict) and set(inst) == {"b64"} and isinstance(inst["b64"], str)):
+            raise BadRequest(f'instances[{i}] must be {{"b64": "<base64 image>"}}')
+        try:
+            images.append(base64.b64decode(inst["b64"], validate=True))
+        except (binascii.Error, ValueError):
+            raise BadRequest(f"instances[{i}].b64 is not valid base64") from None
+    return images, doc

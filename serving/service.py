@@ -1,0 +1,613 @@
+"""The service layer: classify and detect, knowing nothing of HTTP or gRPC.
+
+Both protocol layers (``serving.rest`` and ``serving.grpc_server``) turn their
+requests into a list of encoded images and :class:`PredictOptions`, call
+:meth:`InferenceService.classify` or :meth:`InferenceService.detect`, and render
+the result or the :class:`serving.errors.ServingError` they get. One request runs:
+
+1. select the model version (name, version or label; the default label otherwise),
+2. decode and preprocess each image with ``training.preprocessing``, configured by
+   that version's model card (``decode`` and ``preprocess`` stages),
+3. queue the tensors in the version's :class:`DynamicBatcher` (``queue``, ``predict``),
+4. turn the outputs into labels and scores, or boxes in original pixels (``postprocess``),
+5. hand the preprocessed inputs and every raw output (including the BN probe
+   statistics ``bn_input_mean``/``bn_input_sqmean``) to the registered
+   :class:`PredictionObserver` s, so drift monitoring and traffic capture need no
+   second forward pass.
+
+A background poller re-reads the repository: new versions are loaded before a
+label moves to them, retired versions finish the requests they already hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from serving.backends.base import AVAILABLE, Backend
+from serving.batching import BatcherClosed, BatcherHooks, DynamicBatcher
+from serving.catalog import CLASSIFICATION, DETECTION, Catalog, ModelVersion, RepositorySnapshot
+from serving.errors import (
+    BackendError,
+    BadRequest,
+    InvalidParameter,
+    LabelNotFound,
+    ModelNotFound,
+    ServiceUnavailable,
+    TooManyImages,
+    VersionNotFound,
+    from_image_error,
+)
+from serving.metrics import GatewayMetrics
+from serving.settings import Settings
+from training.preprocessing import ImageError, decode_image, preprocess_pixels
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOP_K = 5
+DEFAULT_MAX_DETECTIONS = 100
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def request_id_from(candidate: str | None) -> str:
+    """The client's request id when it is a safe token, else a fresh one."""
+    if candidate and _REQUEST_ID.match(candidate):
+        return candidate
+    return uuid.uuid4().hex
+
+
+# -- options and results -------------------------------------------------------------
+@dataclass(frozen=True)
+class PredictOptions:
+    """What the client asked for besides the images (the same for REST and gRPC)."""
+
+    model: str | None = None
+    version: int | None = None
+    label: str | None = None
+    top_k: int | None = None
+    score_threshold: float | None = None
+    max_detections: int | None = None
+    timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.version is not None and self.label:
+            raise InvalidParameter("give either 'version' or 'label', not both")
+        if self.version is not None and self.version < 1:
+            raise InvalidParameter("'version' must be a positive integer")
+        if self.top_k is not None and self.top_k < 1:
+            raise InvalidParameter("'top_k' must be >= 1")
+        if self.score_threshold is not None and not 0.0 <= self.score_threshold <= 1.0:
+            raise InvalidParameter("'score_threshold' must be between 0 and 1")
+        if self.max_detections is not None and self.max_detections < 1:
+            raise InvalidParameter("'max_detections' must be >= 1")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise InvalidParameter("the request timeout must be > 0 seconds")
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    label: str
+    index: int
+    score: float
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected object; ``box`` is (ymin, xmin, ymax, xmax) in original image pixels."""
+
+    label: str
+    index: int
+    score: float
+    box: tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class ImageDetections:
+    width: int
+    height: int
+    detections: list[Detection]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """The version that answered, and the version labels pointing at it."""
+
+    name: str
+    version: int
+    labels: list[str]
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    request_id: str
+    model: ModelRef
+    predictions: list[list[LabelScore]]
+
+
+@dataclass(frozen=True)
+class DetectResult:
+    request_id: str
+    model: ModelRef
+    detections: list[ImageDetections]
+
+
+@dataclass(frozen=True)
+class PredictionEvent:
+    """What one request produced, for observers (drift statistics, traffic capture).
+
+    ``inputs`` are the preprocessed images [n, H, W, 3]; ``outputs`` every
+    signature output for these images, [n, ...] (``bn_input_mean``,
+    ``bn_input_sqmean`` among them); ``result`` the response.
+    """
+
+    request_id: str
+    task: str
+    model: ModelVersion
+    inputs: np.ndarray
+    outputs: Mapping[str, np.ndarray]
+    result: ClassifyResult | DetectResult
+
+
+class PredictionObserver(Protocol):
+    """Receives every successful prediction; must be quick and must not raise."""
+
+    def on_prediction(self, event: PredictionEvent) -> None: ...
+
+
+@dataclass(frozen=True)
+class _State:
+    snapshot: RepositorySnapshot
+    available: Mapping[str, Sequence[int]]
+    labels: Mapping[str, Mapping[str, int]]  # effective labels: targets that are available
+    backend_ok: bool = True
+    backend_reason: str = ""
+
+    def labels_of(self, name: str, version: int) -> list[str]:
+        return sorted(k for k, v in self.labels.get(name, {}).items() if v == version)
+
+
+@dataclass
+class _Timing:
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+
+
+# -- the service -----------------------------------------------------------------------
+class InferenceService:
+    """Classification and detection over one backend, with dynamic batching per version."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        backend: Backend,
+        *,
+        catalog: Catalog | None = None,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.catalog = catalog or Catalog(settings.model_base)
+        self.metrics = metrics or GatewayMetrics()
+        self.metrics.set_versions_source(self.versions_in_service)
+        self._state = _State(RepositorySnapshot({}), {}, {})
+        self._batchers: dict[tuple[str, int], DynamicBatcher] = {}
+        self._batchers_lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
+        self._observers: list[PredictionObserver] = []
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self, *, poll: bool = True) -> InferenceService:
+        """Load what the repository offers now, then keep following it in the background."""
+        self.refresh()
+        if poll and self._poller is None:
+            self._poller = threading.Thread(
+                target=self._poll, name="repository-poller", daemon=True
+            )
+            self._poller.start()
+        return self
+
+    def close(self) -> None:
+        """Stop polling; queued requests still finish."""
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout=10)
+        with self._batchers_lock:
+            batchers, self._batchers = list(self._batchers.values()), {}
+        for b in batchers:
+            b.close(wait=True, timeout=10)
+        self.backend.close()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.settings.poll_interval_s):
+            try:
+                self.refresh()
+            except Exception:  # keep following the repository whatever one poll hit
+                log.exception("repository poll failed")
+
+    def refresh(self) -> None:
+        """One poll: scan the repository, sync the backend, publish labels that can be served."""
+        with self._refresh_lock:
+            snapshot = self.catalog.scan()
+            self.backend.sync(snapshot)
+            available = {
+                name: sorted(v for v in versions if name in snapshot.models)
+                for name, versions in self.backend.available().items()
+            }
+            old = self._state
+            labels: dict[str, dict[str, int]] = {}
+            for name, entry in snapshot.models.items():
+                live = set(available.get(name, ()))
+                effective: dict[str, int] = {}
+                for label, version in entry.labels.items():
+                    previous = old.labels.get(name, {}).get(label)
+                    # A label moves only once its new target serves; until then it
+                    # stays where it was, so a flip never routes requests into a gap.
+                    if version not in live and previous in live:
+                        effective[label] = previous  # type: ignore[assignment]
+                    else:
+                        effective[label] = version
+                labels[name] = effective
+            ok, reason = self.backend.check()
+            self._state = _State(snapshot, available, labels, ok, reason)
+            live_keys = {(n, v) for n, vs in available.items() for v in vs}
+            with self._batchers_lock:
+                retired = [k for k in self._batchers if k not in live_keys]
+                for key in retired:
+                    # Closing stops new work; what is queued still runs on the
+                    # servable the batcher holds, and drains the depth gauge.
+                    self._batchers.pop(key).close()
+
+    def add_observer(self, observer: PredictionObserver) -> None:
+        """Register an observer of every successful prediction (see :class:`PredictionEvent`)."""
+        self._observers = [*self._observers, observer]
+
+    def remove_observer(self, observer: PredictionObserver) -> None:
+        """Unregister an observer (no error if it was not registered)."""
+        self._observers = [o for o in self._observers if o is not observer]
+
+    # -- inference ---------------------------------------------------------------------
+    def classify(
+        self, images: Sequence[bytes], options: PredictOptions, request_id: str
+    ) -> ClassifyResult:
+        """Labels with scores for each image, best first."""
+        result = self._infer(CLASSIFICATION, images, options, request_id)
+        assert isinstance(result, ClassifyResult)
+        return result
+
+    def detect(
+        self, images: Sequence[bytes], options: PredictOptions, request_id: str
+    ) -> DetectResult:
+        """Objects with scores and boxes in original pixels for each image."""
+        result = self._infer(DETECTION, images, options, request_id)
+        assert isinstance(result, DetectResult)
+        return result
+
+    def model_for(self, task: str, options: PredictOptions) -> str:
+        """The model name a request would be answered by ('' when it cannot be resolved)."""
+        try:
+            return options.model or self._default_model(task, self._state)
+        except (ModelNotFound, InvalidParameter):
+            return ""
+
+    def known_model(self, name: str | None) -> str:
+        """``name`` if the repository has it, else '' (for bounded metric labels)."""
+        return name if name and name in self._state.snapshot.models else ""
+
+    def _infer(
+        self, task: str, images: Sequence[bytes], options: PredictOptions, request_id: str
+    ) -> ClassifyResult | DetectResult:
+        start = time.monotonic()
+        limit = self.settings.request_timeout_s
+        deadline = start + min(options.timeout_s or limit, limit)
+        if not images:
+            raise BadRequest("the request carries no image")
+        if len(images) > self.settings.max_images_per_request:
+            raise TooManyImages(
+                f"{len(images)} images in one request, limit is "
+                f"{self.settings.max_images_per_request}"
+            )
+        for attempt in range(2):
+            mv, batcher = self._select(task, options)
+            timing = _Timing()
+            batcher.announce()
+            try:
+                inputs, geometries = self._preprocess(mv, images, timing)
+            except BaseException:
+                batcher.withdraw()
+                raise
+            try:
+                batch = batcher.run(
+                    inputs, deadline=deadline, request_id=request_id, announced=True
+                )
+                break
+            except BatcherClosed:
+                # The version left service between selection and queueing; select again
+                # (the same explicit version then reports 404/503 as it should).
+                if attempt:
+                    raise
+        timing.add("queue", batch.queue_s)
+        timing.add("predict", batch.predict_s)
+        t0 = time.perf_counter()
+        state = self._state
+        ref = ModelRef(mv.name, mv.version, state.labels_of(mv.name, mv.version))
+        result: ClassifyResult | DetectResult
+        if task == CLASSIFICATION:
+            result = ClassifyResult(
+                request_id, ref, self._classifications(mv, batch.outputs, options)
+            )
+        else:
+            result = DetectResult(
+                request_id, ref, self._detections(mv, batch.outputs, geometries, options)
+            )
+        timing.add("postprocess", time.perf_counter() - t0)
+        for stage, seconds in timing.stages.items():
+            self.metrics.observe_stage(stage, mv.name, seconds)
+        self.metrics.images.labels(mv.name).inc(len(images))
+        if self._observers:
+            event = PredictionEvent(request_id, task, mv, inputs, batch.outputs, result)
+            for observer in self._observers:
+                try:
+                    observer.on_prediction(event)
+                except Exception:  # an observer must never fail a served request
+                    log.exception("prediction observer %r failed", observer)
+        return result
+
+    def _preprocess(
+        self, mv: ModelVersion, images: Sequence[bytes], timing: _Timing
+    ) -> tuple[np.ndarray, list[Any]]:
+        spec = mv.spec
+        inputs = np.empty((len(images), spec.height, spec.width, 3), np.float32)
+        geometries = []
+        for i, data in enumerate(images):
+            t0 = time.perf_counter()
+            try:
+                decoded = decode_image(
+                    data,
+                    max_pixels=self.settings.max_image_pixels,
+                    multi_frame=self.settings.multi_frame,
+                    alpha_background=spec.alpha_background,
+                    exif_orientation=spec.exif_orientation,
+                )
+            except ImageError as exc:
+                raise from_image_error(exc, i if len(images) > 1 else None) from exc
+            t1 = time.perf_counter()
+            inputs[i], geometry = preprocess_pixels(decoded.pixels, spec)
+            geometries.append(geometry)
+            timing.add("decode", t1 - t0)
+            timing.add("preprocess", time.perf_counter() - t1)
+        return inputs, geometries
+
+    # -- version selection -------------------------------------------------------------
+    def _default_model(self, task: str, state: _State) -> str:
+        configured = (
+            self.settings.default_classifier
+            if task == CLASSIFICATION
+            else self.settings.default_detector
+        )
+        if configured:
+            return configured
+        names = [n for n, e in state.snapshot.models.items() if e.task == task]
+        if len(names) == 1:
+            return names[0]
+        if not names:
+            raise ModelNotFound(f"no {task} model is served")
+        raise InvalidParameter(
+            f"several {task} models are served ({', '.join(sorted(names))}); name one with 'model'"
+        )
+
+    def _select(self, task: str, options: PredictOptions) -> tuple[ModelVersion, DynamicBatcher]:
+        state = self._state
+        name = options.model or self._default_model(task, state)
+        entry = state.snapshot.models.get(name)
+        if entry is None:
+            raise ModelNotFound(f"model {name!r} is not served")
+        if entry.task is not None and entry.task != task:
+            other = "detect" if entry.task == DETECTION else "classify"
+            raise InvalidParameter(f"model {name!r} is a {entry.task} model; use /v1/{other}")
+        live = state.available.get(name, ())
+        retry = self.settings.retry_after_s
+        if options.version is not None:
+            version = options.version
+            if version not in live:
+                if version in entry.versions:
+                    raise ServiceUnavailable(
+                        f"version {version} of {name!r} is not loaded yet", retry_after=retry
+                    )
+                raise VersionNotFound(f"model {name!r} has no version {version} in service")
+        elif options.label:
+            target = state.labels.get(name, {}).get(options.label)
+            if target is None:
+                raise LabelNotFound(f"model {name!r} has no version label {options.label!r}")
+            if target not in live:
+                raise ServiceUnavailable(
+                    f"version {target} ({options.label}) of {name!r} is not loaded yet",
+                    retry_after=retry,
+                )
+            version = target
+        else:
+            if not live:
+                raise ServiceUnavailable(f"no version of {name!r} is loaded", retry_after=retry)
+            default = state.labels.get(name, {}).get(self.settings.default_label)
+            version = default if default in live else max(live)
+        mv = entry.versions.get(version)
+        servable = self.backend.servable(name, version)
+        if mv is None or servable is None:
+            raise ServiceUnavailable(
+                f"version {version} of {name!r} left service", retry_after=retry
+            )
+        return mv, self._batcher(mv, servable)
+
+    def _batcher(self, mv: ModelVersion, servable: Any) -> DynamicBatcher:
+        key = (mv.name, mv.version)
+        batcher = self._batchers.get(key)
+        if batcher is not None:
+            return batcher
+        with self._batchers_lock:
+            batcher = self._batchers.get(key)
+            if batcher is None:
+                s = self.settings
+                depth = self.metrics.queue_depth.labels(mv.name)
+                sizes = self.metrics.batch_size.labels(mv.name)
+                batcher = DynamicBatcher(
+                    lambda x, timeout, ids: servable.predict(x, timeout=timeout, request_ids=ids),
+                    max_batch_size=s.max_batch_size,
+                    batch_timeout_s=s.batch_timeout_micros / 1e6,
+                    capacity=s.queue_capacity,
+                    num_threads=s.batch_threads,
+                    retry_after_s=s.retry_after_s,
+                    name=f"{mv.name}/{mv.version}",
+                    hooks=BatcherHooks(queue_depth=depth.inc, batch_size=sizes.observe),
+                )
+                self._batchers[key] = batcher
+        return batcher
+
+    # -- postprocessing ----------------------------------------------------------------
+    def _classifications(
+        self, mv: ModelVersion, outputs: Mapping[str, np.ndarray], options: PredictOptions
+    ) -> list[list[LabelScore]]:
+        probs = _output(outputs, "probabilities", mv)
+        labels = mv.class_labels
+        if probs.ndim != 2 or probs.shape[1] != len(labels):
+            raise BackendError(
+                f"{mv.name}/{mv.version}: probabilities shape {probs.shape} does not match "
+                f"{len(labels)} labels in the model card"
+            )
+        k = min(options.top_k or DEFAULT_TOP_K, len(labels))
+        threshold = options.score_threshold or 0.0
+        out = []
+        for row in probs:
+            order = np.argsort(-row, kind="stable")[:k]
+            out.append(
+                [LabelScore(labels[i], int(i), float(row[i])) for i in order if row[i] >= threshold]
+            )
+        return out
+
+    def _detections(
+        self,
+        mv: ModelVersion,
+        outputs: Mapping[str, np.ndarray],
+        geometries: list[Any],
+        options: PredictOptions,
+    ) -> list[ImageDetections]:
+        boxes = _output(outputs, "detection_boxes", mv)
+        scores = _output(outputs, "detection_scores", mv)
+        classes = _output(outputs, "detection_classes", mv)
+        counts = _output(outputs, "num_detections", mv)
+        labels = mv.class_labels
+        detection = mv.card.get("detection", {})
+        card_limit = detection.get("max_detections") or detection.get("nms", {}).get(
+            "max_detections"
+        )
+        limit = options.max_detections or card_limit or DEFAULT_MAX_DETECTIONS
+        threshold = (
+            options.score_threshold
+            if options.score_threshold is not None
+            else self.settings.detection_score_threshold
+        )
+        out = []
+        for i, geometry in enumerate(geometries):
+            n = min(int(counts[i]), boxes.shape[1])
+            s = scores[i, :n]
+            keep = [j for j in np.argsort(-s, kind="stable") if s[j] >= threshold][:limit]
+            pixel = geometry.boxes_to_original(boxes[i, keep]) if keep else np.zeros((0, 4))
+            found = []
+            for j, box in zip(keep, pixel, strict=True):
+                index = int(round(float(classes[i, j])))
+                name = labels[index] if 0 <= index < len(labels) else str(index)
+                found.append(Detection(name, index, float(s[j]), tuple(float(c) for c in box)))
+            out.append(ImageDetections(geometry.original_width, geometry.original_height, found))
+        return out
+
+    # -- models and health -------------------------------------------------------------
+    def versions_in_service(self) -> list[tuple[str, int, list[str]]]:
+        """(model, version, labels) for every version serving now (metrics, listings)."""
+        state = self._state
+        return [
+            (name, v, state.labels_of(name, v))
+            for name, versions in sorted(state.available.items())
+            for v in versions
+        ]
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """Every model: task, versions with state and labels (no model cards)."""
+        return [self._describe(name, cards=False) for name in sorted(self._state.snapshot.models)]
+
+    def describe_model(self, name: str) -> dict[str, Any]:
+        """One model with its versions' states, labels and model cards."""
+        if name not in self._state.snapshot.models:
+            raise ModelNotFound(f"model {name!r} is not served")
+        return self._describe(name, cards=True)
+
+    def _describe(self, name: str, *, cards: bool) -> dict[str, Any]:
+        state = self._state
+        entry = state.snapshot.models[name]
+        statuses = {s.version: s for s in self.backend.status(name)}
+        live = set(state.available.get(name, ()))
+        versions = []
+        for v in sorted(set(entry.versions) | set(statuses) | set(entry.errors)):
+            status = statuses.get(v)
+            item: dict[str, Any] = {
+                "version": v,
+                "state": AVAILABLE if v in live else (status.state if status else "START"),
+                "labels": state.labels_of(name, v),
+            }
+            error = (status.error if status else "") or entry.errors.get(v, "")
+            if error:
+                item["error"] = error
+            if cards and v in entry.versions:
+                item["model_card"] = dict(entry.versions[v].card)
+            versions.append(item)
+        default = state.labels.get(name, {}).get(self.settings.default_label)
+        if default not in live:
+            default = max(live, default=None)
+        newest = entry.versions.get(default) if default is not None else None
+        newest = newest or (entry.versions[max(entry.versions)] if entry.versions else None)
+        return {
+            "name": name,
+            "task": entry.task,
+            "default_version": default,
+            "version_labels": dict(sorted(state.labels.get(name, {}).items())),
+            "class_labels": newest.class_labels if newest else [],
+            "versions": versions,
+        }
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """(ready, details): ready when the backend answers and some model version serves."""
+        state = self._state
+        serving = {n: list(v) for n, v in state.available.items() if v}
+        reasons = []
+        if state.snapshot.config_error:
+            reasons.append(state.snapshot.config_error)
+        if not state.backend_ok:
+            reasons.append(f"backend {self.backend.name} unreachable: {state.backend_reason}")
+        if not serving:
+            reasons.append("no model version is loaded")
+        details = {
+            "backend": self.backend.name,
+            "backend_reachable": state.backend_ok,
+            "models": serving,
+        }
+        if reasons:
+            details["reasons"] = reasons
+        return not reasons, details
+
+
+def _output(outputs: Mapping[str, np.ndarray], key: str, mv: ModelVersion) -> np.ndarray:
+    try:
+        return np.asarray(outputs[key])
+    except KeyError:
+        raise BackendError(
+            f"{mv.name}/{mv.version} did not return {key!r} (got {sorted(outputs)})"
+        ) from None

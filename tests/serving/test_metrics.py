@@ -1,0 +1,125 @@
+"""Metrics, asserted by parsing the real ``/metrics`` text; ``promtool check metrics`` on a scrape."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.app import create_app
+from tests.serving.conftest import settings_for
+
+STAGES = ("decode", "preprocess", "queue", "predict", "postprocess")
+
+
+def parse(text: str) -> dict[str, list]:
+    """Metric family name -> samples."""
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def value(families: dict, sample_name: str, **labels) -> float:
+    """Sum of the samples called ``sample_name`` whose labels include ``labels``."""
+    family = sample_name
+    for suffix in ("_total", "_count", "_sum", "_bucket"):
+        if sample_name.endswith(suffix):
+            family = sample_name[: -len(suffix)]
+    samples = [s for name in {family, sample_name} for s in families.get(name, [])]
+    return sum(
+        s.value
+        for s in samples
+        if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def promtool_check(text: str) -> None:
+    """``promtool check metrics`` on a scrape; it must report nothing."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is required in CI (Debian package 'prometheus')")
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), (
+        result.stdout + result.stderr
+    )
+
+
+@pytest.fixture(scope="module")
+def metrics_app(serving_repo):
+    """A fresh app: its registry starts at zero."""
+    app = create_app(settings_for("embedded", serving_repo))
+    yield app
+    app.extensions["imgserve"].close()
+
+
+def test_request_metrics_follow_real_traffic(metrics_app, images):
+    client = metrics_app.test_client()
+    png = images["png"]
+    assert client.post("/v1/classify", data=png, content_type="image/png").status_code == 200
+    files = {"image": [(io.BytesIO(png), "a"), (io.BytesIO(images["jpeg"]), "b")]}
+    assert client.post("/v1/classify", data=files).status_code == 200
+    assert client.post("/v1/classify", data=b"junk", content_type="image/png").status_code == 400
+    assert (
+        client.post("/v1/classify?model=nope", data=png, content_type="image/png").status_code
+        == 404
+    )
+    assert client.post("/v1/detect", data=png, content_type="image/png").status_code == 200
+    for path in ("/healthz", "/readyz", "/openapi.json", "/metrics"):
+        assert client.get(path).status_code == 200
+    text = client.get("/metrics").get_data(as_text=True)
+    m = parse(text)
+
+    cls = {"endpoint": "/v1/classify", "model": "tiny_classifier"}
+    assert value(m, "imgserve_requests_total", code="200", **cls) == 2
+    assert value(m, "imgserve_requests_total", code="400", **cls) == 1
+    # An unknown model name is not a label value (bounded cardinality).
+    assert value(m, "imgserve_requests_total", endpoint="/v1/classify", model="", code="404") == 1
+    assert (
+        value(
+            m, "imgserve_requests_total", endpoint="/v1/detect", model="tiny_detector", code="200"
+        )
+        == 1
+    )
+    # Probes, scrapes and the API document are not requests.
+    endpoints = {s.labels["endpoint"] for s in m["imgserve_requests"]}
+    assert endpoints == {"/v1/classify", "/v1/detect"}
+    assert value(m, "imgserve_request_duration_seconds_count", **cls) == 3
+    assert value(m, "imgserve_images_total", model="tiny_classifier") == 3
+    assert value(m, "imgserve_images_total", model="tiny_detector") == 1
+    for stage in STAGES:
+        assert (
+            value(m, "imgserve_stage_duration_seconds_count", stage=stage, model="tiny_classifier")
+            == 2
+        )
+        assert (
+            value(m, "imgserve_stage_duration_seconds_sum", stage=stage, model="tiny_classifier")
+            >= 0
+        )
+    assert value(m, "imgserve_batch_size_sum", model="tiny_classifier") == 3
+    assert value(m, "imgserve_batch_size_count", model="tiny_classifier") in (1, 2)
+    assert value(m, "imgserve_inflight_requests") == 0
+    assert value(m, "imgserve_queue_depth", model="tiny_classifier") == 0
+    assert (
+        value(
+            m, "imgserve_model_version_info", model="tiny_classifier", version="1", label="stable"
+        )
+        == 1
+    )
+    assert (
+        value(m, "imgserve_model_version_info", model="tiny_detector", version="1", label="stable")
+        == 1
+    )
+
+
+def test_scrape_passes_promtool(metrics_app, images):
+    client = metrics_app.test_client()
+    client.post("/v1/classify", data=images["png"], content_type="image/png")
+    response = client.get("/metrics")
+    assert response.mimetype == "text/plain"
+    promtool_check(response.get_data(as_text=True))

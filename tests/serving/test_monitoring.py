@@ -1,0 +1,279 @@
+"""Drift, capture, feedback and calibration jobs through the gateway; a real Prometheus."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+from serving.app import create_app
+from tests.deploy import promql
+from tests.deploy.test_deploy_monitoring import _dashboard, _dashboard_queries, _rules
+from tests.serving import tiny_models
+from tests.serving.conftest import free_port, settings_for
+from tests.serving.test_metrics import parse, value
+from tests.serving.test_server import gunicorn, stop
+from training.classifier import REFERENCE_SET
+
+TOKEN = "test-admin-token"
+
+
+def _reference_pngs(repo: Path, *, invert: bool = False) -> list[bytes]:
+    ref = np.load(repo / tiny_models.CLASSIFIER / "1" / "assets.extra" / REFERENCE_SET)
+    out = []
+    for px in ref["pixels"]:
+        img = 255 - px if invert else px
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+@pytest.fixture
+def capture_app(mutable_repo, tmp_path):
+    app = create_app(
+        settings_for(
+            "embedded",
+            mutable_repo,
+            capture_dir=str(tmp_path / "samples"),
+            capture_rate=1.0,
+            admin_token=TOKEN,
+            state_dir=str(tmp_path / "state"),
+        )
+    )
+    yield app
+    app.extensions["imgserve"].close()
+
+
+def _classify(client, png: bytes, request_id: str):
+    r = client.post(
+        f"/v1/classify?model={tiny_models.CLASSIFIER}",
+        data=png,
+        headers={"Content-Type": "image/png", "X-Request-ID": request_id},
+    )
+    assert r.status_code == 200, r.get_json()
+    return r.get_json()
+
+
+def test_capture_feedback_and_monitoring_metrics(capture_app, mutable_repo):
+    client = capture_app.test_client()
+    pngs = _reference_pngs(mutable_repo)[:3]
+    for i, png in enumerate(pngs):
+        _classify(client, png, f"req-{i}")
+    capture_app.extensions["imgserve.monitoring"].capture.flush()
+    labels = (
+        capture_app.extensions["imgserve"].catalog.version(tiny_models.CLASSIFIER, 1).class_labels
+    )
+
+    r = client.post("/v1/feedback", json={"request_id": "req-0", "labels": [labels[0]]})
+    assert r.status_code == 201 and r.get_json()["created"] is True
+    assert (
+        client.post("/v1/feedback", json={"request_id": "req-0", "labels": [labels[0]]}).status_code
+        == 200
+    )
+    conflict = client.post("/v1/feedback", json={"request_id": "req-0", "labels": [labels[1]]})
+    assert conflict.status_code == 409 and conflict.content_type == "application/problem+json"
+    assert (
+        client.post("/v1/feedback", json={"request_id": "nope", "labels": [0]}).status_code == 404
+    )
+    bad = client.post(
+        "/v1/feedback",
+        json={"request_id": "req-1", "labels": ["no-such-class"], "model": tiny_models.CLASSIFIER},
+    )
+    assert bad.status_code == 422
+    assert (
+        client.post("/v1/feedback", data=b"x", headers={"Content-Type": "text/plain"}).status_code
+        == 400
+    )
+
+    families = parse(client.get("/metrics").get_data(as_text=True))
+    m = tiny_models.CLASSIFIER
+    assert value(families, "imgserve_capture_samples_total", model=m) == 3
+    assert value(families, "imgserve_predictions_total", model=m) == 3
+    assert value(families, "imgserve_prediction_confidence_count", model=m) == 3
+    assert value(families, "imgserve_drift_window_images", model=m, version="1") == 3
+    assert value(families, "imgserve_model_temperature", model=m, version="1") == 1.0
+    scores = [s for s in families["imgserve_drift_score"] if s.labels["model"] == m]
+    assert {s.labels["score"] for s in scores} == {"mean_shift", "sym_kl"}
+    assert len({s.labels["layer"] for s in scores}) == 3
+
+
+def test_admin_endpoints_need_the_token(capture_app):
+    client = capture_app.test_client()
+    body = {"model": tiny_models.CLASSIFIER}
+    assert client.post("/v1/admin/calibrations", json=body).status_code == 401
+    wrong = {"Authorization": "Bearer wrong"}
+    assert client.post("/v1/admin/calibrations", json=body, headers=wrong).status_code == 401
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert (
+        client.post("/v1/admin/calibrations", json={"model": "nope"}, headers=auth).status_code
+        == 404
+    )
+    assert client.get("/v1/admin/calibrations/does-not-exist", headers=auth).status_code == 404
+
+
+@pytest.mark.slow
+def test_calibration_job_runs_outside_the_worker_and_is_reported(capture_app, mutable_repo):
+    client = capture_app.test_client()
+    pngs = _reference_pngs(mutable_repo, invert=True)
+    for i, png in enumerate(pngs):
+        _classify(client, png, f"cal-{i}")
+    capture_app.extensions["imgserve.monitoring"].capture.flush()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    r = client.post(
+        "/v1/admin/calibrations",
+        headers=auth,
+        json={"model": tiny_models.CLASSIFIER, "min_samples": 16},
+    )
+    assert r.status_code == 202, r.get_json()
+    job = r.get_json()
+    import os
+
+    assert job["pid"] != os.getpid()
+    busy = client.post(
+        "/v1/admin/calibrations", headers=auth, json={"model": tiny_models.CLASSIFIER}
+    )
+    assert busy.status_code == 409
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/admin/calibrations/{job['id']}", headers=auth).get_json()
+        if job["status"] != "running":
+            break
+        time.sleep(1)
+    assert job["status"] in ("published", "rejected", "insufficient_samples"), job
+    families = parse(client.get("/metrics").get_data(as_text=True))
+    assert (
+        value(
+            families,
+            "imgserve_calibration_runs_total",
+            model=tiny_models.CLASSIFIER,
+            outcome=job["status"],
+        )
+        == 1
+    )
+
+
+def _prometheus(tmp: Path, target: str) -> tuple[subprocess.Popen, str]:
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is missing: apt-get install -y prometheus"
+    port = free_port()
+    config = tmp / "prometheus.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [
+                    {"job_name": "imgserve", "static_configs": [{"targets": [target]}]}
+                ],
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=(tmp / "prometheus.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _query(url: str, expr: str) -> list[dict]:
+    r = requests.get(f"{url}/api/v1/query", params={"query": expr}, timeout=5)
+    r.raise_for_status()
+    return r.json()["data"]["result"]
+
+
+def _wait_for(url: str, expr: str, timeout: float = 60) -> list[dict]:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            result = _query(url, expr)
+            if result:
+                return result
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"Prometheus never returned data for {expr!r}")
+
+
+@pytest.mark.slow
+def test_prometheus_reads_the_drift_alarm_after_shifted_traffic(serving_repo, tmp_path):
+    """Real gunicorn (2 workers) scraped by a real Prometheus: clean, then inverted traffic."""
+    repo = tmp_path / "models"
+    shutil.copytree(serving_repo, repo, ignore=shutil.ignore_patterns(".lock"))
+    card_window = 16
+    proc, url, log = gunicorn(
+        repo,
+        tmp_path,
+        workers="2",
+        threads="8",
+        drift_window=str(card_window),
+        state_dir=str(tmp_path / "state"),
+        capture_dir=str(tmp_path / "samples"),
+        capture_rate="0.5",
+    )
+    prom, prom_url = _prometheus(tmp_path, url.removeprefix("http://"))
+    try:
+        m = tiny_models.CLASSIFIER
+        above = (
+            f'imgserve_drift_score{{model="{m}"}} > on(model,version,layer,score) '
+            f'imgserve_drift_threshold{{model="{m}"}}'
+        )
+        clean = _reference_pngs(repo)
+        for png in clean:
+            r = requests.post(
+                f"{url}/v1/classify?model={m}",
+                data=png,
+                headers={"Content-Type": "image/png"},
+                timeout=30,
+            )
+            assert r.status_code == 200
+        _wait_for(prom_url, f'imgserve_drift_window_images{{model="{m}"}} > 0')
+        clean_scores = _wait_for(prom_url, f'imgserve_drift_score{{model="{m}"}}')
+        assert len(clean_scores) == 6  # 3 probe layers x 2 scores
+        for png in _reference_pngs(repo, invert=True):
+            r = requests.post(
+                f"{url}/v1/classify?model={m}",
+                data=png,
+                headers={"Content-Type": "image/png"},
+                timeout=30,
+            )
+            assert r.status_code == 200
+        alarms = _wait_for(prom_url, above)
+        assert {a["metric"]["model"] for a in alarms} == {m}
+
+        # Every metric the alert rules and the dashboard use exists in a real scrape
+        # (or comes from elsewhere: TF Serving, kube-state-metrics, Prometheus).
+        scraped = set(parse(requests.get(f"{url}/metrics", timeout=10).text))
+        exported = set()
+        for fam_name in scraped:
+            exported |= {
+                fam_name,
+                f"{fam_name}_total",
+                f"{fam_name}_bucket",
+                f"{fam_name}_count",
+                f"{fam_name}_sum",
+            }
+        used = set()
+        for rule in _rules():
+            used |= promql.metric_names(rule["expr"])
+        for _, expr in _dashboard_queries(_dashboard()):
+            used |= promql.metric_names(expr)
+        missing = sorted(n for n in used - promql.EXTERNAL_METRICS if n not in exported)
+        assert not missing, f"rules/dashboard use metrics the gateway does not export: {missing}"
+    finally:
+        prom.terminate()
+        prom.wait(20)
+        stop(proc)

@@ -1,0 +1,89 @@
+"""Settings: environment parsing, validation, derived sizing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from serving.settings import Settings, SettingsError, split_host_port
+
+
+def test_defaults_match_the_documented_interface():
+    s = Settings.from_env(environ={})
+    assert s.model_base == "./models"
+    assert s.backend == "embedded"
+    assert s.tfserving_grpc == "localhost:8500"
+    assert s.tfserving_rest == "http://localhost:8501"
+    assert s.bind == "127.0.0.1:8080"
+    assert s.grpc_bind == "127.0.0.1:9000"
+    assert s.queue_capacity == s.max_batch_size * s.max_enqueued_batches
+
+
+def test_environment_variables_are_typed():
+    env = {
+        "IMGSERVE_BACKEND": "tfserving-grpc",
+        "IMGSERVE_MAX_BATCH_SIZE": "8",
+        "IMGSERVE_REQUEST_TIMEOUT_S": "2.5",
+        "IMGSERVE_ADMIN_TOKEN": "secret",
+        "UNRELATED": "x",
+    }
+    s = Settings.from_env(environ=env)
+    assert (s.backend, s.max_batch_size, s.request_timeout_s, s.admin_token) == (
+        "tfserving-grpc",
+        8,
+        2.5,
+        "secret",
+    )
+    assert s.batch_threads == 4  # remote backends overlap forward passes
+    assert Settings.from_env(environ={}).batch_threads == 1
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"IMGSERVE_BACKEND": "triton"},
+        {"IMGSERVE_MAX_BATCH_SIZE": "0"},
+        {"IMGSERVE_MAX_BATCH_SIZE": "many"},
+        {"IMGSERVE_BIND": "8080"},
+        {"IMGSERVE_MULTI_FRAME": "all"},
+        {"IMGSERVE_REQUEST_TIMEOUT_S": "-1"},
+    ],
+)
+def test_invalid_values_fail_at_start(env):
+    with pytest.raises(SettingsError):
+        Settings.from_env(environ=env)
+
+
+def test_every_field_is_documented_in_the_source():
+    import inspect
+
+    import serving.settings as module
+
+    source = inspect.getsource(module.Settings)
+    for f in dataclasses.fields(Settings):
+        # The attribute docstring follows the field line.
+        block = source.split(f"    {f.name}:", 1)[1].split("\n", 2)
+        assert block[1].strip().startswith('"""'), f"{f.name} has no docstring"
+
+
+def test_mapping_overrides_and_unknown_keys():
+    s = Settings.from_mapping({"IMGSERVE_MAX_BATCH_SIZE": 4, "threads": 2})
+    assert (s.max_batch_size, s.threads) == (4, 2)
+    with pytest.raises(SettingsError):
+        Settings.from_mapping({"max_batch": 4})
+
+
+def test_tensorflow_threads_share_the_cores_between_workers():
+    s = Settings.from_env(environ={}, workers=2)
+    assert s.intra_op_threads(cpus=8) == 3  # a core's worth left for request threads
+    assert Settings.from_env(environ={}).intra_op_threads(cpus=2) == 1
+    assert Settings.from_env(environ={}).worker_count(cpus=8) == 1
+    assert Settings.from_env(environ={}, backend="tfserving-rest").worker_count(cpus=2) == 4
+
+
+def test_split_host_port():
+    assert split_host_port("127.0.0.1:9000") == ("127.0.0.1", 9000)
+    assert split_host_port("[::1]:80") == ("::1", 80)
+    with pytest.raises(SettingsError):
+        split_host_port("localhost")
