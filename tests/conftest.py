@@ -119,4 +119,3 @@ def write_photo_crops(root: Path, per_class: int, *, seed: int = 0, size: int = 
             crop = Image.fromarray(img[y : y + s, x : x + s])
             crop.save(d / f"{i:04d}.png")
     return root
-

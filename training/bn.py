@@ -46,7 +46,9 @@ def bn_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
     return found
 
 
-def momentum_for_steps(steps_per_epoch: int, *, minimum: float = 0.9, maximum: float = 0.99) -> float:
+def momentum_for_steps(
+    steps_per_epoch: int, *, minimum: float = 0.9, maximum: float = 0.99
+) -> float:
     """A BN momentum whose averaging window is about a fifth of an epoch.
 
     With momentum m the moving average forgets with a time constant of 1/(1-m)
@@ -89,7 +91,9 @@ def _layer_by_name(model: keras.Model, name: str) -> keras.layers.BatchNormaliza
     raise KeyError(f"no BatchNormalization layer named {name!r}")
 
 
-def bn_input_model(model: keras.Model, layers: list[keras.layers.BatchNormalization]) -> keras.Model:
+def bn_input_model(
+    model: keras.Model, layers: list[keras.layers.BatchNormalization]
+) -> keras.Model:
     """A model from ``model``'s input to the inputs of ``layers`` (shares weights)."""
     return keras.Model(model.input, [layer.input for layer in layers])
 
@@ -229,7 +233,9 @@ def probe_reference(model: keras.Model, probe_names: list[str]) -> list[dict]:
     return probes
 
 
-def probe_layers(model: keras.Model, probe_names: list[str]) -> list[keras.layers.BatchNormalization]:
+def probe_layers(
+    model: keras.Model, probe_names: list[str]
+) -> list[keras.layers.BatchNormalization]:
     """The BN layer objects for ``probe_names``, in the given order."""
     return [_layer_by_name(model, n) for n in probe_names]
 
@@ -272,7 +278,9 @@ class ParityReport:
         }
 
 
-def predict_in_mode(model: keras.Model, x: np.ndarray, *, training: bool, batch_size: int = 64) -> np.ndarray:
+def predict_in_mode(
+    model: keras.Model, x: np.ndarray, *, training: bool, batch_size: int = 64
+) -> np.ndarray:
     """Run ``model`` on ``x`` with BN in the given mode; dropout always off.
 
     Training mode here means "BN normalises by batch statistics": dropout rates
@@ -316,7 +324,9 @@ def classification_parity(
     acc_inf = float(np.mean(inf == y))
     acc_trn = float(np.mean(trn == y))
     gap = acc_trn - acc_inf
-    return ParityReport(acc_inf, acc_trn, gap, int(len(np.unique(inf))), gap <= threshold, threshold)
+    return ParityReport(
+        acc_inf, acc_trn, gap, int(len(np.unique(inf))), gap <= threshold, threshold
+    )
 
 
 def metric_parity(

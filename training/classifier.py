@@ -113,13 +113,26 @@ class ClassifierConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # The demo model `make models` builds: <= 10 minutes on 2 CPU cores.
     "demo": dict(
-        alpha=0.35, image_size=96, epochs=40, batch_size=64, synthetic_images=5000,
-        synthetic_imbalance=2.0, learning_rate=1e-2, patience=8,
+        alpha=0.35,
+        image_size=96,
+        epochs=40,
+        batch_size=64,
+        synthetic_images=5000,
+        synthetic_imbalance=2.0,
+        learning_rate=1e-2,
+        patience=8,
     ),
     # Seconds, for tests (with a small, easy dataset).
     "tiny": dict(
-        alpha=0.35, image_size=32, epochs=10, batch_size=16, learning_rate=0.01,
-        synthetic_images=300, reference_images=32, patience=100, max_parity_gap=0.05,
+        alpha=0.35,
+        image_size=32,
+        epochs=10,
+        batch_size=16,
+        learning_rate=0.01,
+        synthetic_images=300,
+        reference_images=32,
+        patience=100,
+        max_parity_gap=0.05,
     ),
 }
 
@@ -129,7 +142,12 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warm-up, then cosine decay to 1% (or exponential decay) of the peak."""
 
     def __init__(self, peak: float, warmup_steps: int, total_steps: int, kind: str = "cosine"):
-        self.peak, self.warmup, self.total, self.kind = peak, max(1, warmup_steps), total_steps, kind
+        self.peak, self.warmup, self.total, self.kind = (
+            peak,
+            max(1, warmup_steps),
+            total_steps,
+            kind,
+        )
 
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
@@ -144,7 +162,12 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return tf.where(step < self.warmup, warm, decayed)
 
     def get_config(self) -> dict[str, Any]:
-        return {"peak": self.peak, "warmup_steps": self.warmup, "total_steps": self.total, "kind": self.kind}
+        return {
+            "peak": self.peak,
+            "warmup_steps": self.warmup,
+            "total_steps": self.total,
+            "kind": self.kind,
+        }
 
 
 def build_classifier(
@@ -213,12 +236,18 @@ def _resolve_momentum(cfg: ClassifierConfig, steps_per_epoch: int) -> float | No
     return float(cfg.bn_momentum)
 
 
-def _fit(model, train_ds, val_ds, *, epochs, lr_peak, steps_per_epoch, cfg, weights) -> keras.callbacks.History:
+def _fit(
+    model, train_ds, val_ds, *, epochs, lr_peak, steps_per_epoch, cfg, weights
+) -> keras.callbacks.History:
     total = max(1, epochs * steps_per_epoch)
-    schedule = WarmupSchedule(lr_peak, int(cfg.warmup_epochs * steps_per_epoch), total, cfg.schedule)
+    schedule = WarmupSchedule(
+        lr_peak, int(cfg.warmup_epochs * steps_per_epoch), total, cfg.schedule
+    )
     model.compile(
         optimizer=keras.optimizers.Adam(schedule),
-        loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing)
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=cfg.label_smoothing
+        )
         if cfg.label_smoothing
         else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
@@ -230,8 +259,12 @@ def _fit(model, train_ds, val_ds, *, epochs, lr_peak, steps_per_epoch, cfg, weig
     ]
     verbose = cfg.verbose if cfg.verbose is not None else (1 if sys.stdout.isatty() else 2)
     return model.fit(
-        train_ds, validation_data=val_ds, epochs=epochs, class_weight=weights,
-        callbacks=callbacks, verbose=verbose,
+        train_ds,
+        validation_data=val_ds,
+        epochs=epochs,
+        class_weight=weights,
+        callbacks=callbacks,
+        verbose=verbose,
     )
 
 
@@ -251,7 +284,11 @@ def train_classifier(cfg: ClassifierConfig, *, export: bool = True) -> dict[str,
     strategy = _strategy()
     with strategy.scope():
         model, backbone = build_classifier(
-            num_classes, image_size=cfg.image_size, alpha=cfg.alpha, weights=cfg.weights, dropout=cfg.dropout
+            num_classes,
+            image_size=cfg.image_size,
+            alpha=cfg.alpha,
+            weights=cfg.weights,
+            dropout=cfg.dropout,
         )
     steps_per_epoch = max(1, len(train) // cfg.batch_size)
     pretrained = cfg.weights not in ("none", "", None)
@@ -260,7 +297,9 @@ def train_classifier(cfg: ClassifierConfig, *, export: bool = True) -> dict[str,
         bn.set_bn_momentum(model, momentum)
 
     aug = augmentation_layers(spec, cfg.seed) if cfg.augment else None
-    train_ds = make_dataset(train, spec, batch_size=cfg.batch_size, training=True, seed=cfg.seed, augment=aug)
+    train_ds = make_dataset(
+        train, spec, batch_size=cfg.batch_size, training=True, seed=cfg.seed, augment=aug
+    )
     val_ds = make_dataset(val, spec, batch_size=cfg.batch_size, training=False)
 
     history: dict[str, list[float]] = {}
@@ -268,8 +307,16 @@ def train_classifier(cfg: ClassifierConfig, *, export: bool = True) -> dict[str,
         if pretrained:
             # Phase 1: the backbone frozen; trainable=False also runs its BN in inference mode.
             backbone.trainable = False
-            h = _fit(model, train_ds, val_ds, epochs=cfg.head_epochs, lr_peak=cfg.learning_rate,
-                     steps_per_epoch=steps_per_epoch, cfg=cfg, weights=weights)
+            h = _fit(
+                model,
+                train_ds,
+                val_ds,
+                epochs=cfg.head_epochs,
+                lr_peak=cfg.learning_rate,
+                steps_per_epoch=steps_per_epoch,
+                cfg=cfg,
+                weights=weights,
+            )
             history["head"] = h.history.get("val_accuracy", [])
             # Phase 2: unfreeze the top K layers (their BN layers train with batch statistics).
             backbone.trainable = True
@@ -279,8 +326,16 @@ def train_classifier(cfg: ClassifierConfig, *, export: bool = True) -> dict[str,
             lr = cfg.fine_tune_learning_rate
         else:
             lr = cfg.learning_rate
-        h = _fit(model, train_ds, val_ds, epochs=cfg.epochs, lr_peak=lr,
-                 steps_per_epoch=steps_per_epoch, cfg=cfg, weights=weights)
+        h = _fit(
+            model,
+            train_ds,
+            val_ds,
+            epochs=cfg.epochs,
+            lr_peak=lr,
+            steps_per_epoch=steps_per_epoch,
+            cfg=cfg,
+            weights=weights,
+        )
         history["train"] = h.history.get("val_accuracy", [])
     epochs_run = len(history["train"])
 
@@ -341,7 +396,12 @@ def _reference_set(val: ImageSet, n: int, seed: int) -> bytes:
 
 
 def export_classifier(
-    model: keras.Model, cfg: ClassifierConfig, data: ImageSet, train: ImageSet, val: ImageSet, summary: dict
+    model: keras.Model,
+    cfg: ClassifierConfig,
+    data: ImageSet,
+    train: ImageSet,
+    val: ImageSet,
+    summary: dict,
 ) -> ExportResult:
     """Export with the model card: metrics, parity, pixel stats, lineage, reference set."""
     spec = cfg.spec

@@ -31,9 +31,13 @@ def _add_classifier(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="synthetic", help="class-folder directory, or 'synthetic'")
     p.add_argument("--model-base", default="models", help="model repository (default ./models)")
     p.add_argument("--name", required=True, help="model name in the repository")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="named parameter set; flags override it")
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), help="named parameter set; flags override it"
+    )
     p.add_argument("--alpha", type=float, help=f"depth multiplier (default {defaults.alpha})")
-    p.add_argument("--image-size", type=int, help=f"input height = width (default {defaults.image_size})")
+    p.add_argument(
+        "--image-size", type=int, help=f"input height = width (default {defaults.image_size})"
+    )
     p.add_argument("--resize-method", choices=["bilinear", "bicubic", "area", "nearest", "lanczos"])
     p.add_argument("--geometry", choices=["stretch", "letterbox"])
     p.add_argument("--weights", help="none | imagenet | PATH to backbone weights (.weights.h5)")
@@ -54,15 +58,23 @@ def _add_classifier(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bn-momentum", help="auto | keras | a number")
     p.add_argument("--no-precise-bn", dest="precise_bn", action="store_false", default=None)
     p.add_argument("--max-parity-gap", type=float)
-    p.add_argument("--force", action="store_true", default=None, help="export despite a failed parity check")
-    p.add_argument("--label", dest="version_labels", action="append",
-                   help="version label(s) to point at the new version (default stable)")
+    p.add_argument(
+        "--force", action="store_true", default=None, help="export despite a failed parity check"
+    )
+    p.add_argument(
+        "--label",
+        dest="version_labels",
+        action="append",
+        help="version label(s) to point at the new version (default stable)",
+    )
     p.set_defaults(func=_run_classifier)
 
 
 def _config_from(args: argparse.Namespace, cls: type, presets: dict[str, dict]) -> Any:
     fields = {f.name for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = dict(presets.get(args.preset, {})) if getattr(args, "preset", None) else {}
+    values: dict[str, Any] = (
+        dict(presets.get(args.preset, {})) if getattr(args, "preset", None) else {}
+    )
     for key, value in vars(args).items():
         if key in fields and value is not None:
             values[key] = tuple(value) if key == "version_labels" else value
@@ -119,12 +131,24 @@ def _add_calibration(sub: argparse._SubParsersAction) -> None:
     from training import calibration
 
     for name, help_, add, run in [
-        ("calibrate", "calibrate a model on captured traffic and publish the next version",
-         calibration.add_calibrate_arguments, calibration.run_calibrate),
-        ("promote", "point a version label at a version",
-         calibration.add_promote_arguments, calibration.run_promote),
-        ("rollback", "move the stable label back to the previous stable version",
-         calibration.add_rollback_arguments, calibration.run_rollback),
+        (
+            "calibrate",
+            "calibrate a model on captured traffic and publish the next version",
+            calibration.add_calibrate_arguments,
+            calibration.run_calibrate,
+        ),
+        (
+            "promote",
+            "point a version label at a version",
+            calibration.add_promote_arguments,
+            calibration.run_promote,
+        ),
+        (
+            "rollback",
+            "move the stable label back to the previous stable version",
+            calibration.add_rollback_arguments,
+            calibration.run_rollback,
+        ),
     ]:
         p = sub.add_parser(name, help=help_)
         add(p)
@@ -137,7 +161,9 @@ def _add_make_dataset(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--imbalance", type=float, default=1.0)
-    p.add_argument("--background", default=None, help="domain: solid|gradient|noise|checker|stripes")
+    p.add_argument(
+        "--background", default=None, help="domain: solid|gradient|noise|checker|stripes"
+    )
     p.add_argument("--format", choices=["png", "jpeg"], default="png")
     p.set_defaults(func=_run_make_dataset)
 
@@ -160,8 +186,11 @@ def _run_make_dataset(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_classifier(sub)
     _add_detector(sub)

@@ -69,14 +69,18 @@ def load_directory(
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset directory {root} does not exist")
-    class_names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_names = sorted(
+        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
     if len(class_names) < 2:
         raise ValueError(f"{root} needs at least two class folders, found {class_names}")
     digest = hashlib.sha256()
     pixels, labels, keys, skipped = [], [], [], []
     for label, cls in enumerate(class_names):
         files = sorted(
-            p for p in (root / cls).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            p
+            for p in (root / cls).rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
         )
         for path in files:
             rel = path.relative_to(root).as_posix()
@@ -146,7 +150,10 @@ def split(data: ImageSet, val_fraction: float, *, seed: int = 0) -> tuple[ImageS
     if not 0 < val_fraction < 1:
         raise ValueError("val_fraction must be in (0, 1)")
     h = np.array(
-        [int.from_bytes(hashlib.sha256(f"{seed}:{k}".encode()).digest()[:8], "big") for k in data.keys]
+        [
+            int.from_bytes(hashlib.sha256(f"{seed}:{k}".encode()).digest()[:8], "big")
+            for k in data.keys
+        ]
     )
     is_val = (h % 10_000) < int(val_fraction * 10_000)
     for c in range(len(data.class_names)):
@@ -203,6 +210,7 @@ def make_dataset(
 
     ds = ds.map(_normalize, num_parallel_calls=tf.data.AUTOTUNE)
     if training and augment:
+
         def _augment(x, y):
             for layer in augment:
                 x = layer(x, training=True)

@@ -91,9 +91,7 @@ def pooled_scores(
     per_image_mean: np.ndarray, per_image_sqmean: np.ndarray, probes: list[ProbeReference]
 ) -> dict[str, dict[str, float]]:
     """Scores of one window given per-image probe outputs ``[n, channels]``."""
-    return layer_scores(
-        np.mean(per_image_mean, axis=0), np.mean(per_image_sqmean, axis=0), probes
-    )
+    return layer_scores(np.mean(per_image_mean, axis=0), np.mean(per_image_sqmean, axis=0), probes)
 
 
 def reference_quantiles(

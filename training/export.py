@@ -59,7 +59,9 @@ class ServingModule(tf.Module):
         layers = probe_layers(model, probe_names)
         self._n_outputs = len(model.outputs)
         # One forward pass yields both the head outputs and the probe inputs.
-        self.features = keras.Model(model.input, list(model.outputs) + [lyr.input for lyr in layers])
+        self.features = keras.Model(
+            model.input, list(model.outputs) + [lyr.input for lyr in layers]
+        )
         self._postprocess = postprocess
         shape = [None, *model.inputs[0].shape[1:]]
         self.serve = tf.function(
@@ -85,7 +87,10 @@ def code_revision() -> str:
         )
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here, capture_output=True, text=True, timeout=5,
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
         if rev.returncode == 0:
             return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
@@ -123,7 +128,9 @@ def write_warmup(path: Path, name: str, images: np.ndarray, batch_sizes: Sequenc
             writer.write(log.SerializeToString())
 
 
-def probe_outputs(module: ServingModule, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def probe_outputs(
+    module: ServingModule, images: np.ndarray, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-image ``bn_input_mean``/``bn_input_sqmean`` from the exported graph itself."""
     means, sqmeans = [], []
     for i in range(0, len(images), batch_size):
@@ -159,7 +166,9 @@ def _signature_description(module: ServingModule) -> dict[str, Any]:
         for k, v in concrete.structured_outputs.items()
     }
     spec = concrete.structured_input_signature[0][0]
-    inputs = {INPUT_NAME: {"dtype": "float32", "shape": [-1 if d is None else int(d) for d in spec.shape]}}
+    inputs = {
+        INPUT_NAME: {"dtype": "float32", "shape": [-1 if d is None else int(d) for d in spec.shape]}
+    }
     return {"name": SIGNATURE, "inputs": inputs, "outputs": outputs}
 
 

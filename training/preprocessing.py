@@ -251,12 +251,16 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     if mode == "I":
         arr = np.asarray(img)
         # Pillow opens 16-bit PNG/TIFF grey as "I"; its range decides the scale.
-        full = 65535.0 if arr.max(initial=0) <= 65535 and arr.min(initial=0) >= 0 else float(2**31 - 1)
+        full = (
+            65535.0 if arr.max(initial=0) <= 65535 and arr.min(initial=0) >= 0 else float(2**31 - 1)
+        )
         return Image.fromarray(_scale_to_uint8(np.clip(arr, 0, None), full)).convert("RGB")
     if mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         full = 1.0 if np.nanmax(arr) <= 1.0 else 255.0
-        return Image.fromarray(_scale_to_uint8(np.nan_to_num(np.clip(arr, 0, None)), full)).convert("RGB")
+        return Image.fromarray(_scale_to_uint8(np.nan_to_num(np.clip(arr, 0, None)), full)).convert(
+            "RGB"
+        )
     if mode in ("RGBA;16", "RGB;16", "RGBX"):
         return img.convert("RGB")
     if mode == "P":

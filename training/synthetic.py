@@ -100,7 +100,11 @@ def _draw_shape(draw: ImageDraw.ImageDraw, cls: str, cx, cy, r, angle, colour, b
 
 
 def render(
-    rng: np.random.Generator, cls: str, *, background: str | None = None, size: tuple[int, int] | None = None
+    rng: np.random.Generator,
+    cls: str,
+    *,
+    background: str | None = None,
+    size: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """One RGB uint8 image of ``cls`` at a random native size (or ``size`` = (w, h))."""
     w, h = size or (int(rng.integers(72, 161)), int(rng.integers(72, 161)))

@@ -54,8 +54,12 @@ def test_precise_bn_makes_inference_mode_equal_training_mode_on_the_same_batch()
     # The first BN layer's input is the stem conv of the raw input: check against numpy.
     first = bn.bn_layers(model)[0]
     conv_out = bn.bn_input_model(model, [first])(x).numpy().astype(np.float64)
-    np.testing.assert_allclose(first.moving_mean.numpy(), conv_out.mean((0, 1, 2)), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(first.moving_variance.numpy(), conv_out.var((0, 1, 2)), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(
+        first.moving_mean.numpy(), conv_out.mean((0, 1, 2)), rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        first.moving_variance.numpy(), conv_out.var((0, 1, 2)), rtol=1e-3, atol=1e-5
+    )
     assert stats[0].images == 48
 
 

@@ -21,7 +21,9 @@ def crops(tmp_path_factory):
 
 def _backbone_weights_file(model_repo, path):
     """A backbone weights file made from the trained tiny classifier (no download)."""
-    trained = keras.models.load_model(model_repo / "tiny_classifier" / "1" / KERAS_MODEL_RELPATH, compile=False)
+    trained = keras.models.load_model(
+        model_repo / "tiny_classifier" / "1" / KERAS_MODEL_RELPATH, compile=False
+    )
     backbone = keras.applications.MobileNetV2(
         input_shape=(32, 32, 3), alpha=0.35, include_top=False, weights=None
     )
@@ -32,15 +34,33 @@ def _backbone_weights_file(model_repo, path):
     return backbone
 
 
-def test_transfer_learning_freezes_then_fine_tunes_the_top_layers(model_repo, crops, tmp_path, capsys):
+def test_transfer_learning_freezes_then_fine_tunes_the_top_layers(
+    model_repo, crops, tmp_path, capsys
+):
     source = _backbone_weights_file(model_repo, tmp_path / "backbone.weights.h5")
     base = tmp_path / "models"
     k = 12
-    rc = main([
-        "classifier", "--data", str(crops), "--model-base", str(base), "--name", "transfer",
-        "--preset", "tiny", "--weights", str(tmp_path / "backbone.weights.h5"),
-        "--head-epochs", "2", "--epochs", "2", "--fine-tune-layers", str(k),
-    ])
+    rc = main(
+        [
+            "classifier",
+            "--data",
+            str(crops),
+            "--model-base",
+            str(base),
+            "--name",
+            "transfer",
+            "--preset",
+            "tiny",
+            "--weights",
+            str(tmp_path / "backbone.weights.h5"),
+            "--head-epochs",
+            "2",
+            "--epochs",
+            "2",
+            "--fine-tune-layers",
+            str(k),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "held-out accuracy (inference mode)" in out and "per-class accuracy" in out
@@ -49,14 +69,18 @@ def test_transfer_learning_freezes_then_fine_tunes_the_top_layers(model_repo, cr
     frozen = [layer for layer in frozen if layer.weights]
     tuned = [layer for layer in tuned if layer.weights]
     for layer in frozen:
-        for a, b in zip(layer.get_weights(), model.get_layer(layer.name).get_weights(), strict=True):
+        for a, b in zip(
+            layer.get_weights(), model.get_layer(layer.name).get_weights(), strict=True
+        ):
             np.testing.assert_array_equal(a, b)  # loaded from the file, never changed
     changed = [
         layer.name
         for layer in tuned
         if any(
             not np.array_equal(a, b)
-            for a, b in zip(layer.get_weights(), model.get_layer(layer.name).get_weights(), strict=True)
+            for a, b in zip(
+                layer.get_weights(), model.get_layer(layer.name).get_weights(), strict=True
+            )
         )
     ]
     assert changed, "fine-tuning must update the unfrozen top layers"
@@ -68,8 +92,20 @@ def test_transfer_learning_freezes_then_fine_tunes_the_top_layers(model_repo, cr
 def test_failed_parity_stops_the_export_unless_forced(crops, tmp_path, capsys):
     base = tmp_path / "models"
     args = [
-        "classifier", "--data", str(crops), "--model-base", str(base), "--name", "stale",
-        "--preset", "tiny", "--epochs", "3", "--bn-momentum", "keras", "--no-precise-bn",
+        "classifier",
+        "--data",
+        str(crops),
+        "--model-base",
+        str(base),
+        "--name",
+        "stale",
+        "--preset",
+        "tiny",
+        "--epochs",
+        "3",
+        "--bn-momentum",
+        "keras",
+        "--no-precise-bn",
     ]
     assert main(args) == 3
     assert "parity check failed" in capsys.readouterr().err

@@ -51,7 +51,9 @@ def test_signature_outputs_equal_the_in_memory_model(exported):
     assert set(out) == {"logits", "probabilities", "bn_input_mean", "bn_input_sqmean"}
     logits = model(x, training=False).numpy()
     np.testing.assert_allclose(out["logits"].numpy(), logits, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(out["probabilities"].numpy(), tf.nn.softmax(logits).numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        out["probabilities"].numpy(), tf.nn.softmax(logits).numpy(), atol=1e-5
+    )
     assert out["logits"].shape[1] == len(card["labels"])
 
 
@@ -63,8 +65,12 @@ def test_probe_outputs_equal_direct_probe_statistics(exported):
     for probe, t in zip(card["bn_reference"]["probes"], inputs, strict=True):
         t = t.numpy().astype(np.float64)
         sl = slice(probe["offset"], probe["offset"] + probe["channels"])
-        np.testing.assert_allclose(out["bn_input_mean"].numpy()[:, sl], t.mean((1, 2)), rtol=1e-3, atol=1e-4)
-        np.testing.assert_allclose(out["bn_input_sqmean"].numpy()[:, sl], (t**2).mean((1, 2)), rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(
+            out["bn_input_mean"].numpy()[:, sl], t.mean((1, 2)), rtol=1e-3, atol=1e-4
+        )
+        np.testing.assert_allclose(
+            out["bn_input_sqmean"].numpy()[:, sl], (t**2).mean((1, 2)), rtol=1e-3, atol=1e-4
+        )
     assert out["bn_input_mean"].shape[1] == card["bn_reference"]["total_channels"]
 
 
@@ -73,18 +79,31 @@ def test_model_card_matches_the_model(exported):
     assert card["name"] == "tiny_classifier" and card["version"] == 1
     assert card["task"] == "classification"
     assert card["labels"] == [name.split(".")[0] for name in sorted(PHOTO_CLASSES)]
-    assert card["input"] == {"height": 32, "width": 32, "channels": 3, "dtype": "float32", "tensor": "images"}
+    assert card["input"] == {
+        "height": 32,
+        "width": 32,
+        "channels": 3,
+        "dtype": "float32",
+        "tensor": "images",
+    }
     assert PreprocessSpec.from_dict(card["preprocessing"]).height == 32
     for probe in card["bn_reference"]["probes"]:
         layer = bn.probe_layers(model, [probe["name"]])[0]
         np.testing.assert_allclose(probe["moving_mean"], layer.moving_mean.numpy(), rtol=1e-6)
-        np.testing.assert_allclose(probe["moving_variance"], layer.moving_variance.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(
+            probe["moving_variance"], layer.moving_variance.numpy(), rtol=1e-6
+        )
         assert probe["epsilon"] == pytest.approx(layer.epsilon)
     assert card["metrics"]["parity"]["passed"] is True
     assert card["lineage"]["dataset"]["fingerprint"]
     assert card["calibration"]["temperature"] == 1.0
     assert len(card["bn_reference"]["pixel_stats"]["mean"]) == 3
-    assert set(card["signature"]["outputs"]) == {"logits", "probabilities", "bn_input_mean", "bn_input_sqmean"}
+    assert set(card["signature"]["outputs"]) == {
+        "logits",
+        "probabilities",
+        "bn_input_mean",
+        "bn_input_sqmean",
+    }
     with pytest.raises(ModelCardError):
         validate_model_card({k: v for k, v in card.items() if k != "preprocessing"})
     on_disk = json.loads((version_dir / MODEL_CARD_RELPATH).read_text())
@@ -119,7 +138,8 @@ def test_configs_parse_with_the_tf_serving_protos(model_repo):
         text_format.Parse((REPO_ROOT / "models" / name).read_text(), proto)
     assert proto.max_batch_size.value > 0
     monitoring = text_format.Parse(
-        (REPO_ROOT / "models" / "monitoring.config").read_text(), tfserving_protos.MonitoringConfig()
+        (REPO_ROOT / "models" / "monitoring.config").read_text(),
+        tfserving_protos.MonitoringConfig(),
     )
     assert monitoring.prometheus_config.enable and monitoring.prometheus_config.path
     with pytest.raises(text_format.ParseError):

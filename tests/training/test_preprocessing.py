@@ -26,9 +26,20 @@ from training.preprocessing import (
 @pytest.mark.parametrize(
     "key",
     [
-        "jpeg", "png", "grey_png", "rgba_png", "palette_png", "palette_transparent_png",
-        "grey16_png", "cmyk_jpeg", "exif_rotated_jpeg", "gif_animated", "bmp", "tiff",
-        "tiff_multipage", "webp",
+        "jpeg",
+        "png",
+        "grey_png",
+        "rgba_png",
+        "palette_png",
+        "palette_transparent_png",
+        "grey16_png",
+        "cmyk_jpeg",
+        "exif_rotated_jpeg",
+        "gif_animated",
+        "bmp",
+        "tiff",
+        "tiff_multipage",
+        "webp",
     ],
 )
 def test_every_format_and_mode_decodes_to_rgb_uint8(images, key):
@@ -120,10 +131,17 @@ def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims a huge size; the pixel data is tiny (a bomb)."""
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_pixel_limit_refuses_decompression_bombs_before_decoding():

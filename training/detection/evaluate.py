@@ -1,0 +1,203 @@
+"""COCO evaluation of a detector with pycocotools: mAP@[.5:.95], mAP@.5, per-class AP.
+
+Predictions are made on held-out images exactly as serving makes them: shared
+preprocessing, the network, then the in-graph decode + NMS
+(:mod:`training.detection.postprocess`); boxes are mapped back to original
+pixels with :meth:`ImageGeometry.boxes_to_original` and scored against the
+COCO ground truth. By default the network runs in inference mode (BN moving
+statistics); ``training=True`` uses batch statistics instead, for the parity
+check, and leaves the model unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from training import bn
+from training.detection.boxes import yxyx_to_xywh
+from training.detection.data import DetectionDataset
+from training.preprocessing import ImageGeometry, PreprocessSpec, preprocess_pixels
+
+Postprocess = Callable[[list[tf.Tensor]], dict[str, tf.Tensor]]
+
+
+@dataclass
+class DetectionMetrics:
+    """COCO box metrics on one dataset."""
+
+    map_50_95: float
+    map_50: float
+    map_75: float
+    per_class_ap: dict[str, float | None]  # AP@[.5:.95]; None for classes without ground truth
+    images: int
+    detections: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "map_50_95": self.map_50_95,
+            "map_50": self.map_50,
+            "map_75": self.map_75,
+            "per_class_ap": dict(self.per_class_ap),
+            "images": self.images,
+            "detections": self.detections,
+        }
+
+
+def _coco_from_dict(doc: dict[str, Any]):
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = doc
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def coco_metrics(
+    ground_truth: dict[str, Any], detections: list[dict[str, Any]], labels: Sequence[str]
+) -> DetectionMetrics:
+    """Score COCO-format ``detections`` (``image_id``, ``category_id``, ``bbox``, ``score``).
+
+    ``labels`` names the ground truth's categories in ascending category-id order.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    gt = _coco_from_dict(ground_truth)
+    cat_ids = sorted(gt.getCatIds())
+    if len(cat_ids) != len(labels):
+        raise ValueError(f"{len(labels)} labels for {len(cat_ids)} categories")
+    n_images = len(gt.getImgIds())
+    if not detections:
+        # pycocotools cannot load an empty result set; nothing found scores zero.
+        has_gt = {c: bool(gt.getAnnIds(catIds=[c], iscrowd=False)) for c in cat_ids}
+        per_class = {
+            lab: (0.0 if has_gt[c] else None) for lab, c in zip(labels, cat_ids, strict=True)
+        }
+        return DetectionMetrics(0.0, 0.0, 0.0, per_class, n_images, 0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes(list(detections))
+        ev = COCOeval(gt, dt, iouType="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = [max(0.0, float(v)) for v in ev.stats]  # -1 means "no ground truth"
+    precision = ev.eval["precision"]  # [T IoUs, R recalls, K classes, A areas, M maxDets]
+    per_class: dict[str, float | None] = {}
+    for k, (lab, cid) in enumerate(zip(labels, cat_ids, strict=True)):
+        assert ev.params.catIds[k] == cid
+        p = precision[:, :, k, 0, -1]
+        valid = p > -1
+        per_class[lab] = float(p[valid].mean()) if valid.any() else None
+    return DetectionMetrics(stats[0], stats[1], stats[2], per_class, n_images, len(detections))
+
+
+def detections_to_coco(
+    image_ids: Sequence[int],
+    outputs: dict[str, np.ndarray],
+    geometries: Sequence[ImageGeometry],
+    category_ids: Sequence[int],
+) -> list[dict[str, Any]]:
+    """Signature outputs (normalised model-input boxes) -> COCO results in original pixels."""
+    results = []
+    for i, (iid, geom) in enumerate(zip(image_ids, geometries, strict=True)):
+        n = int(outputs["num_detections"][i])
+        if n == 0:
+            continue
+        boxes = geom.boxes_to_original(outputs["detection_boxes"][i, :n])
+        xywh = yxyx_to_xywh(boxes)
+        for box, score, cls in zip(
+            xywh,
+            outputs["detection_scores"][i, :n],
+            outputs["detection_classes"][i, :n],
+            strict=True,
+        ):
+            if box[2] <= 0 or box[3] <= 0:
+                continue  # entirely in the letterbox padding
+            results.append(
+                {
+                    "image_id": int(iid),
+                    "category_id": int(category_ids[int(cls)]),
+                    "bbox": [round(float(v), 3) for v in box],
+                    "score": float(score),
+                }
+            )
+    return results
+
+
+def preprocess_images(
+    images: Sequence[np.ndarray], spec: PreprocessSpec
+) -> tuple[np.ndarray, list[ImageGeometry]]:
+    """Decoded RGB images -> stacked model input and each image's geometry."""
+    xs, geoms = [], []
+    for pixels in images:
+        x, g = preprocess_pixels(pixels, spec)
+        xs.append(x)
+        geoms.append(g)
+    return np.stack(xs).astype(np.float32), geoms
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def inference_function(model: keras.Model, postprocess: Postprocess) -> Callable:
+    """``images -> detections`` as one compiled graph (network in inference mode + NMS).
+
+    Cached per model and post-processing, so repeated evaluations do not retrace.
+    """
+    per_model = _COMPILED.setdefault(model, {})
+    if postprocess not in per_model:
+        per_model[postprocess] = tf.function(
+            lambda t: postprocess(list(model(t, training=False))),
+            input_signature=[tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32)],
+        )
+    return per_model[postprocess]
+
+
+def predict(
+    model: keras.Model,
+    postprocess: Postprocess,
+    x: np.ndarray,
+    *,
+    training: bool = False,
+    batch_size: int = 32,
+) -> dict[str, np.ndarray]:
+    """Run network + post-processing on preprocessed ``x``; numpy outputs stacked over batches."""
+    if training:
+        raw = bn.predict_in_mode(model, x, training=True, batch_size=batch_size)
+        batches = [postprocess([tf.convert_to_tensor(t) for t in outs]) for outs in raw]
+    else:
+        run = tf.function(
+            lambda t: postprocess(list(model(t, training=False))), reduce_retracing=True
+        )
+        batches = [
+            run(tf.convert_to_tensor(x[i : i + batch_size])) for i in range(0, len(x), batch_size)
+        ]
+    return {k: np.concatenate([b[k].numpy() for b in batches]) for k in batches[0]}
+
+
+def evaluate_detector(
+    model: keras.Model,
+    postprocess: Postprocess,
+    dataset: DetectionDataset,
+    spec: PreprocessSpec,
+    *,
+    images: Sequence[np.ndarray] | None = None,
+    training: bool = False,
+    batch_size: int = 32,
+) -> DetectionMetrics:
+    """COCO metrics of ``model`` on ``dataset`` (decoded ``images`` may be passed in)."""
+    pixels = list(images) if images is not None else dataset.load_images()
+    x, geoms = preprocess_images(pixels, spec)
+    outputs = predict(model, postprocess, x, training=training, batch_size=batch_size)
+    image_ids = [s.image_id for s in dataset.samples]
+    dets = detections_to_coco(image_ids, outputs, geoms, dataset.category_ids)
+    return coco_metrics(dataset.to_coco(), dets, dataset.labels)

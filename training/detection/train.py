@@ -1,0 +1,728 @@
+"""Train, evaluate and export the MobileNetV2 SSDLite detector.
+
+The run, in order:
+
+1. data: a COCO-format dataset (``--data annotations.json --images DIR``, with
+   ``--val-data`` or a seeded held-out fraction), or the built-in synthetic set
+   written in COCO format and read back by the same loader;
+2. model: :func:`training.detection.model.build_detector`, anchors from the
+   same :class:`AnchorConfig`;
+3. BN momentum set for the run length (:func:`training.bn.momentum_for_steps`);
+4. training: augmented batches (:mod:`training.detection.pipeline`), focal +
+   smooth L1 loss, AdamW with warm-up and cosine decay;
+5. precise BN over un-augmented training images, then COCO evaluation on the
+   held-out set in inference mode and the parity check (inference-mode vs
+   training-mode mAP@.5); a failed check stops the export unless forced;
+6. export (:func:`training.export.export_model`) with the decode + NMS in the
+   graph and the model card's ``detection`` and ``metrics`` sections.
+
+:func:`add_detector_arguments` and :func:`run_detector` are the command line
+(``python -m training detector ...``); :func:`train_detector` is the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from training import bn, drift
+from training.classifier import ParityError, WarmupSchedule
+from training.detection.anchors import AnchorConfig, feature_map_sizes, generate_anchors
+from training.detection.augment import NO_AUGMENT, AugmentConfig
+from training.detection.boxes import DEFAULT_VARIANCES
+from training.detection.data import (
+    DatasetError,
+    DetectionDataset,
+    SyntheticConfig,
+    load_coco,
+    split_dataset,
+    write_synthetic_coco,
+)
+from training.detection.evaluate import (
+    DetectionMetrics,
+    evaluate_detector,
+    inference_function,
+    preprocess_images,
+)
+from training.detection.losses import LossConfig, detection_loss
+from training.detection.matching import MatchConfig
+from training.detection.model import BACKBONE_LAYERS, DetectorConfig, build_detector
+from training.detection.pipeline import TrainingBatches, image_batches
+from training.detection.postprocess import NmsConfig, make_postprocess
+from training.export import ExportResult, StalenessError, export_model, pixel_statistics
+from training.preprocessing import PreprocessSpec
+
+__all__ = [
+    "PRESETS",
+    "DetectorTrainConfig",
+    "ParityError",
+    "add_detector_arguments",
+    "run_detector",
+    "train_detector",
+]
+
+
+@dataclass
+class DetectorTrainConfig:
+    """Parameters of one detector run (the CLI flags map one-to-one)."""
+
+    data: str = "synthetic"  # a COCO annotation JSON, or "synthetic"
+    images: str | None = None  # image folder of ``data`` (default: beside the JSON)
+    val_data: str | None = None  # held-out COCO JSON (default: a fraction of ``data``)
+    val_images: str | None = None
+    val_fraction: float = 0.1
+    model_base: str = "models"
+    name: str = "detector"
+    alpha: float = 0.35
+    image_size: int = 128
+    geometry: str = "letterbox"
+    resize_method: str = "bilinear"
+    strides: tuple[int, ...] = (8, 16, 32, 64)
+    anchor_size_factor: float = 1.5
+    anchor_scales: tuple[float, ...] = (1.0, 2**0.5)
+    aspect_ratios: tuple[float, ...] = (1.0, 2.0, 0.5)
+    fpn: bool = False
+    fpn_channels: int = 64
+    head_depth: int = 1
+    shared_head: bool = False
+    positive_iou: float = 0.5
+    negative_iou: float = 0.4
+    epochs: int = 30
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    warmup_epochs: float = 1.0
+    weight_decay: float = 1e-4
+    augment: bool = True
+    crop_probability: float = 0.2
+    jitter_probability: float = 0.3
+    seed: int = 0
+    synthetic_images: int = 2000
+    synthetic_val_images: int = 250
+    synthetic_dir: str | None = None  # where the synthetic COCO set is written (default: temp)
+    nms_iou: float = 0.5
+    score_threshold: float = 0.05
+    max_detections: int = 100
+    bn_momentum: str = "auto"  # auto | keras (leave 0.999) | a number
+    precise_bn: bool = True
+    precise_bn_images: int = 1024
+    eval_every: int = 0  # held-out mAP every N epochs during training (0: only at the end)
+    max_parity_gap: float = 0.05  # in mAP@.5 points (0..1)
+    force: bool = False
+    version_labels: tuple[str, ...] = ("stable",)
+    verbose: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.strides = tuple(int(s) for s in self.strides)
+        self.anchor_scales = tuple(float(s) for s in self.anchor_scales)
+        self.aspect_ratios = tuple(float(r) for r in self.aspect_ratios)
+        self.version_labels = tuple(self.version_labels)
+        if not 0 < self.alpha <= 1.4:
+            raise ValueError("alpha must be in (0, 1.4]")
+        if self.image_size < 32:
+            raise ValueError("MobileNetV2 needs an input of at least 32x32")
+        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise ValueError("epochs, batch_size and learning_rate must be positive")
+        if self.synthetic_images < 2 or self.synthetic_val_images < 1:
+            raise ValueError("the synthetic set needs >= 2 training and >= 1 held-out images")
+        # Validates geometry/resize method and the anchor/match/NMS values early.
+        _ = self.spec, self.anchor_config, self.match_config, self.nms_config, self.augment_config
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return PreprocessSpec(
+            height=self.image_size,
+            width=self.image_size,
+            resize_method=self.resize_method,
+            geometry=self.geometry,
+        )
+
+    @property
+    def anchor_config(self) -> AnchorConfig:
+        return AnchorConfig(
+            self.strides, self.anchor_size_factor, self.anchor_scales, self.aspect_ratios
+        )
+
+    @property
+    def augment_config(self) -> AugmentConfig:
+        if not self.augment:
+            return NO_AUGMENT
+        return AugmentConfig(
+            crop_probability=self.crop_probability, jitter_probability=self.jitter_probability
+        )
+
+    @property
+    def match_config(self) -> MatchConfig:
+        return MatchConfig(self.positive_iou, self.negative_iou)
+
+    @property
+    def nms_config(self) -> NmsConfig:
+        return NmsConfig(
+            self.nms_iou, self.score_threshold, self.max_detections, self.max_detections
+        )
+
+    def detector_config(self, num_classes: int) -> DetectorConfig:
+        return DetectorConfig(
+            num_classes=num_classes,
+            image_height=self.image_size,
+            image_width=self.image_size,
+            alpha=self.alpha,
+            anchors=self.anchor_config,
+            fpn=self.fpn,
+            fpn_channels=self.fpn_channels,
+            head_depth=self.head_depth,
+            shared_head=self.shared_head,
+        )
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The demo model `make models` builds: <= 15 minutes on 2 CPU cores,
+    # mAP@.5 >= 0.9 and mAP@[.5:.95] >= 0.6 on held-out synthetic images.
+    "demo": dict(
+        alpha=0.35,
+        image_size=128,
+        epochs=35,
+        batch_size=32,
+        synthetic_images=2000,
+        synthetic_val_images=250,
+        learning_rate=3e-3,
+    ),
+    # Seconds, for tests.
+    "tiny": dict(
+        alpha=0.35,
+        image_size=64,
+        strides=(8, 16, 32),
+        epochs=2,
+        batch_size=8,
+        synthetic_images=32,
+        synthetic_val_images=8,
+        fpn_channels=16,
+        head_depth=1,
+        precise_bn_images=32,
+    ),
+}
+
+# --- data -------------------------------------------------------------------
+
+
+def load_datasets(
+    cfg: DetectorTrainConfig, work_dir: Path
+) -> tuple[DetectionDataset, DetectionDataset]:
+    """(train, held-out) as the config asks; the synthetic set is written under ``work_dir``."""
+    if cfg.data == "synthetic":
+        root = Path(cfg.synthetic_dir) if cfg.synthetic_dir else work_dir
+        synth = SyntheticConfig()
+        train_json = write_synthetic_coco(
+            root / "train", cfg.synthetic_images, seed=cfg.seed, config=synth
+        )
+        # A different seed stream: held-out images are new draws, never copies.
+        val_json = write_synthetic_coco(
+            root / "val", cfg.synthetic_val_images, seed=cfg.seed + 1_000_003, config=synth
+        )
+        return load_coco(train_json), load_coco(val_json)
+    train = load_coco(cfg.data, cfg.images)
+    if cfg.val_data:
+        val = load_coco(cfg.val_data, cfg.val_images)
+        if val.labels != train.labels or val.category_ids != train.category_ids:
+            raise DatasetError(
+                f"held-out categories {list(zip(val.category_ids, val.labels, strict=True))} differ "
+                f"from training categories {list(zip(train.category_ids, train.labels, strict=True))}"
+            )
+        return train, val
+    return split_dataset(train, cfg.val_fraction, seed=cfg.seed)
+
+
+# --- training ---------------------------------------------------------------
+
+
+def _resolve_momentum(cfg: DetectorTrainConfig, total_steps: int) -> float | None:
+    if cfg.bn_momentum == "keras":
+        return None
+    if cfg.bn_momentum == "auto":
+        return bn.momentum_for_steps(total_steps)
+    return float(cfg.bn_momentum)
+
+
+def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, loss: LossConfig):
+    """One compiled optimisation step: ``(x, labels, box_targets) -> loss dict``."""
+
+    @tf.function(reduce_retracing=True)
+    def step(x: tf.Tensor, labels: tf.Tensor, targets: tf.Tensor) -> dict[str, tf.Tensor]:
+        with tf.GradientTape() as tape:
+            class_logits, box_deltas = model(x, training=True)
+            losses = detection_loss(labels, targets, class_logits, box_deltas, loss)
+        grads = tape.gradient(losses["loss"], model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        return losses
+
+    return step
+
+
+def fit(
+    model: keras.Model,
+    batches: TrainingBatches,
+    *,
+    epochs: int,
+    learning_rate: float,
+    warmup_epochs: float,
+    weight_decay: float,
+    loss: LossConfig | None = None,
+    log: Callable[[str], None] | None = None,
+    on_epoch_end: Callable[[int], dict[str, float]] | None = None,
+) -> list[dict[str, float]]:
+    """Train ``model`` on ``batches`` for ``epochs``; returns per-epoch mean losses.
+
+    ``on_epoch_end(epoch)`` may return extra numbers for the epoch's row (e.g. a
+    held-out mAP); they are logged and kept in the history.
+    """
+    steps = batches.steps_per_epoch
+    if steps < 1:
+        raise ValueError("fewer training images than one batch")
+    total = steps * epochs
+    schedule = WarmupSchedule(learning_rate, int(warmup_epochs * steps), total, "cosine")
+    optimizer = keras.optimizers.AdamW(schedule, weight_decay=weight_decay, global_clipnorm=10.0)
+    step = make_train_step(model, optimizer, loss or LossConfig())
+    history: list[dict[str, float]] = []
+    it = iter(batches.tf_dataset(epochs))
+    for epoch in range(epochs):
+        started = time.monotonic()
+        sums = {"loss": 0.0, "class_loss": 0.0, "box_loss": 0.0}
+        for _ in range(steps):
+            x, labels, targets = next(it)
+            out = step(x, labels, targets)
+            for k in sums:
+                sums[k] += float(out[k])
+        row = {k: v / steps for k, v in sums.items()}
+        row["seconds"] = time.monotonic() - started
+        if not all(math.isfinite(v) for v in row.values()):
+            raise FloatingPointError(f"training diverged at epoch {epoch + 1}: {row}")
+        extra = on_epoch_end(epoch + 1) if on_epoch_end else {}
+        row.update(extra)
+        history.append(row)
+        if log:
+            log(
+                f"epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f} (class {row['class_loss']:.4f}, "
+                f"box {row['box_loss']:.4f}), lr {float(schedule(optimizer.iterations)):.2e}, "
+                f"{row['seconds']:.1f} s" + "".join(f", {k} {v:.4f}" for k, v in extra.items())
+            )
+    return history
+
+
+def inference_timing(
+    model: keras.Model, postprocess, x: np.ndarray, *, repeats: int = 20, batch_size: int = 32
+) -> dict[str, float]:
+    """In-process latency of network + decode + NMS (median ms): batch 1 and per image at a batch."""
+    run = inference_function(model, postprocess)
+    one = tf.convert_to_tensor(x[:1])
+    many = tf.convert_to_tensor(np.resize(x, (batch_size, *x.shape[1:])))
+    run(one)
+    run(many)
+    single, batched = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run(one)["num_detections"].numpy()
+        single.append(time.perf_counter() - t)
+    for _ in range(max(3, repeats // 4)):
+        t = time.perf_counter()
+        run(many)["num_detections"].numpy()
+        batched.append(time.perf_counter() - t)
+    return {
+        "batch_1_ms": round(1000 * float(np.median(single)), 2),
+        f"batch_{batch_size}_ms_per_image": round(1000 * float(np.median(batched)) / batch_size, 2),
+        "threads": int(tf.config.threading.get_intra_op_parallelism_threads())
+        or os.cpu_count()
+        or 0,
+    }
+
+
+def train_detector(cfg: DetectorTrainConfig, *, export: bool = True) -> dict[str, Any]:
+    """Run the whole pipeline; returns the summary (and exports unless ``export=False``).
+
+    The summary's ``model`` entry holds the trained Keras model and ``postprocess``
+    the graph post-processing it was evaluated with.
+    """
+    log = (lambda msg: print(msg, flush=True)) if cfg.verbose else None
+    started = time.monotonic()
+    keras.utils.set_random_seed(cfg.seed)
+    spec = cfg.spec
+    with tempfile.TemporaryDirectory(prefix="detector-data-") as tmp:
+        train_raw, val_raw = load_datasets(cfg, Path(tmp))
+        train, train_images = train_raw.decode_usable()
+        val, val_images = val_raw.decode_usable()
+    data_seconds = time.monotonic() - started
+    if log:
+        log(
+            f"data: {len(train)} training images ({train.num_boxes()} boxes), {len(val)} held-out "
+            f"({val.num_boxes()} boxes), labels {train.labels}; {data_seconds:.1f} s"
+        )
+
+    det_cfg = cfg.detector_config(len(train.labels))
+    model = build_detector(det_cfg, seed=cfg.seed)
+    anchors = generate_anchors(det_cfg.anchors, spec.height, spec.width)
+    postprocess = make_postprocess(anchors, cfg.nms_config)
+    batches = TrainingBatches(
+        train,
+        train_images,
+        spec=spec,
+        anchors=anchors,
+        match=cfg.match_config,
+        augment_config=cfg.augment_config,
+        batch_size=min(cfg.batch_size, len(train)),
+        seed=cfg.seed,
+    )
+    total_steps = batches.steps_per_epoch * cfg.epochs
+    momentum = _resolve_momentum(cfg, total_steps)
+    if momentum is not None:
+        bn.set_bn_momentum(model, momentum)
+    if log:
+        log(
+            f"model: MobileNetV2 alpha {cfg.alpha} SSDLite, {model.count_params()} parameters, "
+            f"{len(anchors)} anchors, input {spec.height}x{spec.width} {spec.geometry}; "
+            f"{total_steps} steps, BN momentum {momentum}"
+        )
+    eval_bs = min(cfg.batch_size, len(val))
+
+    def progress(epoch: int) -> dict[str, float]:
+        if not cfg.eval_every or epoch % cfg.eval_every or epoch == cfg.epochs:
+            return {}
+        m = evaluate_detector(model, postprocess, val, spec, images=val_images, batch_size=eval_bs)
+        return {"val_map_50": m.map_50, "val_map_50_95": m.map_50_95}
+
+    train_started = time.monotonic()
+    history = fit(
+        model,
+        batches,
+        epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate,
+        warmup_epochs=cfg.warmup_epochs,
+        weight_decay=cfg.weight_decay,
+        log=log,
+        on_epoch_end=progress,
+    )
+    fit_seconds = time.monotonic() - train_started
+
+    before = evaluate_detector(model, postprocess, val, spec, images=val_images, batch_size=eval_bs)
+    if cfg.precise_bn:
+        n = min(len(train_images), cfg.precise_bn_images)
+        bn.precise_bn(model, image_batches(train_images[:n], spec, batches.batch_size))
+    metrics = evaluate_detector(
+        model, postprocess, val, spec, images=val_images, batch_size=eval_bs
+    )
+
+    def map50(training: bool) -> float:
+        if not training:
+            return metrics.map_50
+        return evaluate_detector(
+            model, postprocess, val, spec, images=val_images, training=True, batch_size=eval_bs
+        ).map_50
+
+    parity = bn.metric_parity(map50, threshold=cfg.max_parity_gap)
+    x_val, _ = preprocess_images(val_images[: min(64, len(val_images))], spec)
+    timing = inference_timing(model, postprocess, x_val)
+    summary: dict[str, Any] = {
+        "name": cfg.name,
+        "map_50_95": metrics.map_50_95,
+        "map_50": metrics.map_50,
+        "map_75": metrics.map_75,
+        "per_class_ap": metrics.per_class_ap,
+        "metrics_before_precise_bn": {"map_50_95": before.map_50_95, "map_50": before.map_50},
+        "parity": parity.to_dict(),
+        "bn_momentum": momentum if momentum is not None else "keras-default",
+        "labels": train.labels,
+        "train_images": len(train),
+        "val_images": len(val),
+        "train_boxes": train.num_boxes(),
+        "val_boxes": val.num_boxes(),
+        "epochs": cfg.epochs,
+        "steps": total_steps,
+        "final_loss": history[-1]["loss"],
+        "history": history,
+        "parameters": int(model.count_params()),
+        "inference": timing,
+        "fit_seconds": round(fit_seconds, 1),
+        "train_seconds": round(time.monotonic() - started, 1),
+        "skipped": train.skipped + val.skipped,
+        "model": model,
+        "postprocess": postprocess,
+    }
+    if not export:
+        return summary
+    if not parity.passed and not cfg.force:
+        raise ParityError(
+            f"parity check failed: inference-mode mAP@.5 {parity.inference_metric:.3f} vs "
+            f"training-mode {parity.training_metric:.3f} (gap {parity.gap:.3f} > "
+            f"{parity.threshold}); moving statistics do not describe the data. "
+            "Not exported (use --force to export anyway)."
+        )
+    result = export_detector(
+        model, cfg, det_cfg, anchors, train, train_images, val_images, metrics, summary
+    )
+    summary["version"] = result.version
+    summary["exported"] = str(result.path)
+    summary["saved_model_bytes"] = sum(
+        p.stat().st_size for p in result.path.rglob("*") if p.is_file()
+    )
+    return summary
+
+
+def probe_layer_names(model: keras.Model, count: int = 3) -> list[str]:
+    """Drift probes spread over the backbone (early, middle, late).
+
+    Head and extra layers are left out: their inputs are tiny maps (2x2 at stride
+    64) whose per-image means are noisy, and input drift shows in the backbone.
+    """
+    backbone = keras.Model(model.inputs, model.get_layer(BACKBONE_LAYERS[32]).output)
+    return bn.select_probe_layers(backbone, count)
+
+
+def export_detector(
+    model: keras.Model,
+    cfg: DetectorTrainConfig,
+    det_cfg: DetectorConfig,
+    anchors: np.ndarray,
+    train: DetectionDataset,
+    train_images: list[np.ndarray],
+    val_images: list[np.ndarray],
+    metrics: DetectionMetrics,
+    summary: dict[str, Any],
+) -> ExportResult:
+    """Export with the model card's ``detection``, ``metrics``, BN and lineage sections."""
+    spec = cfg.spec
+    nms = cfg.nms_config
+    params = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("extra", "verbose")}
+    train_x = np.concatenate(list(image_batches(train_images[:1024], spec, 64)))
+    val_x, _ = preprocess_images(val_images, spec)
+    card_fields = {
+        "detection": {
+            "model": det_cfg.to_dict(),
+            "anchors": {
+                **det_cfg.anchors.to_dict(),
+                "count": int(len(anchors)),
+                "feature_map_sizes": [
+                    list(s) for s in feature_map_sizes(det_cfg.anchors, spec.height, spec.width)
+                ],
+                "order": "level, row, column, scale, aspect ratio",
+                "format": "normalised ymin, xmin, ymax, xmax",
+            },
+            "box_variances": list(DEFAULT_VARIANCES),
+            "box_coding": "centre-size (SSD): dy/h/v0, dx/w/v1, log(h)/v2, log(w)/v3",
+            "nms": {**nms.to_dict(), "class_wise": True},
+            "matching": cfg.match_config.to_dict(),
+            "score": "sigmoid per class",
+            "outputs": {
+                "detection_boxes": "[batch, max_detections, 4] normalised ymin, xmin, ymax, xmax "
+                "in model-input coordinates; map to the original image with the preprocessing "
+                "geometry (ImageGeometry.boxes_to_original)",
+                "detection_scores": "[batch, max_detections]",
+                "detection_classes": "[batch, max_detections] float32, 0-based index into labels",
+                "num_detections": "[batch] float32; rows beyond it are zero padding",
+            },
+        },
+        "metrics": {
+            **metrics.to_dict(),
+            "parity": summary["parity"],
+            "parity_metric": "map_50",
+            "evaluated_in": "inference_mode",
+            "evaluator": "pycocotools COCOeval bbox, original-image pixels",
+            "inference": summary["inference"],
+        },
+        "bn_reference": {"pixel_stats": pixel_statistics(train_x)},
+        "training": {
+            "bn_momentum": summary["bn_momentum"],
+            "precise_bn": cfg.precise_bn,
+            "epochs": cfg.epochs,
+            "steps": summary["steps"],
+            "final_loss": summary["final_loss"],
+            "train_seconds": summary["train_seconds"],
+            "augmentation": (cfg.augment_config).to_dict(),
+            "loss": LossConfig().to_dict(),
+        },
+        "lineage": {
+            "parent_version": None,
+            "dataset": {
+                "source": cfg.data if cfg.data != "synthetic" else "synthetic (COCO format)",
+                "fingerprint": train.fingerprint,
+                "train_images": summary["train_images"],
+                "val_images": summary["val_images"],
+            },
+            "parameters": params,
+        },
+    }
+    return export_model(
+        model,
+        model_base=cfg.model_base,
+        name=cfg.name,
+        task="detection",
+        spec=spec,
+        labels=train.labels,
+        postprocess=make_postprocess(anchors, nms),
+        probe_layers=probe_layer_names(model),
+        card_fields=card_fields,
+        warmup_images=val_x[:8],
+        version_labels=cfg.version_labels,
+        drift_images=val_x,
+        staleness_images=train_x,
+        drift_window=min(drift.DEFAULT_WINDOW, max(16, len(val_x) // 2)),
+        force=cfg.force,
+    )
+
+
+# --- command line -------------------------------------------------------------
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
+
+def add_detector_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``detector`` command's flags (each maps to a :class:`DetectorTrainConfig` field)."""
+    d = DetectorTrainConfig()
+    p = parser
+    p.add_argument("--data", default="synthetic", help="COCO annotation JSON, or 'synthetic'")
+    p.add_argument("--images", help="image folder of --data (default: 'images' beside the JSON)")
+    p.add_argument("--val-data", help="held-out COCO JSON (default: --val-fraction of --data)")
+    p.add_argument("--val-images", help="image folder of --val-data")
+    p.add_argument(
+        "--val-fraction", type=float, help=f"held-out fraction (default {d.val_fraction})"
+    )
+    p.add_argument("--model-base", default="models", help="model repository (default ./models)")
+    p.add_argument("--name", required=True, help="model name in the repository")
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), help="named parameter set; flags override it"
+    )
+    p.add_argument("--alpha", type=float, help=f"depth multiplier (default {d.alpha})")
+    p.add_argument("--image-size", type=int, help=f"input height = width (default {d.image_size})")
+    p.add_argument("--geometry", choices=["stretch", "letterbox"], help=f"default {d.geometry}")
+    p.add_argument("--resize-method", choices=["bilinear", "bicubic", "area", "nearest", "lanczos"])
+    p.add_argument("--strides", type=_ints, help="anchor levels, e.g. 8,16,32,64")
+    p.add_argument("--anchor-size-factor", type=float, help="anchor base size / stride")
+    p.add_argument("--anchor-scales", type=_floats, help="e.g. 1,1.41")
+    p.add_argument("--aspect-ratios", type=_floats, help="width/height, e.g. 1,2,0.5")
+    p.add_argument("--fpn", dest="fpn", action="store_true", default=None, help="top-down neck")
+    p.add_argument(
+        "--fpn-channels", type=int, help=f"neck and head width (default {d.fpn_channels})"
+    )
+    p.add_argument(
+        "--head-depth", type=int, help=f"separable layers per tower (default {d.head_depth})"
+    )
+    p.add_argument(
+        "--shared-head",
+        dest="shared_head",
+        action="store_true",
+        default=None,
+        help="one head for all levels (per-level BN)",
+    )
+    p.add_argument("--positive-iou", type=float)
+    p.add_argument("--negative-iou", type=float)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
+    p.add_argument("--crop-probability", type=float, help="share of images IoU-cropped")
+    p.add_argument("--jitter-probability", type=float, help="share of images scale-jittered")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--synthetic-images", type=int, help="synthetic training images")
+    p.add_argument("--synthetic-val-images", type=int, help="synthetic held-out images")
+    p.add_argument("--synthetic-dir", help="keep the synthetic COCO set here (default: temporary)")
+    p.add_argument("--nms-iou", type=float)
+    p.add_argument("--score-threshold", type=float)
+    p.add_argument("--max-detections", type=int)
+    p.add_argument("--bn-momentum", help="auto | keras | a number")
+    p.add_argument("--no-precise-bn", dest="precise_bn", action="store_false", default=None)
+    p.add_argument("--max-parity-gap", type=float, help="largest allowed mAP@.5 gap (0..1)")
+    p.add_argument("--eval-every", type=int, help="held-out mAP every N epochs (default: end only)")
+    p.add_argument(
+        "--force", action="store_true", default=None, help="export despite a failed parity check"
+    )
+    p.add_argument(
+        "--label",
+        dest="version_labels",
+        action="append",
+        help="version label(s) to point at the new version (default stable)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> DetectorTrainConfig:
+    """Preset values first, then every flag that was given."""
+    fields = {f.name for f in dataclasses.fields(DetectorTrainConfig)}
+    values: dict[str, Any] = dict(PRESETS[args.preset]) if getattr(args, "preset", None) else {}
+    for key, value in vars(args).items():
+        if key in fields and value is not None:
+            values[key] = value
+    return DetectorTrainConfig(**values)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The end-of-run report on stdout (human lines, then one JSON line)."""
+    print("\n== summary ==")
+    print(
+        f"held-out COCO mAP@[.5:.95] {summary['map_50_95']:.4f}, mAP@.5 {summary['map_50']:.4f}, "
+        f"mAP@.75 {summary['map_75']:.4f} ({summary['val_images']} images, inference mode)"
+    )
+    print("per-class AP@[.5:.95]:")
+    for label, ap in summary["per_class_ap"].items():
+        print(f"  {label:>12}: {'n/a' if ap is None else f'{ap:.4f}'}")
+    p = summary["parity"]
+    print(
+        f"parity (mAP@.5): inference {p['inference_mode']:.4f} vs training mode "
+        f"{p['training_mode']:.4f}, gap {p['gap']:.4f} ({'ok' if p['passed'] else 'FAILED'})"
+    )
+    t = summary["inference"]
+    print(
+        f"model: {summary['parameters']} parameters; in-process inference "
+        f"{t['batch_1_ms']} ms at batch 1, "
+        + ", ".join(
+            f"{v} ms/image at {k.split('_')[1]}" for k, v in t.items() if k.endswith("per_image")
+        )
+    )
+    print(f"training time: {summary['train_seconds']} s ({summary['fit_seconds']} s fitting)")
+    if "exported" in summary:
+        print(
+            f"exported: {summary['exported']} (version {summary['version']}, "
+            f"{summary['saved_model_bytes']} bytes)"
+        )
+    shown = {k: v for k, v in summary.items() if k not in ("model", "postprocess", "history")}
+    print(json.dumps(shown, default=str, sort_keys=True))
+
+
+def run_detector(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``detector`` command: train, evaluate, print the summary, export.
+
+    Exits with status 2 for bad parameters or unusable data and 3 for a failed parity or
+    staleness check.
+    """
+    try:
+        cfg = config_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    try:
+        summary = train_detector(cfg)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    except (ParityError, StalenessError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(3) from exc
+    print_summary(summary)
+    return {k: v for k, v in summary.items() if k not in ("model", "postprocess")}
