@@ -47,6 +47,7 @@ k8s: $(STAMP)
 bench: models
 	$(PY) bench/gateway_bench.py --model-base $(MODELS) --model demo_classifier
 	$(PY) bench/drift_acceptance.py --model-base $(MODELS) --name demo_classifier
+	$(PY) bench/drift_acceptance.py --model-base $(MODELS) --name demo_detector
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

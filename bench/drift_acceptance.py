@@ -58,6 +58,19 @@ SHIFTS = [
 ]
 
 
+def traffic(card: dict, n: int, seed: int, background: str | None = None) -> list[np.ndarray]:
+    """``n`` synthetic images of the model's training distribution (or another background)."""
+    if card["task"] == "detection":
+        from training.detection.data import SyntheticConfig, render_synthetic
+
+        config = SyntheticConfig(backgrounds=(background,)) if background else SyntheticConfig()
+        rng = np.random.default_rng(seed)
+        return [render_synthetic(rng, config)[0] for _ in range(n)]
+    # Clean traffic has the training data's class mix (a different mix is label shift).
+    imbalance = float(card["lineage"].get("parameters", {}).get("synthetic_imbalance", 1.0))
+    return synthetic.generate(n, seed=seed, imbalance=imbalance, background=background)[0]
+
+
 def probe_rows(
     serve, spec: PreprocessSpec, images: list[np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -99,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     window = int(card["bn_reference"]["drift"]["window"])
     rng = np.random.default_rng(args.seed)
 
-    # Clean traffic has the training data's class mix (a different mix is label shift).
-    imbalance = float(card["lineage"].get("parameters", {}).get("synthetic_imbalance", 1.0))
-    clean_imgs, _ = synthetic.generate(args.clean_images, seed=args.seed, imbalance=imbalance)
+    clean_imgs = traffic(card, args.clean_images, args.seed)
     cm, cs = probe_rows(serve, spec, clean_imgs)
     quiet = 0
     for _ in range(args.windows):
@@ -124,11 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     base = window
     for name in SHIFTS:
         if name.startswith("background:"):
-            imgs, _ = synthetic.generate(
-                window, seed=args.seed + 1, imbalance=imbalance, background=name.split(":")[1]
-            )
+            imgs = traffic(card, window, args.seed + 1, background=name.split(":")[1])
         else:
-            src, _ = synthetic.generate(window, seed=args.seed + 1, imbalance=imbalance)
+            src = traffic(card, window, args.seed + 1)
             imgs = [_shift(name, img, rng) for img in src]
         sm, ss = probe_rows(serve, spec, imgs)
         scores = drift.pooled_scores(sm, ss, probes)

@@ -27,8 +27,8 @@ def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(v) for v in rng.integers(0, 256, 3))
 
 
-def _distinct_colour(rng: np.random.Generator, avoid: np.ndarray) -> tuple[int, int, int]:
-    # The shape must stay visible: at least 100 apart from the background mean (L1).
+def distinct_colour(rng: np.random.Generator, avoid: np.ndarray) -> tuple[int, int, int]:
+    """A random colour at least 100 (L1) from ``avoid``, so a shape stays visible."""
     for _ in range(100):
         c = np.array(_colour(rng))
         if np.abs(c - avoid).sum() >= 100:
@@ -36,7 +36,8 @@ def _distinct_colour(rng: np.random.Generator, avoid: np.ndarray) -> tuple[int, 
     return tuple(int(v) for v in (255 - avoid))
 
 
-def _background(rng: np.random.Generator, kind: str, w: int, h: int) -> np.ndarray:
+def background_pixels(rng: np.random.Generator, kind: str, w: int, h: int) -> np.ndarray:
+    """A float (h, w, 3) background of one of ``ALL_BACKGROUNDS``' kinds."""
     a, b = np.array(_colour(rng), float), np.array(_colour(rng), float)
     if kind == "solid":
         img = np.broadcast_to(a, (h, w, 3)).copy()
@@ -69,7 +70,8 @@ def _polygon(cx: float, cy: float, r: float, angle: float, points: Sequence[tupl
     return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in points]
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, cls: str, cx, cy, r, angle, colour, bg) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, cls: str, cx, cy, r, angle, colour, bg) -> None:
+    """Draw shape class ``cls`` centred at (cx, cy), radius r, rotated by ``angle`` radians."""
     if cls == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
     elif cls == "ring":
@@ -109,7 +111,7 @@ def render(
     """One RGB uint8 image of ``cls`` at a random native size (or ``size`` = (w, h))."""
     w, h = size or (int(rng.integers(72, 161)), int(rng.integers(72, 161)))
     kind = background or TRAINING_BACKGROUNDS[int(rng.integers(len(TRAINING_BACKGROUNDS)))]
-    bg = _background(rng, kind, w, h)
+    bg = background_pixels(rng, kind, w, h)
     bg_mean = bg.reshape(-1, 3).mean(0)
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
@@ -120,9 +122,9 @@ def render(
     r = float(rng.uniform(0.18, 0.42)) * min(w, h)
     cx = float(rng.uniform(r, w - r))
     cy = float(rng.uniform(r, h - r))
-    colour = _distinct_colour(rng, bg_mean)
+    colour = distinct_colour(rng, bg_mean)
     shape_bg = tuple(int(v) for v in bg_mean)
-    _draw_shape(draw, cls, cx, cy, r, float(rng.uniform(0, 2 * math.pi)), colour, shape_bg)
+    draw_shape(draw, cls, cx, cy, r, float(rng.uniform(0, 2 * math.pi)), colour, shape_bg)
     out = np.asarray(img, dtype=np.float64)
     out += rng.normal(0, float(rng.uniform(0, 12)), out.shape)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)

@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 
 from training.detection.boxes import xywh_to_yxyx, yxyx_to_xywh
 from training.preprocessing import ImageError, decode_image
-from training.synthetic import TRAINING_BACKGROUNDS, _background, _distinct_colour, _draw_shape
+from training.synthetic import TRAINING_BACKGROUNDS, background_pixels, distinct_colour, draw_shape
 
 #: Classes of the synthetic detection set (shapes of :mod:`training.synthetic`).
 SYNTHETIC_CLASSES = ("circle", "square", "triangle", "cross")
@@ -308,7 +308,7 @@ class SyntheticConfig:
 def _shape_box(cls: str, cx: float, cy: float, r: float, angle: float, w: int, h: int):
     """The exact pixel extent of a shape, from a mask drawn by the same routine."""
     mask = Image.new("L", (w, h), 0)
-    _draw_shape(ImageDraw.Draw(mask), cls, cx, cy, r, angle, 255, 0)
+    draw_shape(ImageDraw.Draw(mask), cls, cx, cy, r, angle, 255, 0)
     return mask.getbbox()  # (x0, y0, x1, y1), x1/y1 exclusive; None if nothing drawn
 
 
@@ -319,7 +319,7 @@ def render_synthetic(
     w = int(rng.integers(config.min_side, config.max_side + 1))
     h = int(rng.integers(config.min_side, config.max_side + 1))
     kind = config.backgrounds[int(rng.integers(len(config.backgrounds)))]
-    bg = _background(rng, kind, w, h)
+    bg = background_pixels(rng, kind, w, h)
     bg_mean = bg.reshape(-1, 3).mean(0)
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
@@ -365,8 +365,8 @@ def render_synthetic(
         covered = [c + e for c, e in zip(covered, extra, strict=True)]
         # Contrast against the background under the shape, not the image average:
         # on gradients and blotches the two differ, and an invisible shape is a wrong label.
-        colour = _distinct_colour(rng, bg[y0:y1, x0:x1].reshape(-1, 3).mean(0))
-        _draw_shape(
+        colour = distinct_colour(rng, bg[y0:y1, x0:x1].reshape(-1, 3).mean(0))
+        draw_shape(
             draw, config.classes[cls], cx, cy, r, angle, colour, tuple(int(v) for v in bg_mean)
         )
         placed.append((x0, y0, x1, y1))
