@@ -28,7 +28,13 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-OUTCOMES = {0: "published", 3: "rejected", 4: "insufficient_samples"}
+from training import calibration
+
+OUTCOMES = {
+    calibration.EXIT_PUBLISHED: "published",
+    calibration.EXIT_REJECTED: "rejected",
+    calibration.EXIT_NOT_ENOUGH_SAMPLES: "insufficient_samples",
+}
 
 
 class CalibrationBusy(RuntimeError):

@@ -15,12 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from PIL import Image
-
-# Training in tests is bit-for-bit reproducible on a machine: with a fixed seed the
-# tiny models (and so every check on them) come out the same on every run.
-tf.config.experimental.enable_op_determinism()
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SKIMAGE_DATA = Path(__import__("skimage").__file__).parent / "data"

@@ -64,7 +64,12 @@ import numpy as np
 from training import bn, drift
 from training.classifier import REFERENCE_SET, classifier_postprocess
 from training.export import export_model, pixel_statistics
-from training.model_card import KERAS_MODEL_RELPATH, load_model_card, write_model_card
+from training.model_card import (
+    KERAS_MODEL_RELPATH,
+    REQUIRED,
+    load_model_card,
+    write_model_card,
+)
 from training.preprocessing import PreprocessSpec, normalize
 from training.repository import ModelRepository, RepositoryError
 from training.samples import SampleSet, load_samples
@@ -77,21 +82,7 @@ EXIT_REJECTED = 3
 EXIT_NOT_ENOUGH_SAMPLES = 4
 EXIT_ERROR = 5
 #: Card keys ``export_model`` writes itself; everything else is carried from the parent.
-_EXPORT_OWNED = {
-    "schema_version",
-    "name",
-    "version",
-    "task",
-    "labels",
-    "created_at",
-    "input",
-    "signature",
-    "preprocessing",
-    "bn_reference",
-    "metrics",
-    "calibration",
-    "lineage",
-}
+_EXPORT_OWNED = set(REQUIRED)
 
 
 class CalibrationError(RuntimeError):

@@ -122,7 +122,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         learning_rate=1e-2,
         patience=8,
     ),
-    # Seconds, for tests (with a small, easy dataset).
+    # Seconds, for tests (with a small, easy dataset). About 60 held-out images make
+    # the parity estimate noisy, hence the wider gap.
     "tiny": dict(
         alpha=0.35,
         image_size=32,
@@ -132,7 +133,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         synthetic_images=300,
         reference_images=32,
         patience=100,
-        max_parity_gap=0.05,
+        max_parity_gap=0.1,
     ),
 }
 
