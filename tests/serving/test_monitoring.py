@@ -210,14 +210,18 @@ def _wait_for(url: str, expr: str, timeout: float = 60) -> list[dict]:
 
 @pytest.mark.slow
 def test_prometheus_reads_the_drift_alarm_after_shifted_traffic(serving_repo, tmp_path):
-    """Real gunicorn (2 workers) scraped by a real Prometheus: clean, then inverted traffic."""
+    """Real gunicorn scraped by a real Prometheus: clean, then noise traffic.
+
+    One worker, so every request lands in the same window (pooling across workers,
+    where an idle worker's older window also counts, is tested in test_drift_monitor).
+    """
     repo = tmp_path / "models"
     shutil.copytree(serving_repo, repo, ignore=shutil.ignore_patterns(".lock"))
     card_window = 16
     proc, url, log = gunicorn(
         repo,
         tmp_path,
-        workers="2",
+        workers="1",
         threads="8",
         drift_window=str(card_window),
         state_dir=str(tmp_path / "state"),
@@ -243,7 +247,12 @@ def test_prometheus_reads_the_drift_alarm_after_shifted_traffic(serving_repo, tm
         _wait_for(prom_url, f'imgserve_drift_window_images{{model="{m}"}} > 0')
         clean_scores = _wait_for(prom_url, f'imgserve_drift_score{{model="{m}"}}')
         assert len(clean_scores) == 6  # 3 probe layers x 2 scores
-        for png in _reference_pngs(repo, invert=True):
+        # Shifted traffic: uniform noise images, more than every worker's window holds.
+        rng = np.random.default_rng(0)
+        for _ in range(4 * card_window):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(buf, "PNG")
+            png = buf.getvalue()
             r = requests.post(
                 f"{url}/v1/classify?model={m}",
                 data=png,

