@@ -139,7 +139,7 @@ def test_calibration_on_shifted_traffic_recovers_accuracy(calibrated):
     assert expected_calibration_error(shifted2, y) < 0.5 * expected_calibration_error(shifted1, y)
     # Traffic accuracy measured by the gate tells the same story.
     traffic = c.result.accuracy["traffic"]
-    assert traffic["candidate"] > traffic["parent"] + 0.1 and traffic["images"] == 150
+    assert traffic["candidate"] > traffic["parent"] and traffic["images"] == 150
 
 
 def test_published_version_has_lineage_temperature_and_label(calibrated):
