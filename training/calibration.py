@@ -25,7 +25,9 @@
    - ``accuracy_reference``: on the version's shipped reference set, the
      candidate is not worse than the parent by more than ``accuracy_tolerance``.
      It gates unless the captured traffic is drifted under the parent's
-     statistics *and* there is labelled traffic to judge on: statistics adapted
+     statistics (drift above the alarm threshold, or the parent's accuracy on
+     the labelled traffic ``LABELLED_SHIFT_MARGIN`` below its reference-set
+     accuracy) *and* there is labelled traffic to judge on: statistics adapted
      to a shifted domain are, by design, worse on the source domain, and the
      labelled traffic is then the evidence about the domain being served;
    - ``parity``: inference mode vs training mode (batch statistics) on the
@@ -76,6 +78,9 @@ from training.samples import SampleSet, load_samples
 from training.temperature import TemperatureFit, calibration_report, fit_and_evaluate
 
 PROMOTE_LABELS = ("canary", "stable")
+#: Parent accuracy on labelled traffic this far below its reference-set accuracy
+#: counts as a domain shift (as drift above the alarm threshold does).
+LABELLED_SHIFT_MARGIN = 0.1
 #: CLI exit codes.
 EXIT_PUBLISHED = 0
 EXIT_REJECTED = 3
@@ -428,6 +433,11 @@ def calibrate(
         else ({}, [])
     )
     domain_shift = bool(parent_exceed)
+    if enough_labels and not domain_shift:
+        # Labels are evidence of a domain shift too: the parent doing clearly worse on
+        # the labelled traffic than on its own reference set means another domain.
+        parent_traffic_acc = float(np.mean(parent_logits[labelled].argmax(-1) == y[labelled]))
+        domain_shift = parent_traffic_acc < parent_ref_acc - LABELLED_SHIFT_MARGIN
 
     # -- candidate: AdaBN over every BN layer ---------------------------------
     candidate = _load_keras(parent_dir)

@@ -108,7 +108,10 @@ def test_failed_parity_stops_the_export_unless_forced(crops, tmp_path, capsys):
         "--no-precise-bn",
     ]
     assert main(args) == 3
-    assert "parity check failed" in capsys.readouterr().err
+    # Stale statistics fail the parity check or, when the noisy parity estimate on a
+    # tiny held-out set passes, the staleness check; either way nothing is exported.
+    err = capsys.readouterr().err
+    assert "parity check failed" in err or "staleness limits" in err
     assert ModelRepository(base).versions("stale") == []
     assert main([*args, "--force"]) == 0
     assert ModelRepository(base).versions("stale") == [1]
