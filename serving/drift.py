@@ -37,7 +37,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,7 +121,10 @@ class DriftMonitor:
         half_life_s: float = 300.0,
         publish_interval_s: float = 1.0,
         cards: Mapping[tuple[str, int], Mapping[str, Any]] | None = None,
+        card_lookup: Callable[[str, int], Mapping[str, Any] | None] | None = None,
     ) -> None:
+        """``card_lookup(model, version)`` finds the card of a version this worker never
+        served (another worker did): scrapes pool every worker's windows."""
         self.window = int(window)
         self.half_life_s = float(half_life_s)
         self.publish_interval_s = float(publish_interval_s)
@@ -132,6 +135,7 @@ class DriftMonitor:
         self._cards: dict[tuple[str, int], Mapping[str, Any]] = dict(cards or {})
         self._lock = threading.Lock()
         self._published_at = 0.0
+        self.card_lookup = card_lookup
 
     # -- observer ---------------------------------------------------------------
     def on_prediction(self, event: Any) -> None:
@@ -226,9 +230,6 @@ class DriftMonitor:
                 with self._lock:
                     self._cards[key] = card
         return card
-
-    #: ``(model, version) -> card or None`` for versions this worker never served.
-    card_lookup: Any = None
 
     def close(self) -> None:
         """Remove this worker's files (a clean shutdown)."""
@@ -367,7 +368,8 @@ def register(
     card_lookup: Any = None,
 ) -> tuple[DriftMonitor, PredictionMix]:
     """Create the monitor and prediction-mix metrics on ``registry``; returns both observers."""
-    monitor = DriftMonitor(state_dir=state_dir, window=window, half_life_s=half_life_s)
-    monitor.card_lookup = card_lookup
+    monitor = DriftMonitor(
+        state_dir=state_dir, window=window, half_life_s=half_life_s, card_lookup=card_lookup
+    )
     registry.register(DriftCollector(monitor))
     return monitor, PredictionMix(registry)

@@ -13,6 +13,7 @@ import os
 import queue
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,6 @@ class CaptureObserver:
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until queued samples are written (tests, shutdown)."""
-        import time
 
         end = time.monotonic() + timeout
         while self._queue.unfinished_tasks and time.monotonic() < end:
@@ -156,8 +156,8 @@ def attach(service: Any, settings: Any) -> Monitoring:
         state_dir=state / "drift",
         window=settings.drift_window,
         half_life_s=settings.drift_half_life_s,
+        card_lookup=lambda m, v: _card(service, m, v),
     )
-    monitor.card_lookup = lambda m, v: _card(service, m, v)
     metrics.add_scrape_collector(drift.DriftCollector(monitor))
     mix = drift.PredictionMix(metrics.registry)
     service.add_observer(monitor)

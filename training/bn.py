@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import keras
 import numpy as np
@@ -188,19 +188,38 @@ def precise_bn(
     """
     layers = layers if layers is not None else bn_layers(model)
     stats = collect_bn_statistics(model, batches, layers=layers, max_batches=max_batches)
-    for layer, s in zip(layers, stats, strict=True):
+    source = [(lyr.moving_mean.numpy(), lyr.moving_variance.numpy()) for lyr in layers]
+    return assign_statistics(layers, stats, source, prior_strength=prior_strength)
+
+
+def assign_statistics(
+    layers: list[keras.layers.BatchNormalization],
+    stats: list[BNStatistics],
+    source: list[tuple[np.ndarray, np.ndarray]],
+    *,
+    prior_strength: float = 0.0,
+) -> list[BNStatistics]:
+    """Write ``stats`` into ``layers``, mixed with ``source`` (mean, variance) by the prior.
+
+    With N = ``prior_strength`` and n the images behind ``stats``, mean and
+    second moment are averaged with weights N/(N+n) (source) and n/(N+n).
+    Returns the statistics written (new objects; ``stats`` is not modified), so
+    one collection can be tried at several prior strengths.
+    """
+    written = []
+    for layer, s, (mu, sigma2) in zip(layers, stats, source, strict=True):
         mean, var = s.mean, s.variance
         if prior_strength > 0:
             w = prior_strength / (prior_strength + s.images)
-            mu = layer.moving_mean.numpy().astype(np.float64)
-            sigma2 = layer.moving_variance.numpy().astype(np.float64)
+            mu = np.asarray(mu, np.float64)
+            sigma2 = np.asarray(sigma2, np.float64)
             second = w * (sigma2 + mu**2) + (1 - w) * (var + mean**2)
             mean = w * mu + (1 - w) * mean
             var = np.maximum(second - mean**2, 0.0)
         layer.moving_mean.assign(mean.astype(np.float32))
         layer.moving_variance.assign(var.astype(np.float32))
-        s.mean, s.variance = mean, var
-    return stats
+        written.append(replace(s, mean=mean, variance=var))
+    return written
 
 
 def _snapshot(layers: list[keras.layers.BatchNormalization]) -> list[tuple[np.ndarray, np.ndarray]]:

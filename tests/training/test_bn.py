@@ -83,6 +83,25 @@ def test_prior_strength_mixes_source_and_target_statistics():
     np.testing.assert_allclose(first.moving_mean.numpy(), 0.5 * 5.0 + 0.5 * target.mean, rtol=1e-4)
 
 
+def test_one_collection_can_be_assigned_at_several_prior_strengths():
+    model = _tiny_model()
+    layers = bn.bn_layers(model)
+    x = np.random.default_rng(3).uniform(-1, 1, (16, 32, 32, 3)).astype(np.float32)
+    target = bn.collect_bn_statistics(model, [x], layers=layers)
+    source = [(lyr.moving_mean.numpy() + 1.0, lyr.moving_variance.numpy() * 2.0) for lyr in layers]
+    before = [s.mean.copy() for s in target]
+    mixed = bn.assign_statistics(layers, target, source, prior_strength=16.0)  # half and half
+    np.testing.assert_allclose(
+        layers[0].moving_mean.numpy(), 0.5 * source[0][0] + 0.5 * target[0].mean, rtol=1e-4
+    )
+    np.testing.assert_allclose(mixed[0].mean, layers[0].moving_mean.numpy(), rtol=1e-6)
+    for s, mean in zip(target, before, strict=True):  # the collection is left as it was
+        np.testing.assert_array_equal(s.mean, mean)
+    bn.assign_statistics(layers, target, source, prior_strength=0.0)  # the samples alone
+    np.testing.assert_allclose(layers[0].moving_mean.numpy(), target[0].mean, rtol=1e-6)
+    np.testing.assert_allclose(layers[0].moving_variance.numpy(), target[0].variance, rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_seeds_bug_reproduced_and_fixed(tmp_path):
     """Keras defaults (momentum 0.999, no re-estimation) collapse in inference mode;
