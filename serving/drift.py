@@ -6,6 +6,14 @@ successful request hands it the signature's ``bn_input_mean`` /
 into per-(model, version) windows. No second forward pass: the probe statistics
 come out of the same call that produced the prediction.
 
+The request thread only appends the arrays to a bounded queue (no lock, no
+arithmetic): a folding thread drains it every ``fold_interval_s`` and folds
+the queued requests of a version in one vectorised step, and a scrape drains it
+first, so what a scrape reports includes every request answered before it.
+Folding per request under a lock made request threads queue behind each
+other (the lock was held across GIL switches); deferring it keeps drift out of
+the request path.
+
 Windows, per model version and per worker process:
 - count-based: the last ``window`` images (ring buffer of per-image probe rows);
 - time-decayed: exponentially weighted sums with half-life ``half_life_s``.
@@ -31,6 +39,7 @@ three colour channels, the card's labels):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
@@ -110,6 +119,17 @@ class _Window:
         }
 
 
+def _channel_means(x: np.ndarray) -> np.ndarray:
+    """Per-image channel means of [n, H, W, 3] as [n, 3] float64.
+
+    A product with a ones vector runs in BLAS; numpy's mean over the strided
+    spatial axes took 20 times longer (about 0.6 ms per 96x96 image).
+    """
+    flat = x.reshape(len(x), -1, x.shape[-1])
+    ones = np.ones(flat.shape[1], flat.dtype)
+    return (ones @ flat).astype(np.float64) / flat.shape[1]
+
+
 class DriftMonitor:
     """Aggregates probe statistics per model version and serves the drift metrics."""
 
@@ -122,9 +142,16 @@ class DriftMonitor:
         publish_interval_s: float = 1.0,
         cards: Mapping[tuple[str, int], Mapping[str, Any]] | None = None,
         card_lookup: Callable[[str, int], Mapping[str, Any] | None] | None = None,
+        fold_interval_s: float = 0.05,
+        max_pending: int | None = None,
     ) -> None:
         """``card_lookup(model, version)`` finds the card of a version this worker never
-        served (another worker did): scrapes pool every worker's windows."""
+        served (another worker did): scrapes pool every worker's windows.
+
+        ``max_pending`` bounds the requests waiting to be folded (default four
+        windows); beyond it the oldest are dropped (the count window would have
+        overwritten them anyway; the decayed window then sees a sample).
+        """
         self.window = int(window)
         self.half_life_s = float(half_life_s)
         self.publish_interval_s = float(publish_interval_s)
@@ -136,31 +163,71 @@ class DriftMonitor:
         self._lock = threading.Lock()
         self._published_at = 0.0
         self.card_lookup = card_lookup
+        self.fold_interval_s = float(fold_interval_s)
+        self._pending: collections.deque[tuple[Any, ...]] = collections.deque(
+            maxlen=max_pending or 4 * self.window
+        )
+        self._fold_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._folder: threading.Thread | None = None
+        self._folder_pid = 0
 
     # -- observer ---------------------------------------------------------------
     def on_prediction(self, event: Any) -> None:
-        """Fold one request into its version's windows (quick; never raises)."""
-        with contextlib.suppress(Exception):
-            self._observe(event)
-
-    def _observe(self, event: Any) -> None:
+        """Queue one request for folding (O(1), no lock; never raises)."""
         outputs = event.outputs
         if "bn_input_mean" not in outputs or "bn_input_sqmean" not in outputs:
             return
-        mv = event.model
-        key = (mv.name, int(mv.version))
-        means = np.asarray(outputs["bn_input_mean"], np.float64)
-        sqmeans = np.asarray(outputs["bn_input_sqmean"], np.float64)
-        pixels = np.asarray(event.inputs, np.float64).mean(axis=(1, 2))
+        # deque.append is atomic; the arrays are the request's own, never written again.
+        self._pending.append(
+            (event.model, outputs["bn_input_mean"], outputs["bn_input_sqmean"], event.inputs)
+        )
+        if self._folder_pid != os.getpid():
+            self._start_folder()
+
+    def _start_folder(self) -> None:
+        with self._fold_lock:
+            if self._folder_pid == os.getpid():
+                return
+            self._folder_pid = os.getpid()
+            self._folder = threading.Thread(target=self._fold_loop, name="drift-fold", daemon=True)
+            self._folder.start()
+
+    def _fold_loop(self) -> None:
+        while not self._stop.wait(self.fold_interval_s):
+            with contextlib.suppress(Exception):  # monitoring must never take the worker down
+                self.fold()
+                if time.monotonic() - self._published_at >= self.publish_interval_s:
+                    self.publish()
+
+    def fold(self) -> int:
+        """Fold every queued request into its version's windows; returns how many."""
+        with self._fold_lock:
+            items = []
+            while True:
+                try:
+                    items.append(self._pending.popleft())
+                except IndexError:
+                    break
+            groups: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
+            for item in items:
+                mv = item[0]
+                groups.setdefault((mv.name, int(mv.version)), []).append(item)
+            for key, group in groups.items():
+                with contextlib.suppress(Exception):  # one bad request must not lose the rest
+                    self._fold_group(key, group)
+            return len(items)
+
+    def _fold_group(self, key: tuple[str, int], group: list[tuple[Any, ...]]) -> None:
+        means = np.concatenate([np.asarray(g[1], np.float64) for g in group])
+        sqmeans = np.concatenate([np.asarray(g[2], np.float64) for g in group])
+        pixels = np.concatenate([_channel_means(np.asarray(g[3])) for g in group])
         with self._lock:
-            self._cards.setdefault(key, mv.card)
+            self._cards.setdefault(key, group[0][0].card)
             w = self._windows.get(key)
             if w is None or w.channels != means.shape[1]:
                 w = self._windows[key] = _Window(means.shape[1], self.window, self.half_life_s)
             w.add(means, sqmeans, pixels)
-            due = time.monotonic() - self._published_at >= self.publish_interval_s
-        if due:
-            self.publish()
 
     # -- sharing between workers --------------------------------------------------
     def _file(self, key: tuple[str, int]) -> Path:
@@ -168,6 +235,7 @@ class DriftMonitor:
 
     def publish(self) -> None:
         """Write this worker's sufficient statistics (atomic rename per version)."""
+        self.fold()
         with self._lock:
             snapshot = {k: w.sufficient_statistics() for k, w in self._windows.items()}
             self._published_at = time.monotonic()
@@ -232,7 +300,10 @@ class DriftMonitor:
         return card
 
     def close(self) -> None:
-        """Remove this worker's files (a clean shutdown)."""
+        """Stop folding and remove this worker's files (a clean shutdown)."""
+        self._stop.set()
+        if self._folder is not None and self._folder_pid == os.getpid():
+            self._folder.join(timeout=5)
         for key in list(self._windows):
             with contextlib.suppress(OSError):
                 self._file(key).unlink()

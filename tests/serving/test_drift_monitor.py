@@ -185,3 +185,32 @@ def test_windows_of_several_worker_processes_are_pooled(tmp_path):
     # A dead worker's window no longer counts.
     entry = monitor.scores()[("m", 1)]
     assert entry["images"] == 24
+
+
+def test_request_threads_only_queue_and_every_request_is_folded(tmp_path):
+    """Requests from many threads at once: none is lost, and a scrape sees them all
+    even when the folding thread has not run yet."""
+    import threading
+
+    card = _card()
+    monitor = DriftMonitor(state_dir=tmp_path, window=512, fold_interval_s=3600.0)
+    events = [_event(card, np.random.default_rng(i), 5, 0.0) for i in range(8)]
+    pixels = np.arange(5 * 4 * 4 * 3, dtype=np.float32).reshape(5, 4, 4, 3) / 240.0
+    for e in events:
+        e.inputs = pixels
+    start = threading.Barrier(8)
+
+    def send(event) -> None:
+        start.wait(10)
+        for _ in range(10):
+            monitor.on_prediction(event)
+
+    threads = [threading.Thread(target=send, args=(e,)) for e in events]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    (entry,) = monitor.scores().values()
+    assert entry["images"] == 8 * 10 * 5
+    np.testing.assert_allclose(entry["pixel_mean"], pixels.reshape(-1, 3).mean(0), rtol=1e-6)
+    monitor.close()
