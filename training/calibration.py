@@ -8,7 +8,7 @@
 2. splits the samples by request id into a fit part and a held-out part, and
    re-estimates the statistics of *every* BN layer on the fit part with
    :func:`training.bn.precise_bn` (AdaBN; optionally mixed with the source
-   statistics by ``prior_strength``). Layers frozen at training time are
+   statistics by ``prior_strength``; ``"auto"`` chooses it, see below). Layers frozen at training time are
    unfrozen for the pass, so each layer sees its input normalised by the new
    statistics upstream, and re-frozen before saving;
 3. fits a temperature (:mod:`training.temperature`) on the labelled fit samples
@@ -40,6 +40,15 @@
    ``stable``) at it; a failing one goes to ``<name>/rejected/<N+1>`` with the
    reasons, and ``models.config`` is not touched.
 
+``prior_strength="auto"`` (the default of the command line) tries source
+weights N/(N+n) in :data:`AUTO_SOURCE_WEIGHTS` on the one collected set of
+statistics and keeps the one with the best accuracy on the labelled *fit*
+samples among those within ``accuracy_tolerance`` of the parent on the
+reference set and that leave the held-out traffic below the drift alarm (the
+most adapted one on ties): full adaptation when the source domain does not
+suffer, a mix when it would. Without enough labels it is 0.
+Every weight tried is recorded in the lineage.
+
 Label moves are appended to ``<name>/label_history.jsonl``; :func:`rollback`
 uses it to move ``stable`` back to the version it pointed at before.
 """
@@ -56,6 +65,7 @@ import secrets
 import shutil
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +91,8 @@ PROMOTE_LABELS = ("canary", "stable")
 #: Parent accuracy on labelled traffic this far below its reference-set accuracy
 #: counts as a domain shift (as drift above the alarm threshold does).
 LABELLED_SHIFT_MARGIN = 0.1
+#: Source weights N/(N+n) that ``prior_strength="auto"`` tries (0: the samples alone).
+AUTO_SOURCE_WEIGHTS = (0.0, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8)
 #: CLI exit codes.
 EXIT_PUBLISHED = 0
 EXIT_REJECTED = 3
@@ -131,6 +143,8 @@ class CalibrationResult:
     temperature_fit: TemperatureFit | None
     accuracy: dict[str, Any]
     samples: dict[str, Any]
+    prior_strength: float = 0.0
+    prior_search: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -157,6 +171,8 @@ class CalibrationResult:
             else self.temperature_fit.to_dict(),
             "accuracy": self.accuracy,
             "samples": self.samples,
+            "prior_strength": self.prior_strength,
+            "prior_search": self.prior_search,
         }
 
 
@@ -206,6 +222,49 @@ def _probe_moments(model: keras.Model, names: list[str], x: np.ndarray, batch_si
         means.append(m.numpy())
         sqmeans.append(s.numpy())
     return np.concatenate(means), np.concatenate(sqmeans)
+
+
+def _choose_prior(
+    model: keras.Model,
+    layers: list[keras.layers.BatchNormalization],
+    target: list[bn.BNStatistics],
+    source: list[tuple[np.ndarray, np.ndarray]],
+    labelled: tuple[np.ndarray, np.ndarray] | None,
+    reference: tuple[np.ndarray, np.ndarray],
+    reference_floor: float,
+    batch_size: int,
+    drifts: Callable[[], bool] | None = None,
+) -> tuple[float, list[dict[str, Any]]]:
+    """The prior strength for ``prior_strength="auto"`` and every weight tried (module docstring).
+
+    ``drifts()`` says whether the held-out traffic still exceeds the alarm
+    thresholds under the statistics assigned now: a weight that leaves the traffic
+    drifted would fail the gate, so it is chosen only when every weight does.
+    """
+    if labelled is None or len(labelled[1]) == 0:
+        return 0.0, []
+    n = target[0].images
+    tried = []
+    for w in AUTO_SOURCE_WEIGHTS:
+        strength = w / (1.0 - w) * n
+        bn.assign_statistics(layers, target, source, prior_strength=strength)
+        tried.append(
+            {
+                "source_weight": w,
+                "prior_strength": strength,
+                "labelled_accuracy": float(
+                    np.mean(_logits(model, labelled[0], batch_size).argmax(-1) == labelled[1])
+                ),
+                "reference_accuracy": float(
+                    np.mean(_logits(model, reference[0], batch_size).argmax(-1) == reference[1])
+                ),
+                "traffic_drifts": bool(drifts()) if drifts is not None else False,
+            }
+        )
+    within = [t for t in tried if t["reference_accuracy"] >= reference_floor]
+    eligible = [t for t in within if not t["traffic_drifts"]] or within or tried
+    best = max(eligible, key=lambda t: (t["labelled_accuracy"], -t["source_weight"]))
+    return best["prior_strength"], tried
 
 
 def drift_exceedances(
@@ -352,7 +411,7 @@ def calibrate(
     name: str,
     samples_dir: str | os.PathLike[str],
     *,
-    prior_strength: float = 0.0,
+    prior_strength: float | str = 0.0,
     min_samples: int = 64,
     min_labelled: int = 32,
     accuracy_tolerance: float = 0.02,
@@ -375,10 +434,12 @@ def calibrate(
     """
     if promote not in PROMOTE_LABELS:
         raise ValueError(f"promote must be one of {PROMOTE_LABELS}, got {promote!r}")
-    if prior_strength < 0 or min_samples < 1 or min_labelled < 1 or not 0 <= holdout_fraction < 1:
-        raise ValueError(
-            "prior_strength >= 0, min_samples >= 1, min_labelled >= 1, 0 <= holdout < 1"
-        )
+    if prior_strength != "auto" and (
+        isinstance(prior_strength, str) or prior_strength < 0  # type: ignore[operator]
+    ):
+        raise ValueError(f"prior_strength must be >= 0 or 'auto', got {prior_strength!r}")
+    if min_samples < 1 or min_labelled < 1 or not 0 <= holdout_fraction < 1:
+        raise ValueError("min_samples >= 1, min_labelled >= 1, 0 <= holdout < 1")
     repo = ModelRepository(model_base)
     parent_version = repo.labels(name).get("stable")
     if parent_version is None:
@@ -449,10 +510,31 @@ def calibrate(
     try:
         for layer in layers:
             layer.trainable = True  # frozen BN runs in inference mode even in training mode
-        bn.precise_bn(candidate, batches, layers=layers, prior_strength=prior_strength)
+        target = bn.collect_bn_statistics(candidate, batches, layers=layers)
     finally:
         for layer, flag in zip(layers, frozen, strict=True):
             layer.trainable = flag
+    source = [(lyr.moving_mean.numpy(), lyr.moving_variance.numpy()) for lyr in layers]
+    prior_search: list[dict[str, Any]] = []
+    if prior_strength == "auto":
+        fit_labelled = labelled & fit if (labelled & fit).sum() >= min_labelled // 2 else labelled
+        prior_strength, prior_search = _choose_prior(
+            candidate,
+            layers,
+            target,
+            source,
+            (x[fit_labelled], y[fit_labelled]) if enough_labels else None,
+            (ref_x, ref_y),
+            parent_ref_acc - accuracy_tolerance,
+            batch_size,
+            drifts=(
+                (lambda: bool(drift_exceedances(candidate, probe_names, x[held], thresholds)[1]))
+                if thresholds
+                else None
+            ),
+        )
+    prior_strength = float(prior_strength)  # type: ignore[arg-type]
+    bn.assign_statistics(layers, target, source, prior_strength=prior_strength)
     cand_logits = _logits(candidate, x, batch_size)
     cand_ref_acc = float(np.mean(_logits(candidate, ref_x, batch_size).argmax(-1) == ref_y))
 
@@ -688,6 +770,7 @@ def calibrate(
         "method": "adabn-precise-bn",
         "bn_layers_reestimated": len(layers),
         "prior_strength": float(prior_strength),
+        "prior_search": prior_search,
         "samples": samples_info,
         "temperature": temperature,
         "traffic_drifted_from_parent": domain_shift,
@@ -776,6 +859,8 @@ def calibrate(
     finally:
         shutil.rmtree(private, ignore_errors=True)
     return CalibrationResult(
+        prior_strength=prior_strength,
+        prior_search=prior_search,
         name=name,
         status="published" if passed else "rejected",
         version=version,
@@ -802,9 +887,10 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", required=True, help="capture store root (holds <name>/)")
     parser.add_argument(
         "--prior-strength",
-        type=float,
-        default=0.0,
-        help="source statistics as N pseudo-images (0: the samples alone)",
+        type=_prior_arg,
+        default="auto",
+        help="source statistics as N pseudo-images (0: the samples alone); 'auto' (default) "
+        "picks the best on labelled feedback that keeps the reference set within tolerance",
     )
     parser.add_argument("--min-samples", type=int, default=64, help="fewest images to calibrate on")
     parser.add_argument(
@@ -833,6 +919,20 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
         help="label to point at a published candidate (default canary)",
     )
     parser.add_argument("--seed", type=int, default=0)
+
+
+def _prior_arg(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        strength = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number >= 0 or 'auto', got {value!r}"
+        ) from None
+    if strength < 0:
+        raise argparse.ArgumentTypeError("the prior strength must be >= 0")
+    return strength
 
 
 def run_calibrate(args: argparse.Namespace) -> int:

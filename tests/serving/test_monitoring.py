@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -286,3 +287,69 @@ def test_prometheus_reads_the_drift_alarm_after_shifted_traffic(serving_repo, tm
         prom.terminate()
         prom.wait(20)
         stop(proc)
+
+
+def test_promotion_and_rollback_under_load_fail_no_request(mutable_repo, images):
+    """The calibration path's label moves under live traffic: a candidate appears as
+    ``canary``, is promoted to ``stable``, then rolled back; no request fails and every
+    request is answered by the version its label pointed at."""
+    from training.calibration import promote, rollback
+
+    app = create_app(settings_for("embedded", mutable_repo, poll_interval_s=0.2))
+    name = tiny_models.CLASSIFIER
+    stop_event = threading.Event()
+    results: dict[str, list[tuple[int, int | None]]] = {"stable": [], "canary": []}
+    canary_open = threading.Event()
+
+    def traffic(label: str) -> None:
+        client = app.test_client()
+        if label == "canary":
+            canary_open.wait(60)
+        while not stop_event.is_set():
+            r = client.post(
+                f"/v1/classify?model={name}&label={label}",
+                data=images["png"],
+                content_type="image/png",
+            )
+            results[label].append((r.status_code, r.get_json().get("model", {}).get("version")))
+
+    def wait_for(predicate, timeout: float = 60.0) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if predicate():
+                return True
+            time.sleep(0.05)
+        return False
+
+    def answered(label: str, version: int) -> bool:
+        tail = results[label][-3:]
+        return len(tail) == 3 and all(v == version for _, v in tail)
+
+    # One client per label: each sees its label's versions in causal order.
+    threads = [threading.Thread(target=traffic, args=(label,)) for label in results]
+    service = app.extensions["imgserve"]
+    try:
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: len(results["stable"]) >= 5)
+        tiny_models.export_classifier(mutable_repo, seed=3, labels=("canary",))  # the candidate
+        assert wait_for(lambda: service.versions_in_service().count((name, 2, ["canary"])) == 1)
+        canary_open.set()
+        assert wait_for(lambda: answered("canary", 2)), "canary never served v2"
+        assert answered("stable", 1)
+        assert promote(mutable_repo, name, 2, "stable") == 1
+        assert wait_for(lambda: answered("stable", 2)), "stable never moved to v2"
+        assert rollback(mutable_repo, name) == (2, 1)
+        assert wait_for(lambda: answered("stable", 1)), "rollback never reached the traffic"
+    finally:
+        stop_event.set()
+        for t in threads:
+            t.join(30)
+        service.close()
+    failures = [r for rs in results.values() for r in rs if r[0] != 200]
+    assert not failures, failures[:5]
+    stable = [v for _, v in results["stable"]]
+    # 1 ... 2 ... 1: the label moved forward once and back once, never flickering.
+    changes = [v for i, v in enumerate(stable) if i == 0 or v != stable[i - 1]]
+    assert changes == [1, 2, 1], changes
+    assert {v for _, v in results["canary"]} == {2}

@@ -24,6 +24,7 @@ import tensorflow as tf
 from tests.conftest import write_photo_crops
 from training import bn
 from training.calibration import (
+    AUTO_SOURCE_WEIGHTS,
     EXIT_ERROR,
     EXIT_NOT_ENOUGH_SAMPLES,
     EXIT_REJECTED,
@@ -141,6 +142,38 @@ def test_calibration_on_shifted_traffic_recovers_accuracy(calibrated):
     # Traffic accuracy measured by the gate tells the same story.
     traffic = c.result.accuracy["traffic"]
     assert traffic["candidate"] > traffic["parent"] and traffic["images"] == 150
+
+
+def test_automatic_prior_keeps_the_best_weight_the_reference_set_allows(model_repo, tmp_path):
+    """``prior_strength="auto"``: every source weight is tried on one collection of
+    statistics and the chosen one is the most accurate on labelled traffic among those
+    within tolerance on the reference set."""
+    base = fresh_repo(model_repo, tmp_path)
+    card = load_model_card(base / NAME / "1")
+    spec = PreprocessSpec.from_dict(card["preprocessing"])
+    traffic = load_directory(write_photo_crops(tmp_path / "traffic", 60, seed=8), spec)
+    rng = np.random.default_rng(1)
+    order = rng.permutation(len(traffic))
+    pixels, labels = shift(traffic.pixels[order], rng), traffic.labels[order]
+    capture(tmp_path / "samples", spec, pixels, list(labels), traffic.class_names)
+    result = calibrate(base, NAME, tmp_path / "samples", prior_strength="auto", min_samples=64)
+    search = result.prior_search
+    assert [t["source_weight"] for t in search] == list(AUTO_SOURCE_WEIGHTS)
+    chosen = [t for t in search if t["prior_strength"] == result.prior_strength]
+    assert len(chosen) == 1
+    parent_ref = result.accuracy["reference_set"]["parent"]
+    within = [t for t in search if t["reference_accuracy"] >= parent_ref - 0.02]
+    pool = [t for t in within if not t["traffic_drifts"]] or within or search
+    assert chosen[0] in pool
+    assert chosen[0]["labelled_accuracy"] == max(t["labelled_accuracy"] for t in pool)
+    lineage = load_model_card(result.path)["lineage"]
+    assert lineage["prior_strength"] == result.prior_strength
+    assert lineage["prior_search"] == search
+    # The candidate that was exported is the chosen one: its reference-set accuracy is
+    # the one measured for that weight.
+    assert result.accuracy["reference_set"]["candidate"] == pytest.approx(
+        chosen[0]["reference_accuracy"]
+    )
 
 
 def test_published_version_has_lineage_temperature_and_label(calibrated):
