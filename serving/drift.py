@@ -408,6 +408,8 @@ class PredictionMix:
             buckets=CONFIDENCE_BUCKETS,
             registry=registry,
         )
+        self._counters: dict[tuple[str, str], Any] = {}
+        self._confidences: dict[str, Any] = {}
 
     def on_prediction(self, event: Any) -> None:
         with contextlib.suppress(Exception):
@@ -416,18 +418,35 @@ class PredictionMix:
             out = event.outputs
             if "probabilities" in out:
                 probs = np.asarray(out["probabilities"])
-                for p in probs:
-                    k = int(np.argmax(p))
-                    self.predictions.labels(name, labels[k]).inc()
-                    self.confidence.labels(name).observe(float(p[k]))
+                top = probs.argmax(axis=1)
+                confidence = self._confidence(name)
+                for k, p in zip(
+                    top.tolist(), probs[np.arange(len(top)), top].tolist(), strict=True
+                ):
+                    self._counter(name, labels[k]).inc()
+                    confidence.observe(p)
             elif "detection_scores" in out:
                 scores = np.asarray(out["detection_scores"])
                 classes = np.asarray(out["detection_classes"]).astype(int)
+                confidence = self._confidence(name)
                 for s_row, c_row in zip(scores, classes, strict=True):
                     keep = s_row >= 0.5
-                    for s, c in zip(s_row[keep], c_row[keep], strict=True):
-                        self.predictions.labels(name, labels[c]).inc()
-                        self.confidence.labels(name).observe(float(s))
+                    for s, c in zip(s_row[keep].tolist(), c_row[keep].tolist(), strict=True):
+                        self._counter(name, labels[c]).inc()
+                        confidence.observe(s)
+
+    # The children per label set, looked up once: ``labels()`` validates and locks per call.
+    def _counter(self, model: str, cls: str) -> Any:
+        child = self._counters.get((model, cls))
+        if child is None:
+            child = self._counters[(model, cls)] = self.predictions.labels(model, cls)
+        return child
+
+    def _confidence(self, model: str) -> Any:
+        child = self._confidences.get(model)
+        if child is None:
+            child = self._confidences[model] = self.confidence.labels(model)
+        return child
 
 
 def register(

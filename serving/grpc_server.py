@@ -270,10 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    settings = Settings.from_env()
+    overrides: dict[str, object] = {}
     if args.bind:
         split_host_port(args.bind, "--bind")
-        settings = Settings.from_env(grpc_bind=args.bind)
+        overrides["grpc_bind"] = args.bind
+    if "IMGSERVE_WORKERS" not in os.environ:
+        # One process serves every call: its TensorFlow pool sizes for the whole machine.
+        overrides["workers"] = 1
+    settings = Settings.from_env(**overrides)
     from serving import monitoring
     from serving.backends import create_backend
 

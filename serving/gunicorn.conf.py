@@ -6,12 +6,11 @@ Sizing, from the ``IMGSERVE_*`` settings (``serving/settings.py``):
   worker holds many (``IMGSERVE_THREADS``, 128: more than a running batch plus the
   queue bound, so overload is shed by the batcher with 429 instead of piling up
   in gunicorn's connection queue) while TensorFlow runs the batches.
-- ``embedded`` backend: one worker by default. Each worker is a full copy of
-  every model and its own TensorFlow runtime; one process batches all traffic
-  into the fullest batches. Its intra-op pool gets the cores less one, which the
-  request threads (HTTP, decoding; one GIL) use. With ``IMGSERVE_WORKERS=N`` each
-  worker's pool gets cores / N - 1 threads (at least 1), so the workers together
-  do not oversubscribe the CPU.
+- ``embedded`` backend: one worker per core by default, each a full copy of
+  every model with its own TensorFlow runtime and a one-thread intra-op pool:
+  request handling (one GIL per process) and forward passes then spread over
+  every core. With ``IMGSERVE_WORKERS=N`` each worker's pool gets cores / N - 1
+  threads (at least 1), so the workers together do not oversubscribe the CPU.
 - TF Serving backends: the gateway only decodes and forwards, so 2 workers per core.
 - No preload: TensorFlow is not fork-safe, every worker imports it after the fork.
 

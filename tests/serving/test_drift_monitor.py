@@ -147,6 +147,14 @@ def test_metrics_have_bounded_labels_and_match_the_scores(tmp_path):
     ] == pytest.approx(0.3)
     predicted = sum(v for (name, _), v in samples.items() if name == "imgserve_predictions_total")
     assert predicted == 32
+    top = event.outputs["probabilities"].argmax(1)
+    for k, cls in enumerate(["a", "b"]):
+        key = ("imgserve_predictions_total", (("class", cls), ("model", "m")))
+        assert samples.get(key, 0) == np.sum(top == k)
+    confidence = event.outputs["probabilities"].max(1)
+    assert samples[("imgserve_prediction_confidence_sum", (("model", "m"),))] == pytest.approx(
+        confidence.sum()
+    )
     assert samples[("imgserve_prediction_confidence_count", (("model", "m"),))] == 32
     # No per-channel series: the drift families carry only model/version/layer/score.
     for (name, labels), _ in samples.items():

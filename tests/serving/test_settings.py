@@ -78,7 +78,10 @@ def test_tensorflow_threads_share_the_cores_between_workers():
     s = Settings.from_env(environ={}, workers=2)
     assert s.intra_op_threads(cpus=8) == 3  # a core's worth left for request threads
     assert Settings.from_env(environ={}).intra_op_threads(cpus=2) == 1
-    assert Settings.from_env(environ={}).worker_count(cpus=8) == 1
+    # Embedded: a worker per core, each with a one-thread pool.
+    assert Settings.from_env(environ={}).worker_count(cpus=8) == 8
+    assert Settings.from_env(environ={}).intra_op_threads(cpus=8) == 1
+    assert Settings.from_env(environ={}, workers=1).intra_op_threads(cpus=8) == 7
     assert Settings.from_env(environ={}, backend="tfserving-rest").worker_count(cpus=2) == 4
 
 
