@@ -33,7 +33,9 @@
    - ``parity``: inference mode vs training mode (batch statistics) on the
      labelled samples (else on the reference set);
    - ``drift``: the held-out traffic's drift score under the candidate's
-     statistics is below the parent's alarm threshold at every probe layer;
+     statistics is below the parent's alarm threshold at every probe layer
+     (with a prior, plus the residual the source weight leaves by design:
+     :func:`residual_limits`);
    - ``statistics_converged``: the export's staleness check on the fit samples;
 5. publishes a passing candidate atomically as version N+1 with ``lineage``
    (parent, samples, prior, temperature, gate) and points ``canary`` (or
@@ -92,7 +94,8 @@ PROMOTE_LABELS = ("canary", "stable")
 #: counts as a domain shift (as drift above the alarm threshold does).
 LABELLED_SHIFT_MARGIN = 0.1
 #: Source weights N/(N+n) that ``prior_strength="auto"`` tries (0: the samples alone).
-AUTO_SOURCE_WEIGHTS = (0.0, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8)
+#: Finer near 0: the drift alarm tolerates only a little of the source mixed in.
+AUTO_SOURCE_WEIGHTS = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.35, 0.5, 0.65, 0.8)
 #: CLI exit codes.
 EXIT_PUBLISHED = 0
 EXIT_REJECTED = 3
@@ -233,13 +236,14 @@ def _choose_prior(
     reference: tuple[np.ndarray, np.ndarray],
     reference_floor: float,
     batch_size: int,
-    drifts: Callable[[], bool] | None = None,
+    drifts: Callable[[float], bool] | None = None,
 ) -> tuple[float, list[dict[str, Any]]]:
     """The prior strength for ``prior_strength="auto"`` and every weight tried (module docstring).
 
-    ``drifts()`` says whether the held-out traffic still exceeds the alarm
-    thresholds under the statistics assigned now: a weight that leaves the traffic
-    drifted would fail the gate, so it is chosen only when every weight does.
+    ``drifts(w)`` says whether the held-out traffic still exceeds the alarm
+    limits (:func:`residual_limits` for weight w) under the statistics assigned
+    now: a weight that leaves the traffic drifted would fail the gate, so it is
+    chosen only when every weight does.
     """
     if labelled is None or len(labelled[1]) == 0:
         return 0.0, []
@@ -258,7 +262,7 @@ def _choose_prior(
                 "reference_accuracy": float(
                     np.mean(_logits(model, reference[0], batch_size).argmax(-1) == reference[1])
                 ),
-                "traffic_drifts": bool(drifts()) if drifts is not None else False,
+                "traffic_drifts": bool(drifts(w)) if drifts is not None else False,
             }
         )
     within = [t for t in tried if t["reference_accuracy"] >= reference_floor]
@@ -293,6 +297,31 @@ def drift_exceedances(
         if scores[layer][name] > limit
     ]
     return scores, failures
+
+
+def residual_limits(
+    thresholds: dict[str, dict[str, float]],
+    parent_scores: dict[str, dict[str, float]],
+    source_weight: float,
+) -> dict[str, dict[str, float]]:
+    """Drift limits for a candidate that mixes the source statistics in with weight w.
+
+    Mixed statistics sit a share w of the way back towards the source, so the
+    traffic keeps that share of its mean shift (w x the parent's score) and, the
+    KL being quadratic in the shift, w² of its KL. The candidate passes when what
+    is left beyond that is within the alarm threshold; w = 0 gives the plain
+    thresholds. The version published gets alarm thresholds computed on this
+    traffic under its own statistics, so it does not alarm on it afterwards.
+    """
+    power = {"mean_shift": 1, "sym_kl": 2}
+    return {
+        layer: {
+            name: limit
+            + source_weight ** power.get(name, 1) * parent_scores.get(layer, {}).get(name, 0.0)
+            for name, limit in by_score.items()
+        }
+        for layer, by_score in thresholds.items()
+    }
 
 
 def _says(passed: bool, failure: str, facts: str) -> str:
@@ -528,7 +557,16 @@ def calibrate(
             parent_ref_acc - accuracy_tolerance,
             batch_size,
             drifts=(
-                (lambda: bool(drift_exceedances(candidate, probe_names, x[held], thresholds)[1]))
+                (
+                    lambda w: bool(
+                        drift_exceedances(
+                            candidate,
+                            probe_names,
+                            x[held],
+                            residual_limits(thresholds, parent_scores, w),
+                        )[1]
+                    )
+                )
                 if thresholds
                 else None
             ),
@@ -710,8 +748,10 @@ def calibrate(
         )
     )
     if thresholds:
+        source_weight = prior_strength / (prior_strength + target[0].images) if target else 0.0
+        limits = residual_limits(thresholds, parent_scores, source_weight)
         cand_scores, exceed = drift_exceedances(
-            candidate, probe_names, x[held], thresholds, batch_size=batch_size
+            candidate, probe_names, x[held], limits, batch_size=batch_size
         )
         checks.append(
             GateCheck(
@@ -722,10 +762,17 @@ def calibrate(
                     not exceed,
                     "held-out traffic still drifts under the candidate's statistics",
                     "; ".join(exceed)
-                    or f"below the alarm thresholds on {int(held.sum())} held-out images",
+                    or f"below the alarm thresholds on {int(held.sum())} held-out images"
+                    + (
+                        f" (plus the residual of source weight {source_weight:.3g})"
+                        if source_weight
+                        else ""
+                    ),
                 ),
                 {
                     "candidate_scores": cand_scores,
+                    "limits": limits,
+                    "source_weight": source_weight,
                     "parent_scores": parent_scores,
                     "parent_exceedances": parent_exceed,
                     "images": int(held.sum()),

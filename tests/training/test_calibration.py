@@ -35,6 +35,7 @@ from training.calibration import (
     calibrate,
     promote,
     read_label_history,
+    residual_limits,
     rollback,
     run_calibrate,
     run_promote,
@@ -174,6 +175,15 @@ def test_automatic_prior_keeps_the_best_weight_the_reference_set_allows(model_re
     assert result.accuracy["reference_set"]["candidate"] == pytest.approx(
         chosen[0]["reference_accuracy"]
     )
+
+
+def test_residual_limits_allow_what_the_source_weight_leaves():
+    thresholds = {"a": {"mean_shift": 0.1, "sym_kl": 0.01}}
+    parent = {"a": {"mean_shift": 1.0, "sym_kl": 0.5}}
+    assert residual_limits(thresholds, parent, 0.0) == thresholds
+    limits = residual_limits(thresholds, parent, 0.2)
+    assert limits["a"]["mean_shift"] == pytest.approx(0.1 + 0.2 * 1.0)
+    assert limits["a"]["sym_kl"] == pytest.approx(0.01 + 0.04 * 0.5)  # KL: quadratic
 
 
 def test_published_version_has_lineage_temperature_and_label(calibrated):
