@@ -48,6 +48,7 @@ bench: models
 	$(PY) bench/gateway_bench.py --model-base $(MODELS) --model demo_classifier
 	$(PY) bench/drift_acceptance.py --model-base $(MODELS) --name demo_classifier
 	$(PY) bench/drift_acceptance.py --model-base $(MODELS) --name demo_detector
+	$(PY) bench/calibration_acceptance.py --model-base $(MODELS) --name demo_classifier
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -25,28 +25,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image, ImageFilter
 
 from training import drift, synthetic
 from training.model_card import load_model_card
 from training.preprocessing import PreprocessSpec, preprocess_pixels
 from training.repository import ModelRepository
-
-
-def _shift(name: str, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    x = img.astype(np.float64)
-    if name == "brightness+30%":
-        x = x * 1.3
-    elif name == "contrast*0.5":
-        x = (x - x.mean()) * 0.5 + x.mean()
-    elif name == "noise_sigma0.1":
-        x = x + rng.normal(0, 0.1 * 255, x.shape)
-    elif name == "blur":
-        return np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(2.5)))
-    elif name == "inversion":
-        x = 255 - x
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
-
 
 SHIFTS = [
     "brightness+30%",
@@ -138,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             imgs = traffic(card, window, args.seed + 1, background=name.split(":")[1])
         else:
             src = traffic(card, window, args.seed + 1)
-            imgs = [_shift(name, img, rng) for img in src]
+            imgs = [synthetic.corrupt(name, img, rng) for img in src]
         sm, ss = probe_rows(serve, spec, imgs)
         scores = drift.pooled_scores(sm, ss, probes)
         # Traffic switches from clean to shifted: after k shifted images the window

@@ -111,7 +111,48 @@ def bench_raw(
         s = time.perf_counter()
         fn(images=single)
         lat.append(time.perf_counter() - s)
-    return throughput, statistics.median(lat)
+    return throughput, statistics.median(lat), drift_cost(fn, single, load_model_card(version_dir))
+
+
+def drift_cost(fn, single, card: dict, calls: int = 3000) -> float:
+    """Seconds per one-image request spent on drift: the observers in the request thread
+    (monitor + prediction mix) and the monitor's folding and publishing of the windows.
+
+    The gateway's own observers on the model's real outputs, with a real state
+    directory, timed in this process; folding runs every 200 requests here (the
+    gateway folds every 50 ms), so every queued request is folded, none dropped.
+    """
+    import tempfile
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from serving import drift as serving_drift
+
+    outputs = {k: v.numpy() for k, v in fn(images=single).items()}
+    model = SimpleNamespace(
+        name=card["name"], version=card["version"], card=card, class_labels=card["labels"]
+    )
+    event = SimpleNamespace(model=model, outputs=outputs, inputs=single.numpy())
+    with tempfile.TemporaryDirectory() as tmp:
+        monitor, mix = serving_drift.register(
+            CollectorRegistry(), state_dir=tmp, window=256, half_life_s=300.0
+        )
+        monitor.fold_interval_s = 3600.0  # this loop folds, not the background thread
+        for _ in range(100):
+            monitor.on_prediction(event)
+            mix.on_prediction(event)
+        monitor.publish()
+        t0 = time.perf_counter()
+        for i in range(calls):
+            monitor.on_prediction(event)
+            mix.on_prediction(event)
+            if i % 200 == 199:
+                monitor.fold()
+        monitor.publish()
+        elapsed = time.perf_counter() - t0
+        monitor.close()
+        return elapsed / calls
 
 
 def raw_limit(args: argparse.Namespace, batch: int) -> dict[int, tuple[float, float]]:
@@ -172,10 +213,10 @@ def closed_loop(
     return counts["ok"], counts["err"], lat, seconds
 
 
-def http_call(port: int, image: bytes, n: int = 1):
-    """One image as a raw body, or ``n`` as multipart ``image`` fields."""
+def http_request_bytes(port: int, image: bytes, n: int = 1) -> bytes:
+    """A complete ``POST /v1/classify`` request: one raw image body, or ``n`` multipart fields."""
     if n == 1:
-        body, headers = image, {"Content-Type": "image/jpeg"}
+        body, ctype = image, "image/jpeg"
     else:
         boundary = "benchboundary"
         part = (
@@ -187,20 +228,63 @@ def http_call(port: int, image: bytes, n: int = 1):
             + b"\r\n"
         )
         body = part * n + f"--{boundary}--\r\n".encode()
-        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        ctype = f"multipart/form-data; boundary={boundary}"
+    head = (
+        f"POST /v1/classify?top_k=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def read_response(sock: socket.socket, buf: bytearray) -> int:
+    """Read one HTTP/1.1 response with a Content-Length from ``sock``; returns its status.
+
+    ``buf`` carries bytes read past the response (none with a closed-loop client).
+    """
+    while (end := buf.find(b"\r\n\r\n")) < 0:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        buf += chunk
+    head = bytes(buf[:end]).lower()
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        if line.startswith(b"content-length:"):
+            length = int(line[15:])
+            break
+    total = end + 4 + length
+    while len(buf) < total:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        buf += chunk
+    del buf[:total]
+    return status
+
+
+def http_call(port: int, image: bytes, n: int = 1):
+    """One image as a raw body, or ``n`` as multipart ``image`` fields, on a kept-alive socket.
+
+    The client is a plain socket with the request bytes built once: the load
+    generator shares the server's cores, so it must cost as little CPU as it can
+    (``http.client`` spends several times more per request than this).
+    """
+    payload = http_request_bytes(port, image, n)
 
     def call(state: dict) -> bool:
-        conn = state.get("conn")
-        if conn is None:
-            conn = state["conn"] = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        sock = state.get("sock")
         try:
-            conn.request("POST", "/v1/classify?top_k=1", body=body, headers=headers)
-            response = conn.getresponse()
-            response.read()
-            return response.status == 200
-        except (OSError, http.client.HTTPException):
-            conn.close()
-            state.pop("conn", None)
+            if sock is None:
+                sock = state["sock"] = socket.create_connection(("127.0.0.1", port), timeout=60)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                state["buf"] = bytearray()
+            sock.sendall(payload)
+            return read_response(sock, state["buf"]) == 200
+        except (OSError, ValueError):
+            if sock is not None:
+                sock.close()
+            state.pop("sock", None)
             return False
 
     return call
@@ -245,10 +329,12 @@ def batch_totals(metrics_port: int) -> tuple[float, float]:
 
 
 def start_server(
-    kind: str, model_base: Path, port: int, log: Path, metrics_port: int = 0
+    kind: str, model_base: Path, port: int, log: Path, metrics_port: int = 0, workers: int = 0
 ) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env["IMGSERVE_MODEL_BASE"] = str(model_base)
+    if workers:
+        env["IMGSERVE_WORKERS"] = str(workers)
     if kind == "http":
         env["IMGSERVE_BIND"] = f"127.0.0.1:{port}"
         gunicorn = str(Path(sys.executable).parent / "gunicorn")
@@ -305,10 +391,13 @@ def bench_server(
     seconds: float,
     log_dir: Path,
     images_per_request: list[int],
+    workers: int = 0,
 ) -> list[Result]:
     port = free_port()
     metrics_port = port if kind == "http" else free_port()
-    proc = start_server(kind, model_base, port, log_dir / f"{kind}.log", metrics_port)
+    label = f"{kind}/{workers}w" if workers else kind
+    log = log_dir / f"{label.replace('/', '-')}.log"
+    proc = start_server(kind, model_base, port, log, metrics_port, workers)
     results = []
     try:
         wait_ready(kind, port, proc)
@@ -320,7 +409,7 @@ def bench_server(
                 ok, err, lat, elapsed = closed_loop(factory(port, image, n), c, seconds)
                 s1, c1 = batch_totals(metrics_port)
                 r = Result(
-                    kind,
+                    label,
                     c,
                     n,
                     ok * n / elapsed,
@@ -332,7 +421,7 @@ def bench_server(
                 )
                 results.append(r)
                 print(
-                    f"  {kind:5s} c={c:3d} x{n}: {r.images_per_s:8.1f} img/s  p50 {r.p50_ms:7.2f} ms"
+                    f"  {label:9s} c={c:3d} x{n}: {r.images_per_s:8.1f} img/s  p50 {r.p50_ms:7.2f} ms"
                     f"  p99 {r.p99_ms:7.2f} ms  batch {r.mean_batch:5.1f}  errors {err}",
                     flush=True,
                 )
@@ -360,6 +449,12 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated; each value is a run at every concurrency",
     )
     parser.add_argument("--skip-grpc", action="store_true")
+    parser.add_argument(
+        "--workers",
+        default="",
+        help="comma-separated gunicorn worker counts to compare over HTTP as well "
+        "(the default configuration always runs)",
+    )
     parser.add_argument("--out", default=".bench/gateway.json")
     parser.add_argument("--raw-intra", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--raw-batch", type=int, default=0, help=argparse.SUPPRESS)
@@ -398,15 +493,16 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     raws = raw_limit(args, settings.max_batch_size)
-    for intra, (tput, single) in raws.items():
+    for intra, (tput, single, _) in raws.items():
         print(
             f"  raw   batch {settings.max_batch_size}, {intra} intra-op thread(s): {tput:8.1f} "
             f"img/s; one image {single * 1e3:.2f} ms",
             flush=True,
         )
     # The machine's limit: the best pool size for throughput, and for single-image latency.
-    raw = max(t for t, _ in raws.values())
-    raw_single = min(s for _, s in raws.values())
+    raw = max(r[0] for r in raws.values())
+    raw_single = min(r[1] for r in raws.values())
+    drift_s = min(r[2] for r in raws.values())
     print(
         f"  gateway: {settings.worker_count()} worker(s), {settings.intra_op_threads()} intra-op "
         f"thread(s), {settings.threads} threads per worker",
@@ -414,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     per_request = [int(n) for n in args.images_per_request.split(",")]
     results = bench_server("http", model_base, image, levels, args.seconds, out.parent, per_request)
+    for w in [int(w) for w in args.workers.split(",") if w.strip()]:
+        results += bench_server(
+            "http", model_base, image, levels, args.seconds, out.parent, per_request, w
+        )
     if not args.skip_grpc:
         results += bench_server(
             "grpc", model_base, image, levels, args.seconds, out.parent, per_request
@@ -421,11 +521,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(
-        f"{'path':6s} {'conc':>4s} {'img/req':>7s} {'img/s':>9s} {'vs raw':>7s} {'p50 ms':>8s} "
+        f"{'path':9s} {'conc':>4s} {'img/req':>7s} {'img/s':>9s} {'vs raw':>7s} {'p50 ms':>8s} "
         f"{'p99 ms':>8s} {'batch':>6s} {'p50 overhead':>13s} {'errors':>6s}"
     )
     print(
-        f"{'raw':6s} {'':>4s} {settings.max_batch_size:7d} {raw:9.1f} {'100%':>7s} "
+        f"{'raw':9s} {'':>4s} {settings.max_batch_size:7d} {raw:9.1f} {'100%':>7s} "
         f"{raw_single * 1e3:8.2f} {'':>8s} {settings.max_batch_size:6d} {'':>13s} {0:6d}"
     )
     for r in results:
@@ -435,12 +535,12 @@ def main(argv: list[str] | None = None) -> int:
             else ""
         )
         print(
-            f"{r.name:6s} {r.concurrency:4d} {r.images_per_request:7d} {r.images_per_s:9.1f} "
+            f"{r.name:9s} {r.concurrency:4d} {r.images_per_request:7d} {r.images_per_s:9.1f} "
             f"{r.ratio(raw):7.0%} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {r.mean_batch:6.1f} {overhead:>13s} "
             f"{r.errors:6d}"
         )
     print()
-    for k in ("http", "grpc"):
+    for k in dict.fromkeys(r.name for r in results):
         for n in per_request:
             runs = [r for r in results if r.name == k and r.images_per_request == n]
             if not runs:
@@ -457,9 +557,20 @@ def main(argv: list[str] | None = None) -> int:
                     f"{c1.p50_ms - raw_single * 1e3:.2f} ms (target < 5 ms)"
                 )
             print(line)
+    http1 = [r for r in results if r.name == "http" and r.images_per_request == 1]
+    if http1:
+        c1 = min(http1, key=lambda r: r.concurrency)
+        best = max(http1, key=lambda r: r.images_per_s)
+        print(
+            f"drift observers: {drift_s * 1e6:.1f} us per one-image request = "
+            f"{drift_s * 1e3 / c1.p50_ms:.2%} of the p50 at concurrency {c1.concurrency}, "
+            f"{drift_s * best.images_per_s:.2%} of serving time at {best.images_per_s:.0f} img/s "
+            "(target < 2%)"
+        )
     out.write_text(
         json.dumps(
             {
+                "drift_observer_s_per_request": drift_s,
                 "model": f"{args.model}/{version}",
                 "raw_images_per_s": raw,
                 "raw_single_image_s": raw_single,

@@ -46,6 +46,7 @@ import os
 import tempfile
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,8 @@ class DriftMonitor:
             maxlen=max_pending or 4 * self.window
         )
         self._fold_lock = threading.Lock()
+        # The folding thread and a scrape both publish: one writer of the files at a time.
+        self._publish_lock = threading.Lock()
         self._stop = threading.Event()
         self._folder: threading.Thread | None = None
         self._folder_pid = 0
@@ -235,16 +238,17 @@ class DriftMonitor:
 
     def publish(self) -> None:
         """Write this worker's sufficient statistics (atomic rename per version)."""
-        self.fold()
-        with self._lock:
-            snapshot = {k: w.sufficient_statistics() for k, w in self._windows.items()}
-            self._published_at = time.monotonic()
-        for key, stats in snapshot.items():
-            path = self._file(key)
-            tmp = path.with_name(f".{path.name}.tmp")
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **stats)
-            os.replace(tmp, path)
+        with self._publish_lock:
+            self.fold()
+            with self._lock:
+                snapshot = {k: w.sufficient_statistics() for k, w in self._windows.items()}
+                self._published_at = time.monotonic()
+            for key, stats in snapshot.items():
+                path = self._file(key)
+                tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, **stats)
+                os.replace(tmp, path)
 
     def pooled(self) -> dict[tuple[str, int], dict[str, np.ndarray]]:
         """Sum the statistics of every live worker, per model version."""
@@ -260,7 +264,7 @@ class DriftMonitor:
             try:
                 with np.load(path) as data:
                     stats = {k: data[k] for k in data.files}
-            except (OSError, ValueError, EOFError):
+            except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
                 continue  # being replaced right now; the next scrape sees it
             key = (model, int(version))
             if key in pooled and pooled[key]["s1"].shape == stats["s1"].shape:

@@ -156,3 +156,39 @@ def generate(
     labels = labels[rng.permutation(len(labels))].astype(np.int64)
     images = [render(rng, classes[int(y)], background=background) for y in labels]
     return images, labels
+
+
+#: Input corruptions the acceptance benchmarks apply to native images (``corrupt``).
+#: Noise sigma is a fraction of the 0-255 range (ImageNet-C convention).
+CORRUPTIONS = (
+    "brightness+30%",
+    "contrast*0.5",
+    "noise_sigma0.1",
+    "contrast*0.5+noise_sigma0.1",
+    "blur",
+    "inversion",
+    "colour_cast",
+)
+
+
+def corrupt(name: str, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``image`` (uint8 RGB) under one of :data:`CORRUPTIONS`, as uint8."""
+    from PIL import ImageFilter
+
+    if name not in CORRUPTIONS:
+        raise ValueError(f"unknown corruption {name!r}; choose from {CORRUPTIONS}")
+    if name == "blur":
+        return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(2.5)))
+    x = image.astype(np.float64)
+    if name == "brightness+30%":
+        x = x * 1.3
+    if name.startswith("contrast*0.5"):
+        x = (x - x.mean()) * 0.5 + x.mean()
+    if name.endswith("noise_sigma0.1"):
+        x = x + rng.normal(0, 0.1 * 255, x.shape)
+    if name == "inversion":
+        x = 255 - x
+    if name == "colour_cast":
+        # A warm white balance: red up, blue down, as a mis-set camera gives.
+        x = x * np.array([1.25, 1.0, 0.65]) + np.array([10.0, 0.0, 0.0])
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)

@@ -1,0 +1,261 @@
+"""Calibration acceptance report: accuracy and ECE before and after online calibration.
+
+For the served classifier (default: the demo classifier, version ``stable``), per
+input shift (contrast x0.5 plus Gaussian noise sigma 0.1, and a Gaussian blur):
+
+1. a copy of the model repository serves the parent; fresh synthetic images of
+   the training distribution are shifted and go through the real capture store
+   as one-image requests, with feedback (true labels) for ``--labelled`` of them;
+2. ``training.calibration.calibrate`` (the same call as ``python -m training
+   calibrate``, default options) re-estimates the BN statistics, fits the
+   temperature, gates and publishes version N+1;
+3. the parent's and the published candidate's exported SavedModels (what TF
+   Serving and the gateway serve; the temperature is in the graph) are measured
+   on separate test sets: clean and shifted images never seen by calibration.
+
+Reported: clean and shifted accuracy of the parent, shifted accuracy after
+calibration and the share of the lost accuracy it recovers, clean accuracy after
+calibration, and ECE (15 bins) on the shifted test set before and after. Then
+the gate on garbage samples (noise images; one class only): it must reject, and
+``models.config`` must not change. Targets (issue 6): recover >= 50% of the lost
+accuracy, clean accuracy within 2 points, ECE after <= 3%.
+
+Usage: python bench/calibration_acceptance.py [--model-base models] [--name demo_classifier]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from training import synthetic  # noqa: E402
+from training.calibration import calibrate  # noqa: E402
+from training.model_card import load_model_card  # noqa: E402
+from training.preprocessing import PreprocessSpec, preprocess_pixels  # noqa: E402
+from training.repository import ModelRepository  # noqa: E402
+from training.samples import SampleStore, record_feedback  # noqa: E402
+from training.temperature import expected_calibration_error  # noqa: E402
+
+#: The colour cast was tried and dropped: the demo classifier (random colours in
+#: training) lost 0.4 points to it, so there was nothing to recover.
+SHIFTS = ("contrast*0.5+noise_sigma0.1", "blur")
+
+
+def model_inputs(images: list[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
+    """The gateway's preprocessing of each native image, stacked."""
+    return np.stack([preprocess_pixels(img, spec)[0] for img in images])
+
+
+def served_probabilities(version_dir: Path, x: np.ndarray) -> np.ndarray:
+    """``probabilities`` of the exported ``serving_default`` signature."""
+    fn = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    out = [
+        fn(images=tf.constant(x[i : i + 128]))["probabilities"].numpy()
+        for i in range(0, len(x), 128)
+    ]
+    return np.concatenate(out).astype(np.float64)
+
+
+def quality(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(accuracy, ECE) of probabilities against labels."""
+    return float(np.mean(probs.argmax(1) == labels)), expected_calibration_error(probs, labels)
+
+
+def capture(store_dir: Path, name: str, version: int, x: np.ndarray, labels, class_names) -> None:
+    """One-image requests into the capture store; feedback where ``labels[i]`` is not None."""
+    store = SampleStore(store_dir, rate=1.0)
+    for i in range(len(x)):
+        rid = uuid.uuid4().hex
+        store.capture(name, version, rid, x[i : i + 1], predictions=[0])
+        if labels[i] is not None:
+            record_feedback(store_dir, rid, [class_names[int(labels[i])]])
+
+
+def fresh_repo(model_base: Path, name: str, root: Path) -> Path:
+    """A private copy of the repository (``models.config`` and ``name``'s versions)."""
+    base = root / "models"
+    base.mkdir(parents=True)
+    shutil.copy2(model_base / "models.config", base / "models.config")
+    shutil.copytree(model_base / name, base / name, ignore=shutil.ignore_patterns("rejected"))
+    return base
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model-base", default="models")
+    ap.add_argument("--name", default="demo_classifier")
+    ap.add_argument("--traffic", type=int, default=1536, help="captured shifted images")
+    ap.add_argument("--labelled", type=float, default=0.5, help="share of traffic with feedback")
+    ap.add_argument("--test", type=int, default=1500, help="test images per domain")
+    ap.add_argument("--prior-strength", default="auto", help="passed to calibrate")
+    ap.add_argument("--seed", type=int, default=2024)
+    ap.add_argument("--out", default=".bench/calibration.json")
+    args = ap.parse_args(argv)
+
+    model_base = Path(args.model_base).resolve()
+    repo = ModelRepository(model_base)
+    parent = repo.labels(args.name).get("stable")
+    if parent is None:
+        print(
+            f"{args.name} has no stable version under {model_base}; run `make models`",
+            file=sys.stderr,
+        )
+        return 2
+    parent_dir = repo.version_dir(args.name, parent)
+    card = load_model_card(parent_dir)
+    spec = PreprocessSpec.from_dict(card["preprocessing"])
+    classes = list(card["labels"])
+    imbalance = float(card["lineage"].get("parameters", {}).get("synthetic_imbalance", 1.0))
+    prior: float | str = (
+        args.prior_strength if args.prior_strength == "auto" else float(args.prior_strength)
+    )
+
+    rng = np.random.default_rng(args.seed)
+    test_imgs, test_y = synthetic.generate(args.test, seed=args.seed + 1, imbalance=imbalance)
+    traffic_imgs, traffic_y = synthetic.generate(
+        args.traffic, seed=args.seed + 2, imbalance=imbalance
+    )
+    clean_x = model_inputs(test_imgs, spec)
+    parent_clean = quality(served_probabilities(parent_dir, clean_x), test_y)
+    print(
+        f"model {args.name} v{parent} (stable); clean test: {len(test_y)} images, "
+        f"accuracy {parent_clean[0]:.4f}, ECE {parent_clean[1]:.4f}",
+        flush=True,
+    )
+
+    rows = []
+    for shift in SHIFTS:
+        t0 = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="calib-accept-") as tmp:
+            base = fresh_repo(model_base, args.name, Path(tmp))
+            config_before = (base / "models.config").read_text()
+            shifted_test = model_inputs(
+                [synthetic.corrupt(shift, im, rng) for im in test_imgs], spec
+            )
+            traffic_x = model_inputs(
+                [synthetic.corrupt(shift, im, rng) for im in traffic_imgs], spec
+            )
+            labels = [int(y) if rng.random() < args.labelled else None for y in traffic_y]
+            capture(Path(tmp) / "samples", args.name, parent, traffic_x, labels, classes)
+            result = calibrate(base, args.name, Path(tmp) / "samples", prior_strength=prior)
+            before = quality(served_probabilities(parent_dir, shifted_test), test_y)
+            row = {
+                "shift": shift,
+                "status": result.status,
+                "reasons": result.reasons,
+                "prior_strength": result.prior_strength,
+                "prior_search": result.prior_search,
+                "temperature": result.temperature,
+                "clean_before": parent_clean[0],
+                "shifted_before": before[0],
+                "ece_before": before[1],
+                "labelled": int(sum(lab is not None for lab in labels)),
+                "config_changed": (base / "models.config").read_text() != config_before,
+            }
+            if result.passed:
+                vdir = ModelRepository(base).version_dir(args.name, result.version)
+                after = quality(served_probabilities(vdir, shifted_test), test_y)
+                clean_after = quality(served_probabilities(vdir, clean_x), test_y)
+                lost = parent_clean[0] - before[0]
+                row.update(
+                    shifted_after=after[0],
+                    ece_after=after[1],
+                    clean_after=clean_after[0],
+                    recovered=(after[0] - before[0]) / lost if lost > 0 else float("nan"),
+                )
+            row["seconds"] = time.monotonic() - t0
+            rows.append(row)
+            print(json.dumps(row, default=float), flush=True)
+
+    garbage = []
+    for kind in ("noise_images", "one_class"):
+        with tempfile.TemporaryDirectory(prefix="calib-garbage-") as tmp:
+            base = fresh_repo(model_base, args.name, Path(tmp))
+            config_before = (base / "models.config").read_text()
+            if kind == "noise_images":
+                imgs = [rng.integers(0, 256, (96, 96, 3), dtype=np.uint8) for _ in range(512)]
+                labels = [int(rng.integers(len(classes))) for _ in imgs]
+            else:
+                imgs = [im for im, y in zip(traffic_imgs, traffic_y, strict=True) if y == 0][:512]
+                labels = [0] * len(imgs)
+            capture(
+                Path(tmp) / "samples", args.name, parent, model_inputs(imgs, spec), labels, classes
+            )
+            result = calibrate(base, args.name, Path(tmp) / "samples", prior_strength=prior)
+            unchanged = (base / "models.config").read_text() == config_before
+            garbage.append(
+                {
+                    "samples": kind,
+                    "status": result.status,
+                    "reasons": result.reasons,
+                    "models_config_unchanged": unchanged,
+                }
+            )
+            print(json.dumps(garbage[-1]), flush=True)
+
+    print()
+    print(
+        "| shift | clean before | shifted before | shifted after | recovered | clean after "
+        "| ECE before | ECE after | T | prior N | status |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    ok = True
+    for r in rows:
+        if r["status"] != "published":
+            ok = False
+            print(
+                f"| {r['shift']} | {r['clean_before']:.4f} | {r['shifted_before']:.4f} | - | - | - "
+                f"| {r['ece_before']:.4f} | - | - | - | rejected: {'; '.join(r['reasons'])} |"
+            )
+            continue
+        meets = (
+            r["recovered"] >= 0.5
+            and r["clean_after"] >= r["clean_before"] - 0.02
+            and r["ece_after"] <= 0.03
+        )
+        ok &= meets
+        print(
+            f"| {r['shift']} | {r['clean_before']:.4f} | {r['shifted_before']:.4f} "
+            f"| {r['shifted_after']:.4f} | {r['recovered']:.0%} | {r['clean_after']:.4f} "
+            f"| {r['ece_before']:.4f} | {r['ece_after']:.4f} | {r['temperature']:.3f} "
+            f"| {r['prior_strength']:g} | {'meets targets' if meets else 'misses a target'} |"
+        )
+    print()
+    for g in garbage:
+        ok &= g["status"] == "rejected" and g["models_config_unchanged"]
+        print(
+            f"garbage ({g['samples']}): {g['status']}, models.config "
+            f"{'unchanged' if g['models_config_unchanged'] else 'CHANGED'}: {'; '.join(g['reasons'])}"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {"model": f"{args.name}/{parent}", "shifts": rows, "garbage": garbage},
+            indent=1,
+            default=float,
+        )
+    )
+    print(f"\nall targets met: {ok}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
