@@ -112,11 +112,12 @@ def test_seeds_bug_reproduced_and_fixed(tmp_path):
         ClassifierConfig(**common, bn_momentum="keras", precise_bn=False), export=False
     )
     p = broken["parity"]
-    # Training mode (batch statistics) learned something: above chance for 3 classes...
-    assert p["training_mode"] >= 0.45, p
-    # ...inference mode (the unconverged moving statistics) is far worse.
+    # Training mode (batch statistics) learned something: above chance (1/3) for 3 classes...
+    assert p["training_mode"] >= 0.4, p
+    # ...inference mode (the unconverged moving statistics) collapsed: one constant
+    # prediction, or far worse than training mode.
     assert not p["passed"]
-    assert p["inference_mode"] <= p["training_mode"] - 0.15, p
+    assert p["distinct_predictions"] == 1 or p["inference_mode"] <= p["training_mode"] - 0.15, p
     fixed = train_classifier(ClassifierConfig(**common), export=False)
     assert fixed["parity"]["passed"], fixed["parity"]
     assert fixed["accuracy"] >= 0.55
