@@ -29,7 +29,7 @@ serve: models
 	IMGSERVE_MODEL_BASE=$(MODELS) $(VENV)/bin/gunicorn -c serving/gunicorn.conf.py 'serving.app:create_app()'
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

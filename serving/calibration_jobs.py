@@ -5,6 +5,8 @@ The admin endpoint never calibrates inside a request worker: it starts
 ``python -m training calibrate`` in-process and writes the outcome into the job
 file (atomic rename). Any worker can report any job's status because the state
 lives in files, not in the worker that started it. One job per model at a time.
+Jobs record what started them (``trigger``: ``admin`` for the endpoint, ``drift``
+for :mod:`serving.auto_calibration`) and why.
 
 Outcomes follow the calibrator's exit codes: 0 ``published``, 3 ``rejected``
 (the gate refused the candidate), 4 ``insufficient_samples``, anything else
@@ -39,6 +41,10 @@ OUTCOMES = {
 
 class CalibrationBusy(RuntimeError):
     """A calibration of this model is already running."""
+
+
+class CoolingDown(CalibrationBusy):
+    """A calibration of this model started too recently (automatic triggers)."""
 
 
 class UnknownJob(KeyError):
@@ -87,13 +93,28 @@ class CalibrationJobs:
         prior_strength: float | None = None,
         promote: str | None = None,
         min_samples: int | None = None,
+        trigger: str = "admin",
+        cooldown_s: float = 0.0,
+        reason: str = "",
     ) -> dict[str, Any]:
-        """Start a job for ``model``; raises CalibrationBusy if one is running."""
+        """Start a job for ``model``; raises CalibrationBusy if one is running.
+
+        ``cooldown_s`` > 0 also refuses (CoolingDown) while the model's last job
+        started less than that long ago; the check and the start happen under
+        the directory's file lock, so several workers start one job between them.
+        """
         with open(self.dir / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            for job in self.jobs():
-                if job["model"] == model and job["status"] == "running":
+            mine = [job for job in self.jobs() if job["model"] == model]
+            for job in mine:
+                if job["status"] == "running":
                     raise CalibrationBusy(f"calibration job {job['id']} for {model!r} is running")
+            last = max((float(job["started_at"]) for job in mine), default=None)
+            if cooldown_s > 0 and last is not None and time.time() - last < cooldown_s:
+                raise CoolingDown(
+                    f"the last calibration of {model!r} started {time.time() - last:.0f} s ago"
+                    f" (cool-down {cooldown_s:.0f} s)"
+                )
             job_id = f"{int(time.time())}-{secrets.token_hex(4)}"
             args = [
                 "calibrate",
@@ -115,6 +136,8 @@ class CalibrationJobs:
                 "model": model,
                 "args": args,
                 "status": "running",
+                "trigger": trigger,
+                "reason": reason,
                 "started_at": time.time(),
                 "finished_at": None,
                 "exit_code": None,

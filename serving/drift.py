@@ -293,6 +293,10 @@ class DriftMonitor:
             result[key] = entry
         return result
 
+    def card(self, model: str, version: int) -> Mapping[str, Any] | None:
+        """The model card of a version (cached), or None if unknown."""
+        return self._card((model, int(version)))
+
     def _card(self, key: tuple[str, int]) -> Mapping[str, Any] | None:
         with self._lock:
             card = self._cards.get(key)

@@ -24,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from serving import drift
+from serving.auto_calibration import DriftTrigger
 from serving.calibration_jobs import CalibrationCollector, CalibrationJobs
 from serving.metrics import multiprocess_dir
 from training.samples import SampleStore
@@ -131,6 +132,7 @@ class Monitoring:
     capture: CaptureObserver | None
     jobs: CalibrationJobs
     state_dir: Path
+    trigger: DriftTrigger | None = None
 
 
 def state_directory(settings: Any) -> Path:
@@ -176,5 +178,17 @@ def attach(service: Any, settings: Any) -> Monitoring:
     jobs = CalibrationJobs(settings.model_base, settings.capture_dir or state / "samples", state)
     metrics.add_scrape_collector(CalibrationCollector(jobs))
     metrics.add_scrape_collector(TemperatureCollector(service))
-    service.monitoring = Monitoring(monitor, capture, jobs, state)
+    trigger = None
+    if settings.auto_calibrate_after_s > 0:
+        trigger = DriftTrigger(
+            service,
+            monitor,
+            jobs,
+            sustain_s=settings.auto_calibrate_after_s,
+            cooldown_s=settings.auto_calibrate_cooldown_s,
+            check_interval_s=settings.auto_calibrate_check_s,
+            promote=settings.auto_calibrate_promote or None,
+        )
+        service.add_observer(trigger)
+    service.monitoring = Monitoring(monitor, capture, jobs, state, trigger)
     return service.monitoring

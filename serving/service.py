@@ -242,10 +242,14 @@ class InferenceService:
         return self
 
     def close(self) -> None:
-        """Stop polling; queued requests still finish."""
+        """Stop polling; queued requests still finish. Observers with a ``close`` stop too."""
         self._stop.set()
         if self._poller is not None:
             self._poller.join(timeout=10)
+        for observer in self._observers:
+            closer = getattr(observer, "close", None)
+            if callable(closer):
+                closer()
         with self._batchers_lock:
             batchers, self._batchers = list(self._batchers.values()), {}
         for b in batchers:

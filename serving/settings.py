@@ -138,6 +138,20 @@ class Settings:
     capture_max_bytes: int = 1 << 30
     """Size cap of the capture store per model; the oldest samples are dropped first."""
 
+    auto_calibrate_after_s: float = 0.0
+    """Start a calibration job when a classifier's served version has drifted above its
+    alarm threshold this long without a break (needs capture); 0 switches it off."""
+
+    auto_calibrate_cooldown_s: float = 3600.0
+    """No automatic calibration of a model within this long of its last job's start."""
+
+    auto_calibrate_check_s: float = 30.0
+    """How often each worker checks the pooled drift scores for automatic calibration."""
+
+    auto_calibrate_promote: str = ""
+    """Label an automatic calibration moves (``canary`` or ``stable``); empty: the
+    calibrator's default."""
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Settings from ``IMGSERVE_*`` variables (``os.environ`` by default), then ``overrides``."""
@@ -199,6 +213,18 @@ class Settings:
             )
         if not 0.0 <= self.capture_rate <= 1.0:
             raise SettingsError("IMGSERVE_CAPTURE_RATE must be in [0, 1]")
+        if self.auto_calibrate_after_s < 0 or self.auto_calibrate_cooldown_s < 0:
+            raise SettingsError(
+                "IMGSERVE_AUTO_CALIBRATE_AFTER_S and IMGSERVE_AUTO_CALIBRATE_COOLDOWN_S must be >= 0"
+            )
+        if self.auto_calibrate_check_s <= 0:
+            raise SettingsError("IMGSERVE_AUTO_CALIBRATE_CHECK_S must be > 0")
+        if self.auto_calibrate_promote not in ("", "canary", "stable"):
+            raise SettingsError("IMGSERVE_AUTO_CALIBRATE_PROMOTE must be 'canary' or 'stable'")
+        if self.auto_calibrate_after_s > 0 and not self.capture_dir:
+            raise SettingsError(
+                "IMGSERVE_AUTO_CALIBRATE_AFTER_S needs IMGSERVE_CAPTURE_DIR (samples to calibrate on)"
+            )
         if self.drift_half_life_s <= 0:
             raise SettingsError("IMGSERVE_DRIFT_HALF_LIFE_S must be > 0")
         if not 0.0 <= self.detection_score_threshold <= 1.0:

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from serving.app import create_app
 from tests.serving import tiny_models
-from tests.serving.conftest import free_port, settings_for
+from tests.serving.conftest import free_port, settings_for, wait_for
 from tests.serving.test_inputs import Capture, assert_problem
 from tests.serving.tfserving_standin import TFServingStandIn
 from training.preprocessing import PreprocessSpec, preprocess_bytes
@@ -379,14 +379,6 @@ def test_new_versions_are_picked_up_without_failing_requests(mutable_repo, image
             r = client.post("/v1/classify", data=images["png"], content_type="image/png")
             version = r.get_json().get("model", {}).get("version")
             results.append((r.status_code, version, start, time.monotonic()))
-
-    def wait_for(predicate, timeout=60.0) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if predicate():
-                return True
-            time.sleep(0.05)
-        return False
 
     threads = [threading.Thread(target=traffic) for _ in range(3)]
     try:

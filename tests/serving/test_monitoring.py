@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import subprocess
 import threading
@@ -16,13 +17,15 @@ import yaml
 from PIL import Image
 
 from serving.app import create_app
+from serving.auto_calibration import in_alarm
 from tests.deploy import promql
 from tests.deploy.test_deploy_monitoring import _dashboard, _dashboard_queries, _rules
 from tests.serving import tiny_models
-from tests.serving.conftest import free_port, settings_for
+from tests.serving.conftest import free_port, settings_for, wait_for
 from tests.serving.test_metrics import parse, value
 from tests.serving.test_server import gunicorn, stop
 from training.classifier import REFERENCE_SET
+from training.model_card import MODEL_CARD_RELPATH
 
 TOKEN = "test-admin-token"
 
@@ -160,6 +163,61 @@ def test_calibration_job_runs_outside_the_worker_and_is_reported(capture_app, mu
         )
         == 1
     )
+
+
+@pytest.mark.slow
+def test_sustained_drift_starts_one_calibration_job_then_cools_down(mutable_repo, tmp_path):
+    """Clean traffic starts nothing; inverted traffic for longer than the sustain time
+    starts exactly one job (trigger ``drift``); the cool-down holds after it ends."""
+    card = json.loads(
+        (mutable_repo / tiny_models.CLASSIFIER / "1" / MODEL_CARD_RELPATH).read_text()
+    )
+    window = card["bn_reference"]["drift"]["window"]  # the thresholds' window
+    app = create_app(
+        settings_for(
+            "embedded",
+            mutable_repo,
+            capture_dir=str(tmp_path / "samples"),
+            capture_rate=1.0,
+            state_dir=str(tmp_path / "state"),
+            auto_calibrate_after_s=1.0,
+            auto_calibrate_check_s=0.1,
+            auto_calibrate_cooldown_s=3600,
+            drift_window=window,
+        )
+    )
+    try:
+        client = app.test_client()
+        monitoring = app.extensions["imgserve.monitoring"]
+        key = (tiny_models.CLASSIFIER, 1)
+        clean = _reference_pngs(mutable_repo)
+        for i in range(2 * window):
+            _classify(client, clean[i % len(clean)], f"clean-{i}")
+        assert not in_alarm(monitoring.drift.scores()[key], window)
+        time.sleep(2.0)  # twice the sustain time, 20 checks
+        assert monitoring.jobs.jobs() == []
+
+        inverted = _reference_pngs(mutable_repo, invert=True)
+        for i in range(2 * window):
+            _classify(client, inverted[i % len(inverted)], f"shifted-{i}")
+        assert in_alarm(monitoring.drift.scores()[key], window)
+        assert wait_for(lambda: monitoring.jobs.jobs(), timeout=30), "no job was started"
+        (job,) = monitoring.jobs.jobs()
+        assert job["trigger"] == "drift" and job["model"] == tiny_models.CLASSIFIER
+        assert "mean_shift" in job["reason"] or "sym_kl" in job["reason"]
+        assert wait_for(lambda: monitoring.jobs.get(job["id"])["status"] != "running", 300)
+        # Still drifting on version 1 if the gate refused; either way, no second job.
+        for i in range(window):
+            _classify(client, inverted[i % len(inverted)], f"again-{i}")
+        time.sleep(2.0)
+        assert [j["id"] for j in monitoring.jobs.jobs()] == [job["id"]]
+        assert monitoring.jobs.get(job["id"])["status"] in (
+            "published",
+            "rejected",
+            "insufficient_samples",
+        )
+    finally:
+        app.extensions["imgserve"].close()
 
 
 def _prometheus(tmp: Path, target: str) -> tuple[subprocess.Popen, str]:
@@ -312,14 +370,6 @@ def test_promotion_and_rollback_under_load_fail_no_request(mutable_repo, images)
                 content_type="image/png",
             )
             results[label].append((r.status_code, r.get_json().get("model", {}).get("version")))
-
-    def wait_for(predicate, timeout: float = 60.0) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if predicate():
-                return True
-            time.sleep(0.05)
-        return False
 
     def answered(label: str, version: int) -> bool:
         tail = results[label][-3:]

@@ -48,6 +48,12 @@ def test_environment_variables_are_typed():
         {"IMGSERVE_BIND": "8080"},
         {"IMGSERVE_MULTI_FRAME": "all"},
         {"IMGSERVE_REQUEST_TIMEOUT_S": "-1"},
+        {"IMGSERVE_AUTO_CALIBRATE_AFTER_S": "60"},  # without a capture directory
+        {
+            "IMGSERVE_AUTO_CALIBRATE_AFTER_S": "60",
+            "IMGSERVE_CAPTURE_DIR": "/x",
+            "IMGSERVE_AUTO_CALIBRATE_PROMOTE": "prod",
+        },
     ],
 )
 def test_invalid_values_fail_at_start(env):
