@@ -51,8 +51,8 @@ from training.repository import ModelRepository  # noqa: E402
 from training.samples import SampleStore, record_feedback  # noqa: E402
 from training.temperature import expected_calibration_error  # noqa: E402
 
-#: The colour cast was tried and dropped: the demo classifier (random colours in
-#: training) lost 0.4 points to it, so there was nothing to recover.
+#: The colour cast was tried (on the earlier uniform-colour domain) and dropped: the
+#: demo classifier lost 0.4 points to it, so there was nothing to recover.
 SHIFTS = ("contrast*0.5+noise_sigma0.1", "blur")
 
 
