@@ -338,6 +338,8 @@ def train_classifier(cfg: ClassifierConfig, *, export: bool = True) -> dict[str,
             weights=weights,
         )
         history["train"] = h.history.get("val_accuracy", [])
+        # Accuracy on the last epoch's training batches, in training mode (batch statistics).
+        fit_accuracy = float((h.history.get("accuracy") or [float("nan")])[-1])
     epochs_run = len(history["train"])
 
     val_x = normalize(val.pixels, spec)
@@ -369,6 +371,7 @@ def train_classifier(cfg: ClassifierConfig, *, export: bool = True) -> dict[str,
         "train_images": len(train),
         "val_images": len(val),
         "epochs_run": epochs_run,
+        "fit_accuracy": fit_accuracy,
         "train_seconds": round(train_seconds, 1),
         "skipped_files": data.skipped,
         "model": model,
