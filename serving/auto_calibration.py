@@ -23,29 +23,30 @@ Detectors are left alone (the calibrator handles classifiers only).
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from serving.calibration_jobs import CalibrationBusy, CalibrationJobs
-from serving.drift import DriftMonitor
+from serving.drift import DriftMonitor, WorkerLoop
 
 log = logging.getLogger(__name__)
 
 
+def exceeded(entry: dict[str, Any]) -> list[tuple[str, str, float, float]]:
+    """(layer, score, value, threshold) of the count-window scores above their thresholds."""
+    limits = entry.get("thresholds", {})
+    return [
+        (layer, name, value, limits[layer][name])
+        for layer, scores in sorted(entry.get("count", {}).items())
+        for name, value in sorted(scores.items())
+        if name in limits.get(layer, {}) and value > limits[layer][name]
+    ]
+
+
 def in_alarm(entry: dict[str, Any], min_images: int) -> bool:
     """Whether one version's score entry (``DriftMonitor.scores``) is above threshold."""
-    if entry.get("images", 0) < min_images or "count" not in entry:
-        return False
-    limits = entry.get("thresholds", {})
-    for layer, scores in entry["count"].items():
-        for name, value in scores.items():
-            limit = limits.get(layer, {}).get(name)
-            if limit is not None and value > limit:
-                return True
-    return False
+    return entry.get("images", 0) >= min_images and bool(exceeded(entry))
 
 
 class DriftTrigger:
@@ -74,36 +75,14 @@ class DriftTrigger:
         self.promote = promote
         self.clock = clock
         self._alarm_since: dict[tuple[str, int], float] = {}
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
+        self._loop = WorkerLoop(self.check, self.check_interval_s, "drift-trigger")
 
     # -- observer: only makes sure this worker's checking thread runs -----------
     def on_prediction(self, event: Any) -> None:
-        if self._pid != os.getpid():
-            self._start()
-
-    def _start(self) -> None:
-        with self._lock:
-            if self._pid == os.getpid():
-                return
-            self._pid = os.getpid()
-            self._alarm_since.clear()  # a forked worker starts its own watch
-            self._thread = threading.Thread(target=self._loop, name="drift-trigger", daemon=True)
-            self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.check_interval_s):
-            try:
-                self.check()
-            except Exception:  # monitoring must never take the worker down
-                log.exception("automatic calibration check failed")
+        self._loop.ensure()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None and self._pid == os.getpid():
-            self._thread.join(timeout=5)
+        self._loop.stop()
 
     # -- the decision ------------------------------------------------------------
     def _served(self) -> dict[str, int]:
@@ -152,11 +131,7 @@ class DriftTrigger:
 
 def _reason(entry: dict[str, Any]) -> str:
     """The layers above threshold, for the job record."""
-    parts = []
-    limits = entry.get("thresholds", {})
-    for layer, scores in sorted(entry.get("count", {}).items()):
-        for name, value in sorted(scores.items()):
-            limit = limits.get(layer, {}).get(name)
-            if limit is not None and value > limit:
-                parts.append(f"{layer} {name} {value:.3g} > {limit:.3g}")
+    parts = [
+        f"{layer} {name} {value:.3g} > {limit:.3g}" for layer, name, value, limit in exceeded(entry)
+    ]
     return f"drift over {entry.get('images', 0)} images: " + "; ".join(parts)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import math
 import os
 import tempfile
@@ -58,6 +59,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from training import drift
+
+log = logging.getLogger(__name__)
 
 CHANNELS = ("r", "g", "b")
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -131,6 +134,48 @@ def _channel_means(x: np.ndarray) -> np.ndarray:
     return (ones @ flat).astype(np.float64) / flat.shape[1]
 
 
+class WorkerLoop:
+    """A daemon thread that calls ``step`` every ``interval_s``, one per process.
+
+    :meth:`ensure` is cheap (a pid comparison) and starts the thread the first
+    time it runs in a process, so each gunicorn worker forked from a master that
+    already had one gets its own. Exceptions from ``step`` are logged, never raised.
+    """
+
+    def __init__(self, step: Callable[[], Any], interval_s: float, name: str) -> None:
+        self.step = step
+        self.interval_s = float(interval_s)
+        self.name = name
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def ensure(self) -> None:
+        """Start this process's thread unless it runs already."""
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.step()
+            except Exception:  # a background loop must never take the worker down
+                log.exception("%s failed", self.name)
+
+    def stop(self) -> None:
+        """Stop the loop; waits for this process's thread."""
+        self._stop.set()
+        if self._thread is not None and self._pid == os.getpid():
+            self._thread.join(timeout=5)
+
+
 class DriftMonitor:
     """Aggregates probe statistics per model version and serves the drift metrics."""
 
@@ -171,9 +216,7 @@ class DriftMonitor:
         self._fold_lock = threading.Lock()
         # The folding thread and a scrape both publish: one writer of the files at a time.
         self._publish_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._folder: threading.Thread | None = None
-        self._folder_pid = 0
+        self._folder = WorkerLoop(self._fold_step, self.fold_interval_s, "drift-fold")
 
     # -- observer ---------------------------------------------------------------
     def on_prediction(self, event: Any) -> None:
@@ -185,23 +228,13 @@ class DriftMonitor:
         self._pending.append(
             (event.model, outputs["bn_input_mean"], outputs["bn_input_sqmean"], event.inputs)
         )
-        if self._folder_pid != os.getpid():
-            self._start_folder()
+        self._folder.ensure()
 
-    def _start_folder(self) -> None:
-        with self._fold_lock:
-            if self._folder_pid == os.getpid():
-                return
-            self._folder_pid = os.getpid()
-            self._folder = threading.Thread(target=self._fold_loop, name="drift-fold", daemon=True)
-            self._folder.start()
-
-    def _fold_loop(self) -> None:
-        while not self._stop.wait(self.fold_interval_s):
-            with contextlib.suppress(Exception):  # monitoring must never take the worker down
-                self.fold()
-                if time.monotonic() - self._published_at >= self.publish_interval_s:
-                    self.publish()
+    def _fold_step(self) -> None:
+        with contextlib.suppress(Exception):  # monitoring must never take the worker down
+            self.fold()
+            if time.monotonic() - self._published_at >= self.publish_interval_s:
+                self.publish()
 
     def fold(self) -> int:
         """Fold every queued request into its version's windows; returns how many."""
@@ -309,9 +342,7 @@ class DriftMonitor:
 
     def close(self) -> None:
         """Stop folding and remove this worker's files (a clean shutdown)."""
-        self._stop.set()
-        if self._folder is not None and self._folder_pid == os.getpid():
-            self._folder.join(timeout=5)
+        self._folder.stop()
         for key in list(self._windows):
             with contextlib.suppress(OSError):
                 self._file(key).unlink()

@@ -41,18 +41,21 @@ def _reference_pngs(repo: Path, *, invert: bool = False) -> list[bytes]:
     return out
 
 
+def _capture_settings(repo: Path, tmp: Path, **extra):
+    """Embedded backend capturing every request, with its own state directory."""
+    return settings_for(
+        "embedded",
+        repo,
+        capture_dir=str(tmp / "samples"),
+        capture_rate=1.0,
+        state_dir=str(tmp / "state"),
+        **extra,
+    )
+
+
 @pytest.fixture
 def capture_app(mutable_repo, tmp_path):
-    app = create_app(
-        settings_for(
-            "embedded",
-            mutable_repo,
-            capture_dir=str(tmp_path / "samples"),
-            capture_rate=1.0,
-            admin_token=TOKEN,
-            state_dir=str(tmp_path / "state"),
-        )
-    )
+    app = create_app(_capture_settings(mutable_repo, tmp_path, admin_token=TOKEN))
     yield app
     app.extensions["imgserve"].close()
 
@@ -174,12 +177,9 @@ def test_sustained_drift_starts_one_calibration_job_then_cools_down(mutable_repo
     )
     window = card["bn_reference"]["drift"]["window"]  # the thresholds' window
     app = create_app(
-        settings_for(
-            "embedded",
+        _capture_settings(
             mutable_repo,
-            capture_dir=str(tmp_path / "samples"),
-            capture_rate=1.0,
-            state_dir=str(tmp_path / "state"),
+            tmp_path,
             auto_calibrate_after_s=1.0,
             auto_calibrate_check_s=0.1,
             auto_calibrate_cooldown_s=3600,
