@@ -20,7 +20,12 @@ the gate on garbage samples (noise images; one class only): it must reject, and
 ``models.config`` must not change. Targets (issue 6): recover >= 50% of the lost
 accuracy, clean accuracy within 2 points, ECE after <= 3%.
 
+Each of ``--seeds`` draws its own traffic and test sets; the targets are judged on
+the mean over the seeds (one seed's 1500 test images leave the recovered share
+uncertain by several points, as the loss itself is about 13 points).
+
 Usage: python bench/calibration_acceptance.py [--model-base models] [--name demo_classifier]
+       [--seeds 2024,7,99]
 """
 
 from __future__ import annotations
@@ -95,51 +100,10 @@ def fresh_repo(model_base: Path, name: str, root: Path) -> Path:
     return base
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--model-base", default="models")
-    ap.add_argument("--name", default="demo_classifier")
-    ap.add_argument("--traffic", type=int, default=1536, help="captured shifted images")
-    ap.add_argument("--labelled", type=float, default=0.5, help="share of traffic with feedback")
-    ap.add_argument("--test", type=int, default=1500, help="test images per domain")
-    ap.add_argument("--prior-strength", default="auto", help="passed to calibrate")
-    ap.add_argument("--seed", type=int, default=2024)
-    ap.add_argument("--out", default=".bench/calibration.json")
-    args = ap.parse_args(argv)
-
-    model_base = Path(args.model_base).resolve()
-    repo = ModelRepository(model_base)
-    parent = repo.labels(args.name).get("stable")
-    if parent is None:
-        print(
-            f"{args.name} has no stable version under {model_base}; run `make models`",
-            file=sys.stderr,
-        )
-        return 2
-    parent_dir = repo.version_dir(args.name, parent)
-    card = load_model_card(parent_dir)
-    spec = PreprocessSpec.from_dict(card["preprocessing"])
-    classes = list(card["labels"])
-    imbalance = float(card["lineage"].get("parameters", {}).get("synthetic_imbalance", 1.0))
-    prior: float | str = (
-        args.prior_strength if args.prior_strength == "auto" else float(args.prior_strength)
-    )
-
-    rng = np.random.default_rng(args.seed)
-    test_imgs, test_y = synthetic.generate(args.test, seed=args.seed + 1, imbalance=imbalance)
-    traffic_imgs, traffic_y = synthetic.generate(
-        args.traffic, seed=args.seed + 2, imbalance=imbalance
-    )
-    clean_x = model_inputs(test_imgs, spec)
-    parent_clean = quality(served_probabilities(parent_dir, clean_x), test_y)
-    print(
-        f"model {args.name} v{parent} (stable); clean test: {len(test_y)} images, "
-        f"accuracy {parent_clean[0]:.4f}, ECE {parent_clean[1]:.4f}",
-        flush=True,
-    )
-
+def run_shifts(args, model_base, prior, parent, parent_dir, spec, classes, seed, test, traffic):
+    """Per shift: capture shifted traffic with feedback, calibrate, measure; a row each."""
+    rng = np.random.default_rng(seed)
+    test_imgs, test_y, clean_x, parent_clean = test
     rows = []
     for shift in SHIFTS:
         t0 = time.monotonic()
@@ -149,14 +113,13 @@ def main(argv: list[str] | None = None) -> int:
             shifted_test = model_inputs(
                 [synthetic.corrupt(shift, im, rng) for im in test_imgs], spec
             )
-            traffic_x = model_inputs(
-                [synthetic.corrupt(shift, im, rng) for im in traffic_imgs], spec
-            )
-            labels = [int(y) if rng.random() < args.labelled else None for y in traffic_y]
+            traffic_x = model_inputs([synthetic.corrupt(shift, im, rng) for im in traffic[0]], spec)
+            labels = [int(y) if rng.random() < args.labelled else None for y in traffic[1]]
             capture(Path(tmp) / "samples", args.name, parent, traffic_x, labels, classes)
             result = calibrate(base, args.name, Path(tmp) / "samples", prior_strength=prior)
             before = quality(served_probabilities(parent_dir, shifted_test), test_y)
             row = {
+                "seed": seed,
                 "shift": shift,
                 "status": result.status,
                 "reasons": result.reasons,
@@ -184,6 +147,82 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(json.dumps(row, default=float), flush=True)
 
+    return rows
+
+
+def meets(r: dict) -> bool:
+    """Issue 6's targets: half the lost accuracy back, clean within 2 points, ECE <= 3 %."""
+    return (
+        r["recovered"] >= 0.5
+        and r["clean_after"] >= r["clean_before"] - 0.02
+        and r["ece_after"] <= 0.03
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model-base", default="models")
+    ap.add_argument("--name", default="demo_classifier")
+    ap.add_argument("--traffic", type=int, default=1536, help="captured shifted images")
+    ap.add_argument("--labelled", type=float, default=0.5, help="share of traffic with feedback")
+    ap.add_argument("--test", type=int, default=1500, help="test images per domain")
+    ap.add_argument("--prior-strength", default="auto", help="passed to calibrate")
+    ap.add_argument(
+        "--seeds",
+        default="2024",
+        help="comma-separated; each seed draws its own traffic and test sets",
+    )
+    ap.add_argument("--out", default=".bench/calibration.json")
+    args = ap.parse_args(argv)
+
+    model_base = Path(args.model_base).resolve()
+    repo = ModelRepository(model_base)
+    parent = repo.labels(args.name).get("stable")
+    if parent is None:
+        print(
+            f"{args.name} has no stable version under {model_base}; run `make models`",
+            file=sys.stderr,
+        )
+        return 2
+    parent_dir = repo.version_dir(args.name, parent)
+    card = load_model_card(parent_dir)
+    spec = PreprocessSpec.from_dict(card["preprocessing"])
+    classes = list(card["labels"])
+    imbalance = float(card["lineage"].get("parameters", {}).get("synthetic_imbalance", 1.0))
+    prior: float | str = (
+        args.prior_strength if args.prior_strength == "auto" else float(args.prior_strength)
+    )
+
+    rows = []
+    seeds = [int(v) for v in args.seeds.split(",")]
+    for seed in seeds:
+        test_imgs, test_y = synthetic.generate(args.test, seed=seed + 1, imbalance=imbalance)
+        traffic_imgs, traffic_y = synthetic.generate(
+            args.traffic, seed=seed + 2, imbalance=imbalance
+        )
+        clean_x = model_inputs(test_imgs, spec)
+        parent_clean = quality(served_probabilities(parent_dir, clean_x), test_y)
+        print(
+            f"model {args.name} v{parent} (stable), seed {seed}; clean test: {len(test_y)} "
+            f"images, accuracy {parent_clean[0]:.4f}, ECE {parent_clean[1]:.4f}",
+            flush=True,
+        )
+        rows += run_shifts(
+            args,
+            model_base,
+            prior,
+            parent,
+            parent_dir,
+            spec,
+            classes,
+            seed,
+            (test_imgs, test_y, clean_x, parent_clean),
+            (traffic_imgs, traffic_y),
+        )
+    # Garbage samples: noise images, and one class of the last seed's traffic.
+    rng = np.random.default_rng(seeds[-1] + 3)
     garbage = []
     for kind in ("noise_images", "one_class"):
         with tempfile.TemporaryDirectory(prefix="calib-garbage-") as tmp:
@@ -212,30 +251,44 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(
-        "| shift | clean before | shifted before | shifted after | recovered | clean after "
+        "| seed | shift | clean before | shifted before | shifted after | recovered | clean after "
         "| ECE before | ECE after | T | prior N | status |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     ok = True
     for r in rows:
         if r["status"] != "published":
             ok = False
             print(
-                f"| {r['shift']} | {r['clean_before']:.4f} | {r['shifted_before']:.4f} | - | - | - "
-                f"| {r['ece_before']:.4f} | - | - | - | rejected: {'; '.join(r['reasons'])} |"
+                f"| {r['seed']} | {r['shift']} | {r['clean_before']:.4f} | {r['shifted_before']:.4f} "
+                f"| - | - | - | {r['ece_before']:.4f} | - | - | - "
+                f"| rejected: {'; '.join(r['reasons'])} |"
             )
             continue
-        meets = (
-            r["recovered"] >= 0.5
-            and r["clean_after"] >= r["clean_before"] - 0.02
-            and r["ece_after"] <= 0.03
-        )
-        ok &= meets
         print(
-            f"| {r['shift']} | {r['clean_before']:.4f} | {r['shifted_before']:.4f} "
+            f"| {r['seed']} | {r['shift']} | {r['clean_before']:.4f} | {r['shifted_before']:.4f} "
             f"| {r['shifted_after']:.4f} | {r['recovered']:.0%} | {r['clean_after']:.4f} "
             f"| {r['ece_before']:.4f} | {r['ece_after']:.4f} | {r['temperature']:.3f} "
-            f"| {r['prior_strength']:g} | {'meets targets' if meets else 'misses a target'} |"
+            f"| {r['prior_strength']:g} | {'meets targets' if meets(r) else 'misses a target'} |"
+        )
+    # The targets on the mean over seeds: one seed's 1500 test images leave the recovered
+    # share uncertain by several points (the loss itself is only ~13 points).
+    print()
+    for shift in SHIFTS:
+        done = [r for r in rows if r["shift"] == shift and r["status"] == "published"]
+        if not done:
+            continue
+        mean = {k: float(np.mean([r[k] for r in done])) for k in ("recovered", "clean_after")}
+        mean["ece_after"] = float(np.mean([r["ece_after"] for r in done]))
+        mean["clean_before"] = float(np.mean([r["clean_before"] for r in done]))
+        good = meets(mean)
+        ok &= good
+        print(
+            f"{shift}: over {len(done)} seed(s) recovered {mean['recovered']:.0%} "
+            f"(min {min(r['recovered'] for r in done):.0%}, "
+            f"max {max(r['recovered'] for r in done):.0%}), clean after {mean['clean_after']:.4f} "
+            f"vs {mean['clean_before']:.4f}, ECE after {mean['ece_after']:.4f}: "
+            f"{'meets targets' if good else 'misses a target'}"
         )
     print()
     for g in garbage:
