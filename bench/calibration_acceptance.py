@@ -1,7 +1,8 @@
 """Calibration acceptance report: accuracy and ECE before and after online calibration.
 
 For the served classifier (default: the demo classifier, version ``stable``), per
-input shift (contrast x0.5 plus Gaussian noise sigma 0.1, and a Gaussian blur):
+input shift (contrast x0.5 plus Gaussian noise sigma 0.1, a Gaussian blur, and mixed
+traffic: half clean, half contrast + noise):
 
 1. a copy of the model repository serves the parent; fresh synthetic images of
    the training distribution are shifted and go through the real capture store
@@ -58,7 +59,17 @@ from training.temperature import expected_calibration_error  # noqa: E402
 
 #: The colour cast was tried (on the earlier uniform-colour domain) and dropped: the
 #: demo classifier lost 0.4 points to it, so there was nothing to recover.
-SHIFTS = ("contrast*0.5+noise_sigma0.1", "blur")
+SHIFTS = ("contrast*0.5+noise_sigma0.1", "blur", "half:contrast*0.5+noise_sigma0.1")
+#: ``half:NAME`` is mixed traffic, one of the known failures of BN re-estimation: every
+#: other captured image shifted by NAME, the rest clean; the shifted test set is all NAME.
+HALF = "half:"
+
+
+def traffic_image(shift: str, image: np.ndarray, i: int, rng: np.random.Generator) -> np.ndarray:
+    """Captured image ``i`` under ``shift`` (``half:`` leaves the even ones clean)."""
+    if shift.startswith(HALF):
+        return image if i % 2 == 0 else synthetic.corrupt(shift[len(HALF) :], image, rng)
+    return synthetic.corrupt(shift, image, rng)
 
 
 def model_inputs(images: list[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
@@ -111,9 +122,11 @@ def run_shifts(args, model_base, prior, parent, parent_dir, spec, classes, seed,
             base = fresh_repo(model_base, args.name, Path(tmp))
             config_before = (base / "models.config").read_text()
             shifted_test = model_inputs(
-                [synthetic.corrupt(shift, im, rng) for im in test_imgs], spec
+                [synthetic.corrupt(shift.removeprefix(HALF), im, rng) for im in test_imgs], spec
             )
-            traffic_x = model_inputs([synthetic.corrupt(shift, im, rng) for im in traffic[0]], spec)
+            traffic_x = model_inputs(
+                [traffic_image(shift, im, i, rng) for i, im in enumerate(traffic[0])], spec
+            )
             labels = [int(y) if rng.random() < args.labelled else None for y in traffic[1]]
             capture(Path(tmp) / "samples", args.name, parent, traffic_x, labels, classes)
             result = calibrate(base, args.name, Path(tmp) / "samples", prior_strength=prior)
@@ -258,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     for r in rows:
         if r["status"] != "published":
-            ok = False
+            ok &= r["shift"].startswith(HALF)  # mixed traffic is reported, not a target
             print(
                 f"| {r['seed']} | {r['shift']} | {r['clean_before']:.4f} | {r['shifted_before']:.4f} "
                 f"| - | - | - | {r['ece_before']:.4f} | - | - | - "
@@ -282,13 +295,14 @@ def main(argv: list[str] | None = None) -> int:
         mean["ece_after"] = float(np.mean([r["ece_after"] for r in done]))
         mean["clean_before"] = float(np.mean([r["clean_before"] for r in done]))
         good = meets(mean)
-        ok &= good
+        ok &= good or shift.startswith(HALF)
         print(
             f"{shift}: over {len(done)} seed(s) recovered {mean['recovered']:.0%} "
             f"(min {min(r['recovered'] for r in done):.0%}, "
             f"max {max(r['recovered'] for r in done):.0%}), clean after {mean['clean_after']:.4f} "
             f"vs {mean['clean_before']:.4f}, ECE after {mean['ece_after']:.4f}: "
             f"{'meets targets' if good else 'misses a target'}"
+            + (" (informational: mixed traffic is not a target)" if shift.startswith(HALF) else "")
         )
     print()
     for g in garbage:
