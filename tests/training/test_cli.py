@@ -59,10 +59,17 @@ def test_transfer_learning_freezes_then_fine_tunes_the_top_layers(
             "2",
             "--fine-tune-layers",
             str(k),
+            # The subject here is freezing and fine-tuning, not the export gate: on the
+            # tiny held-out set (57 images) one image is 1.75 points, and a 2+2-epoch run
+            # once stopped at the export gate in CI (exit 3; stderr was not kept, most
+            # likely the default 2-point parity limit). A gap above 10 points (6 images)
+            # still stops the export.
+            "--max-parity-gap",
+            "0.1",
         ]
     )
-    out = capsys.readouterr().out
-    assert rc == 0, out
+    out, err = capsys.readouterr()
+    assert rc == 0, out + err
     assert "held-out accuracy (inference mode)" in out and "per-class accuracy" in out
     model = keras.models.load_model(base / "transfer" / "1" / KERAS_MODEL_RELPATH, compile=False)
     frozen, tuned = source.layers[: len(source.layers) - k], source.layers[len(source.layers) - k :]
