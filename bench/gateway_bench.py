@@ -11,7 +11,7 @@
 For each run: images/s, p50 and p99 latency, throughput as a fraction of raw,
 and at concurrency 1 the p50 overhead over the raw single-image latency. The
 raw figures a run is compared with are measured right before and right after
-it (a resident probe process, the servers idle meanwhile) and averaged: on a
+it (resident probe processes, the servers idle meanwhile) and averaged: on a
 shared machine whose speed drifts by a factor of two within minutes, a limit
 measured once at the start makes later ratios meaningless (x8 rows at 120 %).
 Clients run on the same machine as the server, so their CPU time counts against
@@ -99,32 +99,46 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # -- raw ---------------------------------------------------------------------------------
-def bench_raw(
-    version_dir: Path, spec: PreprocessSpec, image: bytes, batch: int, seconds: float, intra_op: int
-) -> tuple[float, float]:
-    """(images/s at ``batch``, p50 seconds of one single-image call), in this process."""
+def raw_model(vdir: Path, spec: PreprocessSpec, image: bytes, batch: int):
+    """(``serving_default``, a batch of ``batch`` copies of ``image``, one copy), warmed up."""
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(intra_op)
-    fn = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    fn = tf.saved_model.load(str(vdir)).signatures["serving_default"]
     x1, _ = preprocess_bytes(image, spec)
     xb = tf.constant(np.repeat(x1[None], batch, axis=0))
     single = tf.constant(x1[None])
     for _ in range(3):
         fn(images=xb)
         fn(images=single)
+    return fn, xb, single
+
+
+def raw_measure(fn, xb, single, seconds: float, latency_seconds: float) -> tuple[float, float]:
+    """(images/s on ``xb`` over ``seconds``, p50 seconds of one ``single`` call)."""
     t0, n = time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds:
         fn(images=xb)
         n += 1
-    throughput = n * batch / (time.perf_counter() - t0)
+    throughput = n * int(xb.shape[0]) / (time.perf_counter() - t0)
     lat = []
     t0 = time.perf_counter()
-    while time.perf_counter() - t0 < min(seconds, 3.0):
+    while time.perf_counter() - t0 < latency_seconds:
         s = time.perf_counter()
         fn(images=single)
         lat.append(time.perf_counter() - s)
-    return throughput, statistics.median(lat), drift_cost(fn, single, load_model_card(version_dir))
+    return throughput, statistics.median(lat)
+
+
+def bench_raw(
+    version_dir: Path, spec: PreprocessSpec, image: bytes, batch: int, seconds: float, intra_op: int
+) -> tuple[float, float, float]:
+    """(images/s at ``batch``, p50 seconds of one single-image call, drift s/request)."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+    fn, xb, single = raw_model(version_dir, spec, image, batch)
+    throughput, latency = raw_measure(fn, xb, single, seconds, min(seconds, 3.0))
+    return throughput, latency, drift_cost(fn, single, load_model_card(version_dir))
 
 
 def drift_cost(fn, single, card: dict, calls: int = 3000) -> float:
@@ -169,65 +183,52 @@ def drift_cost(fn, single, card: dict, calls: int = 3000) -> float:
 
 
 class RawProbe:
-    """A resident raw-model process measuring on demand (between gateway runs).
+    """Resident raw-model processes measuring on demand (between gateway runs).
 
-    It runs :func:`bench_raw` with the intra-op pool size that gave the raw limit,
-    once per :meth:`measure`, while the servers under test are idle.
+    One child per intra-op pool size of :func:`raw_limit`; :meth:`measure` asks each
+    in turn, while the servers under test are idle, and keeps the same figures as the
+    start of the run: the best throughput and the best single-image latency.
     """
 
-    def __init__(self, args: argparse.Namespace, batch: int, intra: int, seconds: float) -> None:
-        cmd = [sys.executable, __file__, "--model-base", args.model_base, "--model", args.model]
-        cmd += ["--seconds", str(seconds), "--raw-intra", str(intra), "--raw-batch", str(batch)]
-        cmd += ["--raw-probe"] + (["--version", str(args.version)] if args.version else [])
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
+    def __init__(
+        self, args: argparse.Namespace, batch: int, intras: list[int], seconds: float
+    ) -> None:
+        self.procs = []
+        for intra in intras:
+            cmd = [sys.executable, __file__, "--model-base", args.model_base, "--model", args.model]
+            cmd += ["--seconds", str(seconds), "--raw-intra", str(intra), "--raw-batch", str(batch)]
+            cmd += ["--raw-probe"] + (["--version", str(args.version)] if args.version else [])
+            self.procs.append(
+                subprocess.Popen(
+                    cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+                )
+            )
 
     def measure(self) -> tuple[float, float]:
         """(images/s at the max batch size, single-image p50 seconds), measured now."""
-        assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write("measure\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"raw probe exited with {self.proc.wait(10)}")
-        tput, single = json.loads(line)
-        return tput, single
+        figures = []
+        for proc in self.procs:
+            assert proc.stdin and proc.stdout
+            proc.stdin.write("measure\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"raw probe exited with {proc.wait(10)}")
+            figures.append(json.loads(line))
+        return max(f[0] for f in figures), min(f[1] for f in figures)
 
     def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        for proc in self.procs:
+            if proc.stdin:
+                proc.stdin.close()  # end of input: the child's loop ends
+            end_process(proc, 30)
 
 
 def probe_loop(vdir: Path, spec: PreprocessSpec, image: bytes, batch: int, seconds: float) -> None:
     """The :class:`RawProbe` child: one measurement per line on stdin, one JSON line out."""
-    import tensorflow as tf
-
-    fn = tf.saved_model.load(str(vdir)).signatures["serving_default"]
-    x1, _ = preprocess_bytes(image, spec)
-    xb = tf.constant(np.repeat(x1[None], batch, axis=0))
-    single = tf.constant(x1[None])
-    for _ in range(3):
-        fn(images=xb)
-        fn(images=single)
+    fn, xb, single = raw_model(vdir, spec, image, batch)
     for _ in sys.stdin:
-        t0, n = time.perf_counter(), 0
-        while time.perf_counter() - t0 < seconds:
-            fn(images=xb)
-            n += 1
-        tput = n * batch / (time.perf_counter() - t0)
-        lat = []
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < seconds / 2:
-            s = time.perf_counter()
-            fn(images=single)
-            lat.append(time.perf_counter() - s)
-        print(json.dumps([tput, statistics.median(lat)]), flush=True)
+        print(json.dumps(raw_measure(fn, xb, single, seconds, seconds / 2)), flush=True)
 
 
 def raw_limit(args: argparse.Namespace, batch: int) -> dict[int, tuple[float, float]]:
@@ -448,14 +449,19 @@ def wait_ready(kind: str, port: int, proc: subprocess.Popen, timeout: float = 18
     raise RuntimeError(f"{kind} server not ready after {timeout}s")
 
 
+def end_process(proc: subprocess.Popen, timeout: float) -> None:
+    """Wait ``timeout`` seconds for ``proc`` to exit, then kill it."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def stop_server(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        end_process(proc, 60)
 
 
 def bench_server(
@@ -597,8 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     per_request = [int(n) for n in args.images_per_request.split(",")]
-    best_intra = max(raws, key=lambda k: raws[k][0])
-    probe = RawProbe(args, settings.max_batch_size, best_intra, max(2.0, args.seconds / 2))
+    probe = RawProbe(args, settings.max_batch_size, sorted(raws), max(2.0, args.seconds / 2))
     try:
         runs = [("http", 0)] + [("http", int(w)) for w in args.workers.split(",") if w.strip()]
         runs += [] if args.skip_grpc else [("grpc", 0)]
