@@ -258,7 +258,13 @@ def _resolve_momentum(cfg: DetectorTrainConfig, total_steps: int) -> float | Non
 
 
 def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, loss: LossConfig):
-    """One compiled optimisation step: ``(x, labels, box_targets) -> loss dict``."""
+    """One compiled optimisation step: ``(x, labels, box_targets) -> loss dict``.
+
+    The optimizer's slot variables are created here, before the first call: a
+    ``tf.function`` that creates variables when first called is traced twice, which
+    doubled the time to the first step (50 s against 25 s for the tiny preset).
+    """
+    optimizer.build(model.trainable_variables)
 
     @tf.function(reduce_retracing=True)
     def step(x: tf.Tensor, labels: tf.Tensor, targets: tf.Tensor) -> dict[str, tf.Tensor]:
