@@ -127,7 +127,6 @@ def collect_bn_statistics(
     layers = layers if layers is not None else bn_layers(model)
     collector = bn_input_model(model, layers)
 
-    @tf.function(reduce_retracing=True)
     def moments(x: tf.Tensor) -> list[tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
         outs = collector(x, training=True)
         outs = outs if isinstance(outs, list | tuple) else [outs]
@@ -145,12 +144,18 @@ def collect_bn_statistics(
         s2 = [np.zeros_like(a) for a in s1]
         counts = [0.0] * len(layers)
         images = 0
+        traced = None
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
             batch = tf.convert_to_tensor(batch, tf.float32)
             images += int(batch.shape[0])
-            for j, (a, b, n) in enumerate(moments(batch)):
+            if traced is None:
+                # One graph for every batch size: a last, smaller batch must not
+                # trace the whole network again (seconds for a MobileNetV2).
+                spec = tf.TensorSpec([None, *batch.shape[1:]], tf.float32)
+                traced = tf.function(moments).get_concrete_function(spec)
+            for j, (a, b, n) in enumerate(traced(batch)):
                 s1[j] += a.numpy()
                 s2[j] += b.numpy()
                 counts[j] += float(n.numpy())
