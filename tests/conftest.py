@@ -86,8 +86,14 @@ def images() -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="session")
-def model_repo(tmp_path_factory) -> Path:
-    """A model base with ``tiny_classifier`` version 1 (label stable), really trained."""
+def tiny_training(tmp_path_factory) -> tuple[Path, dict]:
+    """The session's one default training: the ``tiny`` preset on :func:`write_photo_crops`
+    (100 per class, seed 0), exported as ``tiny_classifier`` version 1 (label stable).
+
+    Returns (model base, the training summary without the Keras model). Tests that
+    need a default run of the package's BN policy read this one instead of training
+    their own: a MobileNetV2 training costs about a minute here, mostly graph tracing.
+    """
     from training.classifier import PRESETS, ClassifierConfig, train_classifier
 
     base = tmp_path_factory.mktemp("models")
@@ -95,8 +101,14 @@ def model_repo(tmp_path_factory) -> Path:
     cfg = ClassifierConfig(
         **{**PRESETS["tiny"], "data": str(data), "model_base": str(base), "name": "tiny_classifier"}
     )
-    train_classifier(cfg)
-    return base
+    summary = train_classifier(cfg)
+    return base, {k: v for k, v in summary.items() if k != "model"}
+
+
+@pytest.fixture(scope="session")
+def model_repo(tiny_training) -> Path:
+    """A model base with ``tiny_classifier`` version 1 (label stable), really trained."""
+    return tiny_training[0]
 
 
 PHOTO_CLASSES = ("astronaut.png", "coffee.png", "chelsea.png")

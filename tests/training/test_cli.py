@@ -96,32 +96,16 @@ def test_transfer_learning_freezes_then_fine_tunes_the_top_layers(
     assert card["lineage"]["parameters"]["fine_tune_layers"] == k
 
 
-def test_failed_parity_stops_the_export_unless_forced(crops, tmp_path, capsys):
-    base = tmp_path / "models"
-    args = [
-        "classifier",
-        "--data",
-        str(crops),
-        "--model-base",
-        str(base),
-        "--name",
-        "stale",
-        "--preset",
-        "tiny",
-        "--epochs",
-        "3",
-        "--bn-momentum",
-        "keras",
-        "--no-precise-bn",
-    ]
-    assert main(args) == 3
+def test_failed_parity_stops_the_export_unless_forced(stale_runs):
     # Stale statistics fail the parity check or, when the noisy parity estimate on a
     # tiny held-out set passes, the staleness check; either way nothing is exported.
-    err = capsys.readouterr().err
-    assert "parity check failed" in err or "staleness limits" in err
-    assert ModelRepository(base).versions("stale") == []
-    assert main([*args, "--force"]) == 0
-    assert ModelRepository(base).versions("stale") == [1]
+    assert stale_runs.refused_rc == 3, stale_runs.refused_stderr
+    err = stale_runs.refused_stderr
+    assert "parity check failed" in err or "staleness limits" in err, err
+    assert stale_runs.versions_after_refusal == []
+    assert stale_runs.forced_rc == 0
+    assert ModelRepository(stale_runs.base).versions("stale") == [1]
+    assert stale_runs.forced_summary["version"] == 1
 
 
 def test_make_dataset_writes_class_folders(tmp_path):
