@@ -291,6 +291,15 @@ class ParityReport:
     passed: bool
     threshold: float
 
+    @property
+    def failure(self) -> str:
+        """Why it failed ('' when it passed): the gap over the limit, or a collapse."""
+        if self.passed:
+            return ""
+        if self.gap > self.threshold or math.isnan(self.gap):
+            return f"inference mode is worse than training mode (gap {self.gap:.3f} > {self.threshold})"
+        return "inference mode predicts one class for every held-out image"
+
     def to_dict(self) -> dict:
         return {
             "inference_mode": self.inference_metric,

@@ -739,7 +739,7 @@ def calibrate(
             True,
             _says(
                 parity.passed,
-                "inference mode is worse than training mode",
+                parity.failure,
                 f"inference-mode accuracy {parity.inference_metric:.3f} vs training-mode "
                 f"{parity.training_metric:.3f} on the {pon.replace('_', ' ')} "
                 f"(gap {parity.gap:.3f}, limit {p_threshold})",

@@ -380,9 +380,9 @@ def train_classifier(cfg: ClassifierConfig, *, export: bool = True) -> dict[str,
         return summary
     if not parity.passed and not cfg.force:
         raise ParityError(
-            f"parity check failed: inference-mode accuracy {parity.inference_metric:.3f} vs "
-            f"training-mode {parity.training_metric:.3f} (gap {parity.gap:.3f} > "
-            f"{parity.threshold}); moving statistics do not describe the data. "
+            f"parity check failed: {parity.failure}; inference-mode accuracy "
+            f"{parity.inference_metric:.3f} vs training-mode {parity.training_metric:.3f}; "
+            "moving statistics do not describe the data. "
             "Not exported (use --force to export anyway)."
         )
     result = export_classifier(model, cfg, data, train, val, summary)

@@ -113,6 +113,7 @@ def test_parity_fails_a_constant_inference_mode_whatever_the_gap():
         layer.moving_variance.assign(np.full(layer.moving_variance.shape, 1e8, np.float32))
     broken = bn.classification_parity(model, x, y, threshold=1.0)
     assert broken.distinct_predictions == 1 and not broken.passed, broken
+    assert "one class" in broken.failure and healthy.failure == ""
     # One class in the held-out labels as well: a constant prediction is no evidence.
     assert bn.classification_parity(model, x, np.zeros(48, int), threshold=1.0).passed
 
