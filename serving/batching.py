@@ -17,6 +17,14 @@ deadline passes while it waits is dropped before its forward pass
 
 A request with more images than ``max_batch_size`` is split into chunks that
 ride in consecutive batches; its result is the concatenation, in order.
+
+A lone request (nothing queued, nothing announced, a forward-pass slot free) runs
+its forward pass in the caller's thread: at low load there is no batch to form,
+and the two thread handoffs of the queue would only add latency. ``num_threads``
+bounds the forward passes running at once, the callers' included, so requests
+arriving meanwhile queue and form the next batch as they would behind a batch
+thread. Such a pass cannot be abandoned at the deadline; one that ends after it
+is still a 504 (remote backends stop at the deadline themselves).
 """
 
 from __future__ import annotations
@@ -113,6 +121,8 @@ class DynamicBatcher:
         self._queue: collections.deque[_Item] = collections.deque()
         self._queued_images = 0
         self._announced = 0
+        self.num_threads = num_threads
+        self._running = 0  # forward passes now, batch threads' and callers'
         self._cond = threading.Condition()
         self._closed = False
         self._threads = [
@@ -172,9 +182,18 @@ class DynamicBatcher:
                     f"images waiting)",
                     retry_after=self.retry_after_s,
                 )
-            self._queue.extend(chunks)
-            self._queued_images += n
-            self._cond.notify_all()
+            here = len(chunks) == 1 and not self._queue and not self._announced
+            here = here and self._running < self.num_threads
+            if here:
+                self._running += 1
+                chunks[0].state = _RUNNING
+                chunks[0].started_at = now
+            else:
+                self._queue.extend(chunks)
+                self._queued_images += n
+                self._cond.notify_all()
+        if here:
+            return self._run_here(chunks[0])
         self._hooks.queue_depth(n)
         for item in chunks:
             remaining = deadline - time.monotonic()
@@ -182,6 +201,18 @@ class DynamicBatcher:
                 self._abandon(chunks)
                 break
         return self._collect(chunks)
+
+    def _run_here(self, item: _Item) -> BatchResult:
+        """The caller-runs path: ``item`` holds a forward-pass slot already."""
+        try:
+            self._execute([item])
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+        if item.error is None and item.finished_at > item.deadline:
+            raise BackendTimeout(f"{self.name}: no answer before the request deadline")
+        return self._collect([item])
 
     def _abandon(self, chunks: list[_Item]) -> None:
         """The deadline passed: cancel chunks still queued; running ones will time out."""
@@ -220,10 +251,13 @@ class DynamicBatcher:
         """Wait for a batch per TF Serving's rule; None when closed and drained."""
         with self._cond:
             while True:
-                while not self._queue and not self._closed:
+                while not self._closed and (not self._queue or self._running >= self.num_threads):
                     self._cond.wait()
                 if not self._queue:
                     return None
+                if self._running >= self.num_threads:  # closed: drain once a slot frees
+                    self._cond.wait()
+                    continue
                 first = self._queue[0].enqueued_at
                 while (
                     self._queued_images < self.max_batch_size
@@ -260,6 +294,7 @@ class DynamicBatcher:
                     batch.append(item)
                     size += n
                 if batch:
+                    self._running += 1
                     self._hooks.queue_depth(-size)
                     return batch
 
@@ -268,7 +303,12 @@ class DynamicBatcher:
             batch = self._take_batch()
             if batch is None:
                 return
-            self._execute(batch)
+            try:
+                self._execute(batch)
+            finally:
+                with self._cond:
+                    self._running -= 1
+                    self._cond.notify_all()
 
     def _execute(self, batch: list[_Item]) -> None:
         sizes = [int(item.inputs.shape[0]) for item in batch]

@@ -158,9 +158,75 @@ def test_deadline_in_queue_is_503_and_skips_the_forward_pass():
 
 
 def test_deadline_during_predict_is_504():
+    # A lone request: its forward pass runs in the calling thread, and ends late.
     b = make(Recorder(delay_s=0.5), batch_timeout_s=0.0)
     with pytest.raises(BackendTimeout):
         b.run(np.ones((1, 1)), deadline=time.monotonic() + 0.1)
+    b.close(wait=True)
+
+
+def test_deadline_during_a_batch_threads_predict_is_504_at_the_deadline():
+    b = make(Recorder(delay_s=1.0), batch_timeout_s=0.0)
+    b.announce()  # another request on its way: this one queues for the batch thread
+    t0 = time.monotonic()
+    with pytest.raises(BackendTimeout):
+        b.run(np.ones((1, 1)), deadline=t0 + 0.1)
+    assert time.monotonic() - t0 < 0.8  # abandoned at the deadline, not after the pass
+    b.withdraw()
+    b.close(wait=True)
+
+
+def test_a_lone_request_runs_in_the_calling_thread():
+    threads, depth = [], []
+
+    def predict(x, timeout, ids):
+        threads.append(threading.get_ident())
+        return {"y": x}
+
+    b = make(predict, hooks=BatcherHooks(queue_depth=depth.append))
+    result = b.run(np.ones((2, 1)), deadline=far())
+    assert threads == [threading.get_ident()]
+    assert result.batch_sizes == (2,) and result.queue_s == 0.0
+    assert depth == []  # never queued
+    b.close(wait=True)
+
+
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_forward_passes_never_exceed_num_threads(num_threads):
+    """Callers running their own pass and batch threads share ``num_threads`` slots;
+    requests arriving during a pass queue and ride in the next batch."""
+    lock = threading.Lock()
+    running, peak, sizes = [0], [0], []
+
+    def predict(x, timeout, ids):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            sizes.append(len(x))
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return {"y": x * 2}
+
+    b = make(predict, max_batch_size=8, capacity=64, batch_timeout_s=0.0, num_threads=num_threads)
+    errors = []
+
+    def client(i: int) -> None:
+        for j in range(5):
+            x = np.full((1, 1), 10 * i + j, np.float32)
+            out = b.run(x, deadline=far())
+            if out.outputs["y"][0, 0] != 2 * x[0, 0]:
+                errors.append((i, j))
+
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join(20)
+    assert not any(t.is_alive() for t in clients) and errors == []
+    assert sum(sizes) == 40
+    assert peak[0] <= num_threads, peak
+    assert max(sizes) > 1  # batches formed behind the running passes
     b.close(wait=True)
 
 
@@ -201,7 +267,9 @@ def test_closed_batcher_refuses_new_work_but_finishes_queued():
 def test_hooks_see_depth_and_batch_sizes():
     depth, sizes = [], []
     b = make(Recorder(), hooks=BatcherHooks(queue_depth=depth.append, batch_size=sizes.append))
+    b.announce()  # another request on its way: this one queues
     b.run(np.ones((3, 1)), deadline=far())
+    b.withdraw()
     b.close(wait=True)
     assert sum(depth) == 0 and 3 in depth
     assert sizes == [3]
