@@ -42,13 +42,13 @@ from training.data import (
     split,
     synthetic_set,
 )
-from training.export import ExportResult, export_model, pixel_statistics
+from training.export import ExportRefused, ExportResult, export_model, pixel_statistics
 from training.preprocessing import PreprocessSpec, normalize
 
 REFERENCE_SET = "reference_set.npz"
 
 
-class ParityError(RuntimeError):
+class ParityError(ExportRefused):
     """Inference mode and training mode disagree: the model must not be exported."""
 
 
@@ -378,14 +378,18 @@ def train_classifier(cfg: ClassifierConfig, *, export: bool = True) -> dict[str,
     }
     if not export:
         return summary
-    if not parity.passed and not cfg.force:
-        raise ParityError(
-            f"parity check failed: {parity.failure}; inference-mode accuracy "
-            f"{parity.inference_metric:.3f} vs training-mode {parity.training_metric:.3f}; "
-            "moving statistics do not describe the data. "
-            "Not exported (use --force to export anyway)."
-        )
-    result = export_classifier(model, cfg, data, train, val, summary)
+    try:
+        if not parity.passed and not cfg.force:
+            raise ParityError(
+                f"parity check failed: {parity.failure}; inference-mode accuracy "
+                f"{parity.inference_metric:.3f} vs training-mode {parity.training_metric:.3f}; "
+                "moving statistics do not describe the data. "
+                "Not exported (use --force to export anyway)."
+            )
+        result = export_classifier(model, cfg, data, train, val, summary)
+    except ExportRefused as exc:
+        exc.summary = {k: v for k, v in summary.items() if k != "model"}
+        raise
     summary["version"] = result.version
     summary["exported"] = str(result.path)
     return summary

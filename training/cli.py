@@ -82,13 +82,15 @@ def _config_from(args: argparse.Namespace, cls: type, presets: dict[str, dict]) 
 
 
 def _run_classifier(args: argparse.Namespace) -> int:
-    from training.classifier import PRESETS, ClassifierConfig, ParityError, train_classifier
-    from training.export import StalenessError
+    from training.classifier import PRESETS, ClassifierConfig, train_classifier
+    from training.export import ExportRefused
 
     cfg = _config_from(args, ClassifierConfig, PRESETS)
     try:
         summary = train_classifier(cfg)
-    except (ParityError, StalenessError) as exc:
+    except ExportRefused as exc:
+        if exc.summary:  # the figures of the refused run: what the gate judged
+            _print_summary(exc.summary)
         print(f"error: {exc}", file=sys.stderr)
         return 3
     _print_summary(summary)

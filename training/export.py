@@ -40,7 +40,13 @@ INPUT_NAME = "images"
 Postprocess = Callable[[list[tf.Tensor]], dict[str, tf.Tensor]]
 
 
-class StalenessError(RuntimeError):
+class ExportRefused(RuntimeError):
+    """A gate refused the export; ``summary`` holds the run's figures when a trainer set them."""
+
+    summary: dict | None = None
+
+
+class StalenessError(ExportRefused):
     """The training data itself looks drifted against the stored BN statistics."""
 
 

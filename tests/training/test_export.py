@@ -227,3 +227,7 @@ def test_export_refuses_unconverged_moving_statistics(exported, tmp_path):
     with pytest.raises(StalenessError, match="staleness"):
         export_model(stale, **kwargs)
     assert ModelRepository(tmp_path).versions("stale") == []
+    # force (--force): exported all the same, with the failed check in the model card.
+    result = export_model(stale, **kwargs, force=True)
+    assert result.version == 1 and ModelRepository(tmp_path).versions("stale") == [1]
+    assert load_model_card(result.path)["metrics"]["staleness"]["passed"] is False
