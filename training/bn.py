@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, replace
 
 import keras
@@ -312,31 +312,32 @@ class ParityReport:
         }
 
 
-#: Traced forward passes of :func:`predict_in_mode`, per live model (see _forward).
-_FORWARD: dict[tuple, Callable] = {}
+#: Traced functions of live models (see :func:`traced`).
+_TRACED: dict[tuple, Callable] = {}
 
 
-def _forward(model: keras.Model, training: bool, shape: tuple[int, ...]) -> Callable:
-    """``model(x, training=...)`` traced once for any batch size, for this model's life.
+def traced(model: keras.Model, name: Hashable, shape: tuple[int, ...], build: Callable) -> Callable:
+    """``build(model)`` (a function of a batch) traced once for any batch size, for this
+    model's life; ``name`` tells apart the functions of one model.
 
     Eager calls of a MobileNetV2 cost about half a second per chunk in Python
-    dispatch; calibration evaluates a model dozens of times. The trace holds the
-    model's variables, not the model (a weak reference): the entry goes when the
-    model does. Dropout is traced off, as :func:`predict_in_mode` runs it; the
-    layers' ``trainable`` flags (frozen BN runs in inference mode) are in the key.
+    dispatch, and calibration evaluates a model dozens of times. The cache holds
+    the trace, which holds the model's variables but not the model (a weak
+    reference): the entry goes when the model does. The layers' ``trainable``
+    flags (a frozen BN layer runs in inference mode) are part of the key.
     """
     flags = tuple(layer.trainable for layer in bn_layers(model))
-    key = (id(model), training, tuple(shape[1:]), flags)
-    fn = _FORWARD.get(key)
+    key = (id(model), name, tuple(shape[1:]), flags)
+    fn = _TRACED.get(key)
     if fn is None:
         ref = weakref.ref(model)
 
         def call(x: tf.Tensor):
-            return ref()(x, training=training)
+            return build(ref())(x)
 
         spec = tf.TensorSpec([None, *shape[1:]], tf.float32)
-        fn = _FORWARD[key] = tf.function(call).get_concrete_function(spec)
-        weakref.finalize(model, _FORWARD.pop, key, None)
+        fn = _TRACED[key] = tf.function(call).get_concrete_function(spec)
+        weakref.finalize(model, _TRACED.pop, key, None)
     return fn
 
 
@@ -357,7 +358,10 @@ def predict_in_mode(
         for d in dropouts:
             d.rate = 0.0
         outs = []
-        forward = _forward(model, training, x.shape)
+        # Traced with dropout off, as it runs here.
+        forward = traced(
+            model, ("forward", training), x.shape, lambda m: lambda t: m(t, training=training)
+        )
         # Near-equal batches: a small remainder batch would give training mode
         # (batch statistics) a handicap that has nothing to do with the model.
         for chunk in np.array_split(x, max(1, math.ceil(len(x) / batch_size))):

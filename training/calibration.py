@@ -74,6 +74,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from training import bn, drift
 from training.classifier import REFERENCE_SET, classifier_postprocess
@@ -216,12 +217,20 @@ def _logits(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
 
 def _probe_moments(model: keras.Model, names: list[str], x: np.ndarray, batch_size: int):
     """Per-image ``bn_input_mean``/``bn_input_sqmean`` in inference mode (the signature's)."""
-    collector = bn.bn_input_model(model, bn.probe_layers(model, names))
+
+    def build(m: keras.Model):
+        collector = bn.bn_input_model(m, bn.probe_layers(m, names))
+
+        def moments(x: tf.Tensor):
+            outs = collector(x, training=False)
+            return bn.probe_moments(list(outs) if isinstance(outs, list | tuple) else [outs])
+
+        return moments
+
+    fn = bn.traced(model, ("probe_moments", tuple(names)), x.shape, build)
     means, sqmeans = [], []
     for i in range(0, len(x), batch_size):
-        outs = collector(x[i : i + batch_size], training=False)
-        outs = list(outs) if isinstance(outs, list | tuple) else [outs]
-        m, s = bn.probe_moments(outs)
+        m, s = fn(tf.convert_to_tensor(x[i : i + batch_size], tf.float32))
         means.append(m.numpy())
         sqmeans.append(s.numpy())
     return np.concatenate(means), np.concatenate(sqmeans)
