@@ -204,12 +204,7 @@ class DynamicBatcher:
 
     def _run_here(self, item: _Item) -> BatchResult:
         """The caller-runs path: ``item`` holds a forward-pass slot already."""
-        try:
-            self._execute([item])
-        finally:
-            with self._cond:
-                self._running -= 1
-                self._cond.notify_all()
+        self._execute_in_slot([item])
         if item.error is None and item.finished_at > item.deadline:
             raise BackendTimeout(f"{self.name}: no answer before the request deadline")
         return self._collect([item])
@@ -303,12 +298,16 @@ class DynamicBatcher:
             batch = self._take_batch()
             if batch is None:
                 return
-            try:
-                self._execute(batch)
-            finally:
-                with self._cond:
-                    self._running -= 1
-                    self._cond.notify_all()
+            self._execute_in_slot(batch)
+
+    def _execute_in_slot(self, batch: list[_Item]) -> None:
+        """Run ``batch``, which holds a forward-pass slot; free the slot after."""
+        try:
+            self._execute(batch)
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
 
     def _execute(self, batch: list[_Item]) -> None:
         sizes = [int(item.inputs.shape[0]) for item in batch]
