@@ -126,18 +126,23 @@ def collect_bn_statistics(
     Moving statistics are left as they were (snapshot and restore).
     """
     layers = layers if layers is not None else bn_layers(model)
-    collector = bn_input_model(model, layers)
+    names = tuple(layer.name for layer in layers)
 
-    def moments(x: tf.Tensor) -> list[tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
-        outs = collector(x, training=True)
-        outs = outs if isinstance(outs, list | tuple) else [outs]
-        result = []
-        for t in outs:
-            axes = list(range(len(t.shape) - 1))
-            n = tf.cast(tf.reduce_prod(tf.shape(t)[:-1]), tf.float64)
-            t64 = tf.cast(t, tf.float64)
-            result.append((tf.reduce_sum(t64, axes), tf.reduce_sum(tf.square(t64), axes), n))
-        return result
+    def build(m: keras.Model) -> Callable:
+        collector = bn_input_model(m, probe_layers(m, list(names)))
+
+        def moments(x: tf.Tensor) -> list[tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
+            outs = collector(x, training=True)
+            outs = outs if isinstance(outs, list | tuple) else [outs]
+            result = []
+            for t in outs:
+                axes = list(range(len(t.shape) - 1))
+                n = tf.cast(tf.reduce_prod(tf.shape(t)[:-1]), tf.float64)
+                t64 = tf.cast(t, tf.float64)
+                result.append((tf.reduce_sum(t64, axes), tf.reduce_sum(tf.square(t64), axes), n))
+            return result
+
+        return moments
 
     saved = _snapshot(layers)
     try:
@@ -145,18 +150,15 @@ def collect_bn_statistics(
         s2 = [np.zeros_like(a) for a in s1]
         counts = [0.0] * len(layers)
         images = 0
-        traced = None
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
             batch = tf.convert_to_tensor(batch, tf.float32)
             images += int(batch.shape[0])
-            if traced is None:
-                # One graph for every batch size: a last, smaller batch must not
-                # trace the whole network again (seconds for a MobileNetV2).
-                spec = tf.TensorSpec([None, *batch.shape[1:]], tf.float32)
-                traced = tf.function(moments).get_concrete_function(spec)
-            for j, (a, b, n) in enumerate(traced(batch)):
+            # One graph for every batch size (a last, smaller batch must not trace
+            # the whole network again) and for every collection on this model.
+            moments = traced(model, ("bn_inputs", names), tuple(batch.shape), build)
+            for j, (a, b, n) in enumerate(moments(batch)):
                 s1[j] += a.numpy()
                 s2[j] += b.numpy()
                 counts[j] += float(n.numpy())
