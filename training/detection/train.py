@@ -63,7 +63,7 @@ from training.detection.matching import MatchConfig
 from training.detection.model import BACKBONE_LAYERS, DetectorConfig, build_detector
 from training.detection.pipeline import TrainingBatches, image_batches
 from training.detection.postprocess import NmsConfig, make_postprocess
-from training.export import ExportResult, StalenessError, export_model, pixel_statistics
+from training.export import ExportRefused, ExportResult, export_model, pixel_statistics
 from training.preprocessing import PreprocessSpec
 
 __all__ = [
@@ -467,16 +467,20 @@ def train_detector(cfg: DetectorTrainConfig, *, export: bool = True) -> dict[str
     }
     if not export:
         return summary
-    if not parity.passed and not cfg.force:
-        raise ParityError(
-            f"parity check failed: inference-mode mAP@.5 {parity.inference_metric:.3f} vs "
-            f"training-mode {parity.training_metric:.3f} (gap {parity.gap:.3f} > "
-            f"{parity.threshold}); moving statistics do not describe the data. "
-            "Not exported (use --force to export anyway)."
+    try:
+        if not parity.passed and not cfg.force:
+            raise ParityError(
+                f"parity check failed: inference-mode mAP@.5 {parity.inference_metric:.3f} vs "
+                f"training-mode {parity.training_metric:.3f} (gap {parity.gap:.3f} > "
+                f"{parity.threshold}); moving statistics do not describe the data. "
+                "Not exported (use --force to export anyway)."
+            )
+        result = export_detector(
+            model, cfg, det_cfg, anchors, train, train_images, val_images, metrics, summary
         )
-    result = export_detector(
-        model, cfg, det_cfg, anchors, train, train_images, val_images, metrics, summary
-    )
+    except ExportRefused as exc:
+        exc.summary = {k: v for k, v in summary.items() if k not in ("model", "postprocess")}
+        raise
     summary["version"] = result.version
     summary["exported"] = str(result.path)
     summary["saved_model_bytes"] = sum(
@@ -727,7 +731,9 @@ def run_detector(args: argparse.Namespace) -> dict[str, Any]:
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
-    except (ParityError, StalenessError) as exc:
+    except ExportRefused as exc:  # parity or staleness
+        if exc.summary:  # the figures of the refused run: what the gate judged
+            print_summary(exc.summary)
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(3) from exc
     print_summary(summary)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
+from training.detection import train as train_module
 from training.detection.anchors import AnchorConfig, num_anchors
 from training.detection.data import load_coco
 from training.detection.evaluate import predict, preprocess_images
@@ -17,6 +19,9 @@ from training.detection.postprocess import OUTPUT_KEYS
 from training.detection.train import (
     PRESETS,
     DetectorTrainConfig,
+    ParityError,
+    add_detector_arguments,
+    run_detector,
     train_detector,
 )
 from training.model_card import load_model_card
@@ -103,3 +108,34 @@ def test_model_card_and_models_config(trained):
     entry = {c.name: c for c in config.model_config_list.config}["tiny_detector"]
     assert entry.version_labels["stable"] == 1
     json.dumps(card, allow_nan=False)
+
+
+def test_a_refused_export_prints_the_run_and_exits_3(trained, tmp_path, monkeypatch, capsys):
+    """The command line shows the figures the gate judged before it exits 3.
+
+    The refusal is raised in place of a second training (80 s), with the real run's
+    summary on it, as ``train_detector`` attaches it.
+    """
+    _, summary, _, _ = trained
+    judged = {
+        k: v
+        for k, v in summary.items()
+        if k not in ("model", "postprocess", "exported", "version", "saved_model_bytes")
+    }
+
+    def refuse(cfg):
+        exc = ParityError("parity check failed: inference-mode mAP@.5 0.100 vs training-mode 0.400")
+        exc.summary = judged
+        raise exc
+
+    monkeypatch.setattr(train_module, "train_detector", refuse)
+    parser = argparse.ArgumentParser()
+    add_detector_arguments(parser)
+    with pytest.raises(SystemExit) as exc:
+        run_detector(parser.parse_args(["--name", "d", "--model-base", str(tmp_path)]))
+    assert exc.value.code == 3
+    out, err = capsys.readouterr()
+    assert "== summary ==" in out
+    assert f"mAP@.5 {summary['map_50']:.4f}" in out and "exported:" not in out
+    assert "parity check failed" in err
+    assert not any(tmp_path.iterdir())
