@@ -11,16 +11,24 @@
    statistics by ``prior_strength``; ``"auto"`` chooses it, see below). Layers frozen at training time are
    unfrozen for the pass, so each layer sees its input normalised by the new
    statistics upstream, and re-frozen before saving;
-3. fits a temperature (:mod:`training.temperature`) on the labelled fit samples
-   when there are at least ``min_labelled`` labelled ones, reports NLL/ECE at
-   T=1 and at T on the labelled held-out samples, and exports the temperature
+3. when the traffic has drifted (below) and at least ``min_fine_tune_labels``
+   labelled fit samples fall in the fine-tuning share (``fine_tune_fraction`` of
+   them, by request id), fine-tunes the weights on them plus the reference set
+   for ``fine_tune_epochs`` (:func:`fine_tune_on_feedback`: BN frozen in
+   inference mode under the new statistics). Re-estimated statistics alone cannot
+   undo what a shift destroys (noise); labelled feedback from the new domain can
+   teach the weights to read it. Every later check on labelled traffic is judged
+   on labelled samples the fine-tuning did not see;
+4. fits a temperature (:mod:`training.temperature`) on the labelled fit samples
+   not fine-tuned on when there are at least ``min_labelled`` labelled ones,
+   reports NLL/ECE at T=1 and at T on the labelled held-out samples, and exports the temperature
    in the graph (``classifier_postprocess(T)``);
-4. gates the candidate (every check is computed and reported):
+5. gates the candidate (every check is computed and reported):
 
    - ``class_balance``: no class dominates the samples (labels, else the
      candidate's predictions): statistics of one class are not a domain;
-   - ``accuracy_traffic``: on the labelled samples, the candidate is not worse
-     than the parent by more than ``accuracy_tolerance``, and
+   - ``accuracy_traffic``: on the labelled samples not fine-tuned on, the
+     candidate is not worse than the parent by more than ``accuracy_tolerance``, and
      ``above_chance``: it beats the majority-class rate by ``min_accuracy_lift``;
    - ``accuracy_reference``: on the version's shipped reference set, the
      candidate is not worse than the parent by more than ``accuracy_tolerance``.
@@ -37,7 +45,7 @@
      (with a prior, plus the residual the source weight leaves by design:
      :func:`residual_limits`);
    - ``statistics_converged``: the export's staleness check on the fit samples;
-5. publishes a passing candidate atomically as version N+1 with ``lineage``
+6. publishes a passing candidate atomically as version N+1 with ``lineage``
    (parent, samples, prior, temperature, gate) and points ``canary`` (or
    ``stable``) at it; a failing one goes to ``<name>/rejected/<N+1>`` with the
    reasons, and ``models.config`` is not touched.
@@ -66,6 +74,7 @@ import os
 import secrets
 import shutil
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -183,10 +192,95 @@ class CalibrationResult:
 # -- helpers ----------------------------------------------------------------
 
 
+def _request_unit(request_ids: list[str]) -> np.ndarray:
+    """A uniform number in [0, 1) per request id: splits keep one request's images together."""
+    return np.array(
+        [int(hashlib.sha256(r.encode()).hexdigest()[:8], 16) / 2**32 for r in request_ids]
+    )
+
+
 def _holdout_mask(request_ids: list[str], fraction: float) -> np.ndarray:
     """Deterministic split by request id: the images of one request stay together."""
-    u = np.array([int(hashlib.sha256(r.encode()).hexdigest()[:8], 16) / 2**32 for r in request_ids])
-    return u < fraction
+    return _request_unit(request_ids) < fraction
+
+
+def fine_tune_on_feedback(
+    model: keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    reference: tuple[np.ndarray, np.ndarray],
+    *,
+    epochs: int,
+    learning_rate: float,
+    reestimate: Callable[[], None],
+    batch_size: int = 32,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Supervised fine-tuning on labelled feedback ``(x, y)`` plus the reference set.
+
+    BN layers stay in inference mode and frozen (statistics and affine): the
+    weights learn under the normalisation the exported graph applies, by the
+    statistics re-estimated on the traffic. Changed weights change what each BN
+    layer downstream receives, so after every epoch ``reestimate()`` collects the
+    statistics again (BN layers as the caller left them) and the next epoch
+    learns under those; the last epoch's statistics describe the final weights,
+    as the staleness check and the drift monitor need. The other layers train as
+    the parent left them (its frozen backbone stays frozen). The reference set
+    (source domain) is mixed in so the source domain is not forgotten. Adam,
+    shuffled mini-batches. Returns what the lineage records.
+    """
+    layers = bn.bn_layers(model)
+    flags = [layer.trainable for layer in layers]
+    xs = np.concatenate([x, reference[0]]).astype(np.float32)
+    ys = np.concatenate([y, reference[1]]).astype(np.int64)
+    try:
+        for layer in layers:
+            layer.trainable = False
+        variables = model.trainable_variables
+        optimizer = keras.optimizers.Adam(learning_rate)
+        optimizer.build(variables)  # slot variables before tracing: one trace, not two
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None, *xs.shape[1:]], tf.float32),
+                tf.TensorSpec([None], tf.int64),
+            ]
+        )
+        def step(xb: tf.Tensor, yb: tf.Tensor) -> tf.Tensor:
+            with tf.GradientTape() as tape:
+                loss = loss_fn(yb, model(xb, training=False))
+            optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
+            return loss
+
+        rng = np.random.default_rng(seed)
+        losses = []
+        started = time.monotonic()
+        for _ in range(epochs):
+            for layer in layers:
+                layer.trainable = False
+            order = rng.permutation(len(ys))
+            epoch = [
+                float(step(tf.constant(xs[idx]), tf.constant(ys[idx])))
+                for idx in np.array_split(order, max(1, round(len(order) / batch_size)))
+            ]
+            losses.append(float(np.mean(epoch)))
+            for layer, flag in zip(layers, flags, strict=True):
+                layer.trainable = flag
+            reestimate()
+    finally:
+        for layer, flag in zip(layers, flags, strict=True):
+            layer.trainable = flag
+    return {
+        "method": "supervised, BN frozen in inference mode",
+        "epochs": epochs,
+        "learning_rate": learning_rate,
+        "feedback_images": int(len(y)),
+        "reference_images": int(len(reference[1])),
+        "trainable_variables": len(variables),
+        "loss_by_epoch": losses,
+        "seconds": round(time.monotonic() - started, 1),
+    }
 
 
 def _label_indices(labels: list[Any], class_names: list[str]) -> tuple[np.ndarray, int]:
@@ -461,6 +555,10 @@ def calibrate(
     parity_threshold: float | None = None,
     batch_size: int = 64,
     seed: int = 0,
+    fine_tune_epochs: int = 4,
+    fine_tune_learning_rate: float = 3e-4,
+    min_fine_tune_labels: int = 96,
+    fine_tune_fraction: float = 0.8,
 ) -> CalibrationResult:
     """Calibrate the ``stable`` version of ``name`` on captured samples (module docstring).
 
@@ -478,6 +576,8 @@ def calibrate(
         raise ValueError(f"prior_strength must be >= 0 or 'auto', got {prior_strength!r}")
     if min_samples < 1 or min_labelled < 1 or not 0 <= holdout_fraction < 1:
         raise ValueError("min_samples >= 1, min_labelled >= 1, 0 <= holdout < 1")
+    if fine_tune_epochs < 0 or fine_tune_learning_rate <= 0 or not 0 < fine_tune_fraction < 1:
+        raise ValueError("fine_tune_epochs >= 0, fine_tune_learning_rate > 0, 0 < fraction < 1")
     repo = ModelRepository(model_base)
     parent_version = repo.labels(name).get("stable")
     if parent_version is None:
@@ -513,7 +613,8 @@ def calibrate(
     x = data.inputs
     y, invalid_labels = _label_indices(data.labels, class_names)
     labelled = y >= 0
-    holdout = _holdout_mask(data.request_ids, holdout_fraction)
+    unit = _request_unit(data.request_ids)
+    holdout = unit < holdout_fraction
     if holdout.sum() < 8 or (~holdout).sum() < 8:
         holdout[:] = False  # too few to split: everything fits, the held-out checks run in-sample
     fit = ~holdout
@@ -541,17 +642,22 @@ def calibrate(
     # -- candidate: AdaBN over every BN layer ---------------------------------
     candidate = _load_keras(parent_dir)
     layers = bn.bn_layers(candidate)
-    frozen = [layer.trainable for layer in layers]
     rng = np.random.default_rng(seed)
     order = rng.permutation(np.flatnonzero(fit))  # i.i.d. batches, not capture order
     batches = [x[idx] for idx in np.array_split(order, max(1, round(len(order) / batch_size)))]
-    try:
-        for layer in layers:
-            layer.trainable = True  # frozen BN runs in inference mode even in training mode
-        target = bn.collect_bn_statistics(candidate, batches, layers=layers)
-    finally:
-        for layer, flag in zip(layers, frozen, strict=True):
-            layer.trainable = flag
+
+    def collect() -> list[bn.BNStatistics]:
+        """Precise-BN statistics of every BN layer's input on the fit samples."""
+        flags = [layer.trainable for layer in layers]
+        try:
+            for layer in layers:
+                layer.trainable = True  # frozen BN runs in inference mode even in training mode
+            return bn.collect_bn_statistics(candidate, batches, layers=layers)
+        finally:
+            for layer, flag in zip(layers, flags, strict=True):
+                layer.trainable = flag
+
+    target = collect()
     source = [(lyr.moving_mean.numpy(), lyr.moving_variance.numpy()) for lyr in layers]
     prior_search: list[dict[str, Any]] = []
     if prior_strength == "auto":
@@ -582,6 +688,39 @@ def calibrate(
         )
     prior_strength = float(prior_strength)  # type: ignore[arg-type]
     bn.assign_statistics(layers, target, source, prior_strength=prior_strength)
+
+    # -- candidate: fine-tuning on labelled feedback (drifted traffic only) -----
+    # The first ``fine_tune_fraction`` of the labelled fit samples (by request id);
+    # the rest fit the temperature, and every check on labelled traffic is judged
+    # on labelled samples fine-tuning never saw.
+    tuned = labelled & fit & (unit < holdout_fraction + (1 - holdout_fraction) * fine_tune_fraction)
+    fine_tune: dict[str, Any] = {"ran": False}
+    if fine_tune_epochs and domain_shift and tuned.sum() >= min_fine_tune_labels:
+        fine_tune = {
+            "ran": True,
+            **fine_tune_on_feedback(
+                candidate,
+                x[tuned],
+                y[tuned],
+                (ref_x, ref_y),
+                epochs=fine_tune_epochs,
+                learning_rate=fine_tune_learning_rate,
+                reestimate=lambda: bn.assign_statistics(
+                    layers, collect(), source, prior_strength=prior_strength
+                ),
+                seed=seed,
+            ),
+        }
+    else:
+        fine_tune["why_not"] = (
+            "disabled (fine_tune_epochs=0)"
+            if not fine_tune_epochs
+            else "the traffic has not drifted from the parent's domain"
+            if not domain_shift
+            else f"{int(tuned.sum())} labelled fit samples (< {min_fine_tune_labels})"
+        )
+        tuned[:] = False
+    unseen = labelled & ~tuned  # labelled samples the candidate's weights never learned from
     cand_logits = _logits(candidate, x, batch_size)
     cand_ref_acc = float(np.mean(_logits(candidate, ref_x, batch_size).argmax(-1) == ref_y))
 
@@ -590,7 +729,7 @@ def calibrate(
     t_fit: TemperatureFit | None = None
     calibration: dict[str, Any]
     if enough_labels:
-        fit_l = labelled & fit if (labelled & fit).sum() >= min_labelled // 2 else labelled
+        fit_l = unseen & fit if (unseen & fit).sum() >= min_labelled // 2 else unseen
         eval_l = labelled & held & ~fit_l if (labelled & held & ~fit_l).sum() >= 10 else fit_l
         t_fit = fit_and_evaluate(cand_logits[fit_l], y[fit_l], cand_logits[eval_l], y[eval_l])
         parent_cal = calibration_report(parent_logits[eval_l], y[eval_l], parent_t)
@@ -646,13 +785,15 @@ def calibrate(
     )
     acc_traffic: dict[str, Any] = {}
     if enough_labels:
-        p_acc = float(np.mean(parent_logits[labelled].argmax(-1) == y[labelled]))
-        c_acc = float(np.mean(cand_pred[labelled] == y[labelled]))
-        base_rate, _ = _largest_share(y[labelled])
+        p_acc = float(np.mean(parent_logits[unseen].argmax(-1) == y[unseen]))
+        c_acc = float(np.mean(cand_pred[unseen] == y[unseen]))
+        base_rate, _ = _largest_share(y[unseen])
+        n_judged = int(unseen.sum())
         acc_traffic = {
             "parent": p_acc,
             "candidate": c_acc,
-            "images": n_lab,
+            "images": n_judged,
+            "fine_tuned_on": int(tuned.sum()),
             "majority_rate": base_rate,
         }
         checks.append(
@@ -663,8 +804,9 @@ def calibrate(
                 _says(
                     c_acc >= p_acc - accuracy_tolerance,
                     "worse than the parent on labelled traffic",
-                    f"accuracy on {n_lab} labelled traffic images {c_acc:.3f} vs parent {p_acc:.3f} "
-                    f"(tolerance {accuracy_tolerance})",
+                    f"accuracy on {n_judged} labelled traffic images {c_acc:.3f} vs parent "
+                    f"{p_acc:.3f} (tolerance {accuracy_tolerance})"
+                    + (f"; {int(tuned.sum())} more were fine-tuned on" if tuned.any() else ""),
                 ),
                 {**acc_traffic, "tolerance": accuracy_tolerance},
             )
@@ -711,6 +853,7 @@ def calibrate(
                 else "; informational: the traffic has drifted from the reference "
                 "domain and labelled traffic decides"
             )
+            + ("; in-sample: the reference set was fine-tuned on" if fine_tune["ran"] else "")
             + (
                 "; labelled feedback on the traffic would let the gate judge the traffic's domain"
                 if domain_shift and not enough_labels
@@ -722,6 +865,7 @@ def calibrate(
                 "images": int(len(ref_y)),
                 "tolerance": accuracy_tolerance,
                 "traffic_drifted": domain_shift,
+                "fine_tuned_on": bool(fine_tune["ran"]),
             },
         )
     )
@@ -823,8 +967,9 @@ def calibrate(
     }
     lineage = {
         "parent_version": int(parent_version),
-        "method": "adabn-precise-bn",
+        "method": "adabn-precise-bn" + ("+feedback-fine-tune" if fine_tune["ran"] else ""),
         "bn_layers_reestimated": len(layers),
+        "fine_tune": fine_tune,
         "prior_strength": float(prior_strength),
         "prior_search": prior_search,
         "samples": samples_info,
@@ -974,6 +1119,19 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
         default="canary",
         help="label to point at a published candidate (default canary)",
     )
+    parser.add_argument(
+        "--fine-tune-epochs",
+        type=int,
+        default=4,
+        help="epochs of fine-tuning on labelled feedback from drifted traffic (0: off)",
+    )
+    parser.add_argument("--fine-tune-learning-rate", type=float, default=3e-4)
+    parser.add_argument(
+        "--min-fine-tune-labels",
+        type=int,
+        default=96,
+        help="fewest labelled fit samples to fine-tune on",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -1006,6 +1164,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
             max_class_share=args.max_class_share,
             promote=args.promote,
             seed=args.seed,
+            fine_tune_epochs=args.fine_tune_epochs,
+            fine_tune_learning_rate=args.fine_tune_learning_rate,
+            min_fine_tune_labels=args.min_fine_tune_labels,
         )
     except NotEnoughSamplesError as exc:
         print(f"not enough samples: {exc}", file=sys.stderr)

@@ -109,6 +109,7 @@ def calibrated(model_repo, tmp_path_factory):
         min_labelled=32,
         accuracy_tolerance=0.02,
         promote="canary",
+        min_fine_tune_labels=64,  # 300 tiny samples: fine-tune on the ~90 labelled fit ones
     )
     test = load_directory(write_photo_crops(root / "test", 50, seed=11), spec)
     return SimpleNamespace(
@@ -141,8 +142,10 @@ def test_calibration_on_shifted_traffic_recovers_accuracy(calibrated):
     # Served probabilities on the shifted domain are better calibrated too.
     assert expected_calibration_error(shifted2, y) < expected_calibration_error(shifted1, y)
     # Traffic accuracy measured by the gate tells the same story.
+    # It is judged on labelled images the fine-tuning did not learn from.
     traffic = c.result.accuracy["traffic"]
-    assert traffic["candidate"] > traffic["parent"] and traffic["images"] == 150
+    assert traffic["candidate"] > traffic["parent"]
+    assert traffic["fine_tuned_on"] > 64 and traffic["images"] + traffic["fine_tuned_on"] == 150
 
 
 def test_automatic_prior_keeps_the_best_weight_the_reference_set_allows(model_repo, tmp_path):
@@ -157,7 +160,10 @@ def test_automatic_prior_keeps_the_best_weight_the_reference_set_allows(model_re
     order = rng.permutation(len(traffic))
     pixels, labels = shift(traffic.pixels[order], rng), traffic.labels[order]
     capture(tmp_path / "samples", spec, pixels, list(labels), traffic.class_names)
-    result = calibrate(base, NAME, tmp_path / "samples", prior_strength="auto", min_samples=64)
+    # Without fine-tuning, so that the exported candidate is the one the search measured.
+    result = calibrate(
+        base, NAME, tmp_path / "samples", prior_strength="auto", min_samples=64, fine_tune_epochs=0
+    )
     search = result.prior_search
     assert [t["source_weight"] for t in search] == list(AUTO_SOURCE_WEIGHTS)
     chosen = [t for t in search if t["prior_strength"] == result.prior_strength]
@@ -175,6 +181,13 @@ def test_automatic_prior_keeps_the_best_weight_the_reference_set_allows(model_re
     assert result.accuracy["reference_set"]["candidate"] == pytest.approx(
         chosen[0]["reference_accuracy"]
     )
+    assert lineage["fine_tune"] == {"ran": False, "why_not": "disabled (fine_tune_epochs=0)"}
+    assert lineage["method"] == "adabn-precise-bn"
+    m1 = keras.models.load_model(base / NAME / "1" / KERAS_MODEL_RELPATH, compile=False)
+    m2 = keras.models.load_model(result.path / KERAS_MODEL_RELPATH, compile=False)
+    for a, b in zip(m1.weights, m2.weights, strict=True):  # AdaBN alone: only statistics change
+        if "moving" not in a.path:
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def test_residual_limits_allow_what_the_source_weight_leaves():
@@ -232,19 +245,38 @@ def test_published_version_has_lineage_temperature_and_label(calibrated):
     )
 
 
-def test_every_bn_layer_was_re_estimated(calibrated):
+def test_every_bn_layer_was_re_estimated_and_the_rest_fine_tuned(calibrated):
     c = calibrated
     m1 = keras.models.load_model(c.base / NAME / "1" / KERAS_MODEL_RELPATH, compile=False)
     m2 = keras.models.load_model(c.base / NAME / "2" / KERAS_MODEL_RELPATH, compile=False)
     l1, l2 = bn.bn_layers(m1), bn.bn_layers(m2)
     card = load_model_card(c.base / NAME / "2")
-    assert card["lineage"]["bn_layers_reestimated"] == len(l2) == len(l1) > 30
+    lineage = card["lineage"]
+    assert lineage["bn_layers_reestimated"] == len(l2) == len(l1) > 30
+    assert lineage["method"] == "adabn-precise-bn+feedback-fine-tune"
+    ft = lineage["fine_tune"]
+    assert ft["ran"] and ft["feedback_images"] == c.result.accuracy["traffic"]["fine_tuned_on"]
+    assert ft["reference_images"] == card["reference_set"]["images"]
+    assert (
+        len(ft["loss_by_epoch"]) == ft["epochs"]
+        and ft["loss_by_epoch"][-1] < ft["loss_by_epoch"][0]
+    )
     for a, b in zip(l1, l2, strict=True):
         assert not np.allclose(a.moving_variance.numpy(), b.moving_variance.numpy()), a.name
         assert a.trainable == b.trainable  # the saved model keeps its training-time flags
-    for a, b in zip(m1.weights, m2.weights, strict=True):  # only statistics changed
-        if "moving" not in a.path:
-            np.testing.assert_array_equal(a.numpy(), b.numpy())
+        # Fine-tuning ran under the new statistics with BN frozen: the affine is the parent's.
+        np.testing.assert_array_equal(a.gamma.numpy(), b.gamma.numpy())
+        np.testing.assert_array_equal(a.beta.numpy(), b.beta.numpy())
+    changed = 0
+    for a, b in zip(m1.layers, m2.layers, strict=True):
+        if isinstance(a, keras.layers.BatchNormalization) or not a.weights:
+            continue
+        same = all(
+            np.array_equal(u.numpy(), v.numpy()) for u, v in zip(a.weights, b.weights, strict=True)
+        )
+        assert same or a.trainable, f"{a.name} is frozen in the parent and changed"
+        changed += not same
+    assert changed > 10  # the trainable convolutions and the head learned from feedback
 
 
 def test_promote_and_rollback_move_the_stable_label(calibrated, tmp_path):
