@@ -8,21 +8,24 @@
 2. splits the samples by request id into a fit part and a held-out part, and
    re-estimates the statistics of *every* BN layer on the fit part with
    :func:`training.bn.precise_bn` (AdaBN; optionally mixed with the source
-   statistics by ``prior_strength``; ``"auto"`` chooses it, see below). Layers frozen at training time are
-   unfrozen for the pass, so each layer sees its input normalised by the new
-   statistics upstream, and re-frozen before saving;
+   statistics by ``prior_strength``; ``"auto"`` chooses it, see below). Layers
+   frozen at training time are unfrozen for the pass, so each layer sees its
+   input normalised by the new statistics upstream, and re-frozen before saving;
 3. when the traffic has drifted (below) and at least ``min_fine_tune_labels``
-   labelled fit samples fall in the fine-tuning share (``fine_tune_fraction`` of
-   them, by request id), fine-tunes the weights on them plus the reference set
-   for ``fine_tune_epochs`` (:func:`fine_tune_on_feedback`: BN frozen in
-   inference mode under the new statistics). Re-estimated statistics alone cannot
-   undo what a shift destroys (noise); labelled feedback from the new domain can
-   teach the weights to read it. Every later check on labelled traffic is judged
-   on labelled samples the fine-tuning did not see;
+   labelled fit samples fall in the fine-tuning share (``fine_tune_fraction``
+   of them by request id, all by default), fine-tunes the weights on them plus
+   the reference set for ``fine_tune_epochs`` (:func:`fine_tune_on_feedback`:
+   BN frozen in inference mode under the new statistics, collected again after
+   every epoch). Re-estimated statistics alone cannot undo what a shift
+   destroys (noise); labelled feedback from the new domain can teach the
+   weights to read it. Every later check on labelled traffic is judged on
+   labelled samples the fine-tuning did not see;
 4. fits a temperature (:mod:`training.temperature`) on the labelled fit samples
-   not fine-tuned on when there are at least ``min_labelled`` labelled ones,
-   reports NLL/ECE at T=1 and at T on the labelled held-out samples, and exports the temperature
-   in the graph (``classifier_postprocess(T)``);
+   not fine-tuned on (after fine-tuning on all of them: on the labelled
+   held-out ones, and the report says ``in_sample``) when there are at least
+   ``min_labelled`` labelled ones, reports NLL/ECE at T=1 and at T on the
+   labelled held-out samples, and exports the temperature in the graph
+   (``classifier_postprocess(T)``);
 5. gates the candidate (every check is computed and reported):
 
    - ``class_balance``: no class dominates the samples (labels, else the
@@ -558,7 +561,7 @@ def calibrate(
     fine_tune_epochs: int = 4,
     fine_tune_learning_rate: float = 3e-4,
     min_fine_tune_labels: int = 96,
-    fine_tune_fraction: float = 0.8,
+    fine_tune_fraction: float = 1.0,
 ) -> CalibrationResult:
     """Calibrate the ``stable`` version of ``name`` on captured samples (module docstring).
 
@@ -576,8 +579,8 @@ def calibrate(
         raise ValueError(f"prior_strength must be >= 0 or 'auto', got {prior_strength!r}")
     if min_samples < 1 or min_labelled < 1 or not 0 <= holdout_fraction < 1:
         raise ValueError("min_samples >= 1, min_labelled >= 1, 0 <= holdout < 1")
-    if fine_tune_epochs < 0 or fine_tune_learning_rate <= 0 or not 0 < fine_tune_fraction < 1:
-        raise ValueError("fine_tune_epochs >= 0, fine_tune_learning_rate > 0, 0 < fraction < 1")
+    if fine_tune_epochs < 0 or fine_tune_learning_rate <= 0 or not 0 < fine_tune_fraction <= 1:
+        raise ValueError("fine_tune_epochs >= 0, fine_tune_learning_rate > 0, 0 < fraction <= 1")
     repo = ModelRepository(model_base)
     parent_version = repo.labels(name).get("stable")
     if parent_version is None:
@@ -690,9 +693,10 @@ def calibrate(
     bn.assign_statistics(layers, target, source, prior_strength=prior_strength)
 
     # -- candidate: fine-tuning on labelled feedback (drifted traffic only) -----
-    # The first ``fine_tune_fraction`` of the labelled fit samples (by request id);
-    # the rest fit the temperature, and every check on labelled traffic is judged
-    # on labelled samples fine-tuning never saw.
+    # ``fine_tune_fraction`` of the labelled fit samples (by request id; all by
+    # default: the weights gain more from labels than one temperature does). The
+    # temperature is fitted, and every check on labelled traffic judged, on labelled
+    # samples fine-tuning never saw.
     tuned = labelled & fit & (unit < holdout_fraction + (1 - holdout_fraction) * fine_tune_fraction)
     fine_tune: dict[str, Any] = {"ran": False}
     if fine_tune_epochs and domain_shift and tuned.sum() >= min_fine_tune_labels:
