@@ -14,22 +14,21 @@ Sizing, from the ``IMGSERVE_*`` settings (``serving/settings.py``):
 - TF Serving backends: the gateway only decodes and forwards, so 2 workers per core.
 - No preload: TensorFlow is not fork-safe, every worker imports it after the fork.
 
-Prometheus multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` is set here, in the
-master, before any worker imports ``prometheus_client``; it is emptied when the
-server starts, and ``child_exit`` marks a dead worker's live gauges as gone.
+Prometheus multiprocess mode (``serving/metrics_dir.py``, shared with the gRPC
+supervisor): ``PROMETHEUS_MULTIPROC_DIR`` is set here, in the master, before any
+worker imports ``prometheus_client``; it is emptied when the server starts, and
+``child_exit`` marks a dead worker's live gauges as gone.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
+from serving.metrics_dir import MetricsDirectory, tmpfs_dir
 from serving.settings import Settings
 
 _settings = Settings.from_env()
-_shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+_shm = tmpfs_dir()
 
 bind = [_settings.bind]
 workers = _settings.worker_count()
@@ -52,34 +51,25 @@ proc_name = "imgserve-gateway"
 os.environ.setdefault("IMGSERVE_WORKERS", str(workers))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-_created_metrics_dir = False
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="imgserve-metrics-", dir=_shm)
-    _created_metrics_dir = True
+_metrics_dir = MetricsDirectory.from_environ()
 
 
 def on_starting(server) -> None:
     """Start from an empty metrics directory: stale files would resurrect old counts."""
-    path = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
-    path.mkdir(parents=True, exist_ok=True)
-    for entry in path.glob("*.db"):
-        entry.unlink()
+    _metrics_dir.clear()
     server.log.info(
         "imgserve gateway: backend=%s workers=%d threads=%d metrics=%s",
         _settings.backend,
         workers,
         threads,
-        path,
+        _metrics_dir.path,
     )
 
 
 def child_exit(server, worker) -> None:
     """A worker died or was replaced: its live gauges must stop counting."""
-    from serving.metrics import mark_process_dead
-
-    mark_process_dead(worker.pid)
+    _metrics_dir.mark_process_dead(worker.pid)
 
 
 def on_exit(server) -> None:
-    if _created_metrics_dir:
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    _metrics_dir.remove()

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the gateway (``imgserve_*``), correct under several gunicorn workers.
+"""Prometheus metrics of the gateway (``imgserve_*``), correct under several worker processes.
 
 Names and labels (alert rules and dashboards are written against them):
 
@@ -14,9 +14,9 @@ Names and labels (alert rules and dashboards are written against them):
   per version label (``label=""`` for an unlabelled version).
 - ``imgserve_queue_depth{model}``: images waiting for a batch (gauge, summed over workers).
 
-Multiprocess mode: gunicorn sets ``PROMETHEUS_MULTIPROC_DIR`` before forking (see
-``serving/gunicorn.conf.py``); each worker writes its samples to files there and
-``/metrics`` merges them with ``MultiProcessCollector``. ``imgserve_model_version_info``
+Multiprocess mode: gunicorn and the gRPC supervisor set ``PROMETHEUS_MULTIPROC_DIR``
+before starting workers (``serving/metrics_dir.py``); each worker writes its samples to
+files there and ``/metrics`` merges them with ``MultiProcessCollector``. ``imgserve_model_version_info``
 is not a stored sample but is computed at scrape time from the scraping worker's
 view of what is in service, so a retired version disappears at once.
 
@@ -179,10 +179,3 @@ class GatewayMetrics:
 
     def observe_stage(self, stage: str, model: str, seconds: float) -> None:
         self.stage_duration.labels(stage, model).observe(max(0.0, seconds))
-
-
-def mark_process_dead(pid: int) -> None:
-    """gunicorn ``child_exit`` hook body: drop a dead worker's live gauges."""
-    path = multiprocess_dir()
-    if path is not None:
-        multiprocess.mark_process_dead(pid, path)
