@@ -6,7 +6,10 @@
 2. HTTP: the gateway under gunicorn (embedded backend, default settings) on
    loopback; closed-loop clients post one encoded image per request at several
    concurrencies.
-3. gRPC: ``python -m serving.grpc_server`` on loopback, the same load.
+3. gRPC: ``python -m serving.grpc_server`` on loopback with its default worker count
+   (``IMGSERVE_GRPC_WORKERS``: as many processes as the HTTP gateway's workers), the
+   same load; each client thread has a channel (a connection) of its own, as each HTTP
+   client has its socket: the workers share the port, and the kernel spreads connections.
 
 For each run: images/s, p50 and p99 latency, throughput as a fraction of raw,
 and at concurrency 1 the p50 overhead over the raw single-image latency. The
@@ -367,15 +370,24 @@ def http_call(port: int, image: bytes, n: int = 1):
 
 
 def grpc_call(port: int, image: bytes, n: int = 1):
+    """One Classify call of ``n`` images on the client thread's own channel.
+
+    A channel per thread, with a local subchannel pool so that it really is a TCP
+    connection of its own (channels with the same target and options share one
+    otherwise): SO_REUSEPORT hands connections, not calls, to the gRPC workers.
+    """
     import grpc
 
     from serving.proto import imgserve_pb2, imgserve_pb2_grpc
 
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = imgserve_pb2_grpc.ImageServiceStub(channel)
     request = imgserve_pb2.ClassifyRequest(images=[image] * n, top_k=1)
+    options = [("grpc.use_local_subchannel_pool", 1)]
 
     def call(state: dict) -> bool:
+        stub = state.get("stub")
+        if stub is None:
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
+            stub = state["stub"] = imgserve_pb2_grpc.ImageServiceStub(channel)
         try:
             stub.Classify(request, timeout=60)
             return True
@@ -422,8 +434,14 @@ def start_server(
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def wait_ready(kind: str, port: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+def wait_ready(
+    kind: str, port: int, proc: subprocess.Popen, log: Path, grpc_workers: int, timeout: float = 180
+) -> None:
+    """Until the server answers its health check; for several gRPC workers, until every
+    one has reported ready (the supervisor's log says so; the health check is answered
+    by whichever worker gets the connection)."""
     end = time.monotonic() + timeout
+    all_serving = f"{grpc_workers} of {grpc_workers} workers serving"
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise RuntimeError(f"{kind} server exited with {proc.returncode}")
@@ -441,7 +459,9 @@ def wait_ready(kind: str, port: int, proc: subprocess.Popen, timeout: float = 18
                     status = health_pb2_grpc.HealthStub(ch).Check(
                         health_pb2.HealthCheckRequest(), timeout=2
                     )
-                    if status.status == health_pb2.HealthCheckResponse.SERVING:
+                    if status.status == health_pb2.HealthCheckResponse.SERVING and (
+                        grpc_workers == 1 or all_serving in log.read_text()
+                    ):
                         return
         except Exception:
             pass
@@ -474,6 +494,7 @@ def bench_server(
     images_per_request: list[int],
     probe: RawProbe,
     workers: int = 0,
+    grpc_workers: int = 1,
 ) -> list[Result]:
     port = free_port()
     metrics_port = port if kind == "http" else free_port()
@@ -482,7 +503,7 @@ def bench_server(
     proc = start_server(kind, model_base, port, log, metrics_port, workers)
     results = []
     try:
-        wait_ready(kind, port, proc)
+        wait_ready(kind, port, proc, log, grpc_workers)
         factory = http_call if kind == "http" else grpc_call
         for n in images_per_request:
             # The same images in flight for every request size (and within the queue bound).
@@ -602,6 +623,14 @@ def main(argv: list[str] | None = None) -> int:
         f"thread(s), {settings.threads} threads per worker",
         flush=True,
     )
+    grpc_settings = settings.grpc_process_settings()
+    if not args.skip_grpc:
+        print(
+            f"  gRPC gateway: {grpc_settings.workers} worker(s), "
+            f"{grpc_settings.intra_op_threads()} intra-op thread(s), "
+            f"{settings.grpc_max_workers} threads per worker",
+            flush=True,
+        )
     per_request = [int(n) for n in args.images_per_request.split(",")]
     probe = RawProbe(args, settings.max_batch_size, sorted(raws), max(2.0, args.seconds / 2))
     try:
@@ -610,7 +639,16 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for kind, w in runs:
             results += bench_server(
-                kind, model_base, image, levels, args.seconds, out.parent, per_request, probe, w
+                kind,
+                model_base,
+                image,
+                levels,
+                args.seconds,
+                out.parent,
+                per_request,
+                probe,
+                w,
+                grpc_settings.workers,
             )
     finally:
         probe.close()

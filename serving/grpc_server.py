@@ -7,6 +7,10 @@ status code from ``serving/errors.py`` and trailing metadata ``http-status``,
 ``problem-code`` and, for 429/503, ``retry-after``. The process exposes its
 Prometheus metrics on ``IMGSERVE_GRPC_METRICS_BIND`` (same names as the REST
 gateway; ``endpoint`` is the gRPC method).
+
+``--workers N`` / ``IMGSERVE_GRPC_WORKERS`` (default: as many as the HTTP gateway's
+workers): with N > 1 this process supervises N server processes on the same port
+(``serving/grpc_supervisor.py``); with 1 it is the server itself.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -26,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import grpc  # noqa: E402
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
 from grpc_reflection.v1alpha import reflection  # noqa: E402
-from prometheus_client import start_http_server  # noqa: E402
+from prometheus_client import CollectorRegistry, make_wsgi_app, start_http_server  # noqa: E402
 
 from serving.errors import ServingError  # noqa: E402
 from serving.proto import imgserve_pb2, imgserve_pb2_grpc  # noqa: E402
@@ -210,7 +215,11 @@ def model_message(model: dict[str, Any]) -> imgserve_pb2.ModelInfo:
 class GrpcGateway:
     """A running gRPC server: the servicer, health, reflection, and its readiness watcher."""
 
-    def __init__(self, service: InferenceService, bind: str, *, max_workers: int) -> None:
+    def __init__(
+        self, service: InferenceService, bind: str, *, max_workers: int, reuse_port: bool = False
+    ) -> None:
+        """``reuse_port``: share ``bind`` with the other workers of a supervisor (SO_REUSEPORT);
+        off, a second server on the same port fails to start instead."""
         self.service = service
         settings = service.settings
         self.server = grpc.server(
@@ -220,7 +229,7 @@ class GrpcGateway:
             maximum_concurrent_rpcs=max_workers,
             options=[
                 ("grpc.max_receive_message_length", settings.max_body_bytes),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
             ],
         )
         imgserve_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(service), self.server)
@@ -262,32 +271,90 @@ class GrpcGateway:
         self.server.stop(grace).wait()
 
 
+def start_metrics_server(
+    registry: CollectorRegistry, address: str, *, reuse_port: bool = False
+) -> None:
+    """Serve ``registry`` at ``http://address/metrics`` from a daemon thread.
+
+    ``reuse_port``: bind with SO_REUSEPORT, so that every worker of a supervisor
+    listens on the same metrics address and any of them answers a scrape (each
+    merges every worker's samples, as a gunicorn worker does for ``/metrics``).
+    """
+    host, port = split_host_port(address, "grpc_metrics_bind")
+    if not reuse_port:
+        start_http_server(port, addr=host, registry=registry)
+        return
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    class SharedPortServer(ThreadingWSGIServer):
+        allow_reuse_port = True
+        address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # no access log per scrape
+            pass
+
+    httpd = make_server(
+        host, port, make_wsgi_app(registry), SharedPortServer, handler_class=QuietHandler
+    )
+    threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the gRPC gateway until SIGTERM/SIGINT."""
+    """Run the gRPC gateway until SIGTERM/SIGINT: one server process, or a supervisor of N."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bind", help="host:port (default IMGSERVE_GRPC_BIND)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="server processes on the same port (default IMGSERVE_GRPC_WORKERS; "
+        "0: as many as the HTTP gateway's workers)",
     )
+    # Set by the supervisor for its workers (serving/grpc_supervisor.py).
+    parser.add_argument("--worker-of", type=int, metavar="PID", help=argparse.SUPPRESS)
+    parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
     overrides: dict[str, object] = {}
     if args.bind:
         split_host_port(args.bind, "--bind")
         overrides["grpc_bind"] = args.bind
-    if "IMGSERVE_WORKERS" not in os.environ:
-        # One process serves every call: its TensorFlow pool sizes for the whole machine.
-        overrides["workers"] = 1
+    if args.workers is not None:
+        if args.workers < 0:
+            parser.error("--workers must be >= 0")
+        overrides["grpc_workers"] = args.workers
     settings = Settings.from_env(**overrides)
+    worker = args.worker_of is not None
+    count = settings.grpc_worker_count()
+    # Several processes write to one log: each line says which (as gunicorn's do).
+    pid = " [%(process)d]" if worker or count > 1 else ""
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s %(levelname)s{pid} %(name)s: %(message)s"
+    )
+    if worker:
+        from serving.grpc_supervisor import exit_with_supervisor
+
+        exit_with_supervisor(args.worker_of)
+    elif count > 1:
+        # No TensorFlow, no gRPC server or channel in this process: it only supervises.
+        from serving.grpc_supervisor import Supervisor
+
+        return Supervisor(settings, count).run()
+    # The TensorFlow pools size for this process's share of the cores (all of them
+    # when it is the only one).
+    settings = settings.grpc_process_settings()
     from serving import monitoring
     from serving.backends import create_backend
 
     service = InferenceService(settings, create_backend(settings)).start()
     monitoring.attach(service, settings)
     if settings.grpc_metrics_bind:
-        host, port = split_host_port(settings.grpc_metrics_bind, "grpc_metrics_bind")
-        start_http_server(port, addr=host, registry=service.metrics.scrape_registry())
+        start_metrics_server(
+            service.metrics.scrape_registry(), settings.grpc_metrics_bind, reuse_port=worker
+        )
     gateway = GrpcGateway(
-        service, settings.grpc_bind, max_workers=settings.grpc_max_workers
+        service, settings.grpc_bind, max_workers=settings.grpc_max_workers, reuse_port=worker
     ).start()
     log.info(
         "gRPC gateway on %s (port %d), backend %s",
@@ -303,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
+    if args.ready_fd is not None:
+        from serving.grpc_supervisor import report_ready
+
+        report_ready(args.ready_fd)
     done.wait()
     gateway.stop()
     service.close()

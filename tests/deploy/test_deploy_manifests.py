@@ -244,8 +244,8 @@ def test_gateway_settings_are_real_and_point_at_tfserving(overlay):
         assert split_host_port(settings.bind)[1] == 8080
         assert split_host_port(settings.grpc_bind)[1] == 9000
         assert split_host_port(settings.grpc_metrics_bind)[1] == 9001
-        # The default worker count follows the node's cores, not the pod's: set it.
-        assert settings.workers >= 1
+        # The default worker counts follow the node's cores, not the pod's: set them.
+        assert settings.workers >= 1 and settings.grpc_workers >= 1
         token = env["IMGSERVE_ADMIN_TOKEN"]
         assert token == {"secretKeyRef": {"name": "imgserve-admin", "key": "token"}}
     # gunicorn's workers share one multiprocess directory on an emptyDir; the gRPC
@@ -258,6 +258,19 @@ def test_gateway_settings_are_real_and_point_at_tfserving(overlay):
         for k, m in mounts.items()
     )
     assert _gateway_env(resources, "grpc")["PROMETHEUS_MULTIPROC_DIR"] == ""
+
+
+def test_gateway_processes_are_two_per_core_of_their_container(overlay):
+    """gunicorn's workers and the gRPC server's, each sized like the other for its CPU limit."""
+    from serving.settings import Settings
+
+    _, resources = overlay
+    spec = km.pod_spec(km.find(resources, "Deployment", "imgserve-gateway"))
+    for name, field in (("http", "workers"), ("grpc", "grpc_workers")):
+        env = {k: v for k, v in _gateway_env(resources, name).items() if isinstance(v, str)}
+        cpu = km.container(spec, name)["resources"]["limits"]["cpu"]
+        cores = int(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+        assert getattr(Settings.from_env(env), field) == max(1, round(2 * cores)), name
 
 
 def test_gateway_autoscaling(overlay):

@@ -34,6 +34,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def children_of(pid: int) -> set[int]:
+    """The live (not zombie) child processes of ``pid``, read from ``/proc``."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError, ValueError):
+            continue  # exited while we looked
+        if int(ppid) == pid and state != "Z":
+            children.add(int(stat.parent.name))
+    return children
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
     """Poll ``predicate`` every 50 ms until it holds (True) or ``timeout`` passes (False)."""
     end = time.monotonic() + timeout

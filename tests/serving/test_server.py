@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.proto import imgserve_pb2, imgserve_pb2_grpc
 from tests.serving import tiny_models
-from tests.serving.conftest import free_port
+from tests.serving.conftest import children_of, free_port
 from tests.serving.test_metrics import parse, promtool_check, value
 
 pytestmark = pytest.mark.slow
@@ -168,6 +168,10 @@ def test_graceful_shutdown(serving_repo, tmp_path, images):
 
 
 def test_grpc_server_process(serving_repo, tmp_path, images):
+    """One process (IMGSERVE_GRPC_WORKERS=1): the server itself, no supervisor.
+
+    Several workers: tests/serving/test_grpc_workers.py.
+    """
     port, metrics_port = free_port(), free_port()
     log = tmp_path / "grpc.log"
     proc = start(
@@ -176,6 +180,7 @@ def test_grpc_server_process(serving_repo, tmp_path, images):
             "IMGSERVE_MODEL_BASE": str(serving_repo),
             "IMGSERVE_GRPC_BIND": f"127.0.0.1:{port}",
             "IMGSERVE_GRPC_METRICS_BIND": f"127.0.0.1:{metrics_port}",
+            "IMGSERVE_GRPC_WORKERS": "1",
         },
         log,
     )
@@ -192,6 +197,7 @@ def test_grpc_server_process(serving_repo, tmp_path, images):
                 except grpc.RpcError:
                     time.sleep(0.25)
             assert status == health_pb2.HealthCheckResponse.SERVING, log.read_text()[-3000:]
+            assert not children_of(proc.pid)  # it serves: no worker processes
             stub = imgserve_pb2_grpc.ImageServiceStub(channel)
             response = stub.Classify(
                 imgserve_pb2.ClassifyRequest(images=[images["png"]], top_k=1), timeout=10

@@ -91,6 +91,25 @@ def test_tensorflow_threads_share_the_cores_between_workers():
     assert Settings.from_env(environ={}, backend="tfserving-rest").worker_count(cpus=2) == 4
 
 
+def test_grpc_workers_default_to_the_http_gateways_sizing():
+    s = Settings.from_env(environ={})
+    assert s.grpc_workers == 0
+    assert s.grpc_worker_count(cpus=8) == s.worker_count(cpus=8) == 8
+    assert Settings.from_env(environ={}, backend="tfserving-rest").grpc_worker_count(cpus=2) == 4
+    assert Settings.from_env(environ={"IMGSERVE_WORKERS": "3"}).grpc_worker_count(cpus=8) == 3
+    explicit = Settings.from_env(environ={"IMGSERVE_GRPC_WORKERS": "2", "IMGSERVE_WORKERS": "8"})
+    assert explicit.grpc_worker_count(cpus=8) == 2
+    # Each gRPC process sizes its TensorFlow pool as one of the gRPC processes.
+    process = explicit.grpc_process_settings(cpus=8)
+    assert (process.workers, process.intra_op_threads(cpus=8)) == (2, 3)
+    single = Settings.from_env(environ={}, grpc_workers=1).grpc_process_settings(cpus=8)
+    assert single.intra_op_threads(cpus=8) == 7  # the only process: the whole machine
+    with pytest.raises(SettingsError):
+        Settings.from_env(environ={"IMGSERVE_GRPC_WORKERS": "-1"})
+    with pytest.raises(SettingsError):
+        Settings.from_env(environ={"IMGSERVE_GRPC_WORKERS": "two"})
+
+
 def test_split_host_port():
     assert split_host_port("127.0.0.1:9000") == ("127.0.0.1", 9000)
     assert split_host_port("[::1]:80") == ("::1", 80)
