@@ -8,8 +8,8 @@ traffic: half clean, half contrast + noise):
    the training distribution are shifted and go through the real capture store
    as one-image requests, with feedback (true labels) for ``--labelled`` of them;
 2. ``training.calibration.calibrate`` (the same call as ``python -m training
-   calibrate``, default options) re-estimates the BN statistics, fits the
-   temperature, gates and publishes version N+1;
+   calibrate``, default options) re-estimates the BN statistics, fine-tunes on
+   the labelled feedback, fits the temperature, gates and publishes version N+1;
 3. the parent's and the published candidate's exported SavedModels (what TF
    Serving and the gateway serve; the temperature is in the graph) are measured
    on separate test sets: clean and shifted images never seen by calibration.
