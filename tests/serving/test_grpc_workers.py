@@ -132,6 +132,15 @@ def workers(serving_repo, tmp_path_factory):
         kill_leftovers(server.seen)
 
 
+def exit_code(proc: subprocess.Popen, timeout: float) -> int:
+    """The supervisor's exit status, waiting up to ``timeout``; stopped if it runs on."""
+    try:
+        return proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+
+
 def test_the_supervisor_only_supervises(workers):
     """Two workers; the supervisor has neither TensorFlow nor a socket (no gRPC server)."""
     kids = workers.children()
@@ -248,11 +257,7 @@ def test_a_crash_loop_at_start_up_ends_the_supervisor(tmp_path):
         IMGSERVE_STATE_DIR=str(blocker / "state"),
         PROMETHEUS_MULTIPROC_DIR=str(metrics),
     )
-    try:
-        code = proc.wait(120)
-    finally:
-        if proc.poll() is None:
-            stop(proc)
+    code = exit_code(proc, 120)
     text = log.read_text()
     started = {int(pid) for pid in re.findall(r"gRPC worker (\d+) started", text)}
     kill_leftovers(started)
@@ -271,11 +276,7 @@ def test_a_port_in_use_is_refused_before_any_worker_starts(tmp_path):
         taken.listen()
         log = tmp_path / "supervisor.log"
         proc = supervisor(tmp_path, log, taken.getsockname()[1], free_port())
-        try:
-            code = proc.wait(60)
-        finally:
-            if proc.poll() is None:
-                stop(proc)
+        code = exit_code(proc, 60)
     text = log.read_text()
     assert code == 1 and "cannot listen on" in text, text[-3000:]
     assert "gRPC worker" not in text
