@@ -202,11 +202,6 @@ def _request_unit(request_ids: list[str]) -> np.ndarray:
     )
 
 
-def _holdout_mask(request_ids: list[str], fraction: float) -> np.ndarray:
-    """Deterministic split by request id: the images of one request stay together."""
-    return _request_unit(request_ids) < fraction
-
-
 def fine_tune_on_feedback(
     model: keras.Model,
     x: np.ndarray,
@@ -225,12 +220,13 @@ def fine_tune_on_feedback(
     weights learn under the normalisation the exported graph applies, by the
     statistics re-estimated on the traffic. Changed weights change what each BN
     layer downstream receives, so after every epoch ``reestimate()`` collects the
-    statistics again (BN layers as the caller left them) and the next epoch
-    learns under those; the last epoch's statistics describe the final weights,
-    as the staleness check and the drift monitor need. The other layers train as
-    the parent left them (its frozen backbone stays frozen). The reference set
-    (source domain) is mixed in so the source domain is not forgotten. Adam,
-    shuffled mini-batches. Returns what the lineage records.
+    statistics again (it is called with the BN layers frozen and must leave them
+    so) and the next epoch learns under those; the last epoch's statistics
+    describe the final weights, as the staleness check and the drift monitor
+    need. The other layers train as the parent left them (its frozen backbone
+    stays frozen). The reference set (source domain) is mixed in so the source
+    domain is not forgotten. Adam, shuffled mini-batches. Returns what the
+    lineage records.
     """
     layers = bn.bn_layers(model)
     flags = [layer.trainable for layer in layers]
@@ -260,16 +256,12 @@ def fine_tune_on_feedback(
         losses = []
         started = time.monotonic()
         for _ in range(epochs):
-            for layer in layers:
-                layer.trainable = False
             order = rng.permutation(len(ys))
             epoch = [
                 float(step(tf.constant(xs[idx]), tf.constant(ys[idx])))
                 for idx in np.array_split(order, max(1, round(len(order) / batch_size)))
             ]
             losses.append(float(np.mean(epoch)))
-            for layer, flag in zip(layers, flags, strict=True):
-                layer.trainable = flag
             reestimate()
     finally:
         for layer, flag in zip(layers, flags, strict=True):
