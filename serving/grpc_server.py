@@ -42,7 +42,7 @@ from serving.service import (  # noqa: E402
     PredictOptions,
     request_id_from,
 )
-from serving.settings import Settings, split_host_port  # noqa: E402
+from serving.settings import Settings, SettingsError, split_host_port  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers < 0:
             parser.error("--workers must be >= 0")
         overrides["grpc_workers"] = args.workers
-    settings = Settings.from_env(**overrides)
+    try:
+        settings = Settings.from_env(**overrides)
+    except SettingsError as exc:
+        parser.error(str(exc))  # exit 2 with the message, not a traceback
     worker = args.worker_of is not None
     count = settings.grpc_worker_count()
     # Several processes write to one log: each line says which (as gunicorn's do).

@@ -280,3 +280,21 @@ def test_a_port_in_use_is_refused_before_any_worker_starts(tmp_path):
     text = log.read_text()
     assert code == 1 and "cannot listen on" in text, text[-3000:]
     assert "gRPC worker" not in text
+
+
+def test_a_bad_worker_count_is_a_usage_error(tmp_path):
+    """Exit 2 with the setting named, from the flag and from the environment; no traceback."""
+    env = {**os.environ, "IMGSERVE_MODEL_BASE": str(tmp_path)}
+    for argv, extra in (
+        (["--workers", "-1"], {}),
+        ([], {"IMGSERVE_GRPC_WORKERS": "-2"}),
+    ):
+        done = subprocess.run(
+            [PYTHON, "-m", "serving.grpc_server", *argv],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "must be >= 0" in done.stderr and "Traceback" not in done.stderr
