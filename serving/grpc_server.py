@@ -56,6 +56,9 @@ class ImageServicer(imgserve_pb2_grpc.ImageServiceServicer):
 
     def __init__(self, service: InferenceService) -> None:
         self.service = service
+        #: Calls finished, however they ended: the progress a worker's heartbeat looks
+        #: at. Increments from several threads may race; it only has to change.
+        self.finished = 0
 
     def Classify(self, request: imgserve_pb2.ClassifyRequest, context: grpc.ServicerContext):
         def run(rid: str, options: PredictOptions) -> imgserve_pb2.ClassifyResponse:
@@ -105,19 +108,22 @@ class ImageServicer(imgserve_pb2_grpc.ImageServiceServicer):
         metadata = dict(context.invocation_metadata() or ())
         rid = request_id_from(metadata.get(REQUEST_ID_KEY))
         context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
-        with self.service.metrics.track(f"/{SERVICE_NAME}/{method}") as outcome:
-            outcome["request_id"] = rid
-            try:
-                response = body(outcome)
-            except ServingError as exc:
-                outcome["code"] = exc.status
-                _abort(context, exc, rid)
-            except Exception:  # a gateway bug: report it without a traceback to the client
-                log.exception("unhandled error in %s (request id %s)", method, rid)
-                outcome["code"] = 500
-                context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid})")
-            outcome["code"] = 200
-            return response
+        try:
+            with self.service.metrics.track(f"/{SERVICE_NAME}/{method}") as outcome:
+                outcome["request_id"] = rid
+                try:
+                    response = body(outcome)
+                except ServingError as exc:
+                    outcome["code"] = exc.status
+                    _abort(context, exc, rid)
+                except Exception:  # a gateway bug: report it without a traceback to the client
+                    log.exception("unhandled error in %s (request id %s)", method, rid)
+                    outcome["code"] = 500
+                    context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid})")
+                outcome["code"] = 200
+                return response
+        finally:
+            self.finished += 1
 
 
 def _abort(context: grpc.ServicerContext, exc: ServingError, rid: str) -> None:
@@ -232,7 +238,8 @@ class GrpcGateway:
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
             ],
         )
-        imgserve_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(service), self.server)
+        self.servicer = ImageServicer(service)
+        imgserve_pb2_grpc.add_ImageServiceServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -241,6 +248,14 @@ class GrpcGateway:
         self.port = self.server.add_insecure_port(bind)
         if self.port == 0:
             raise OSError(f"cannot bind gRPC server to {bind}")
+        #: A port of this process alone (``reuse_port``: the shared one may be answered by
+        #: any worker), where its supervisor heartbeat checks this server's health.
+        self.own_address: str | None = None
+        if reuse_port:
+            own = self.server.add_insecure_port("127.0.0.1:0")
+            if own == 0:
+                raise OSError("cannot bind the gRPC worker's own loopback port")
+            self.own_address = f"127.0.0.1:{own}"
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="grpc-health", daemon=True)
 
@@ -315,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     # Set by the supervisor for its workers (serving/grpc_supervisor.py).
     parser.add_argument("--worker-of", type=int, metavar="PID", help=argparse.SUPPRESS)
     parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--heartbeat-s", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     overrides: dict[str, object] = {}
     if args.bind:
@@ -374,9 +390,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
     if args.ready_fd is not None:
-        from serving.grpc_supervisor import report_ready
+        from serving.grpc_supervisor import Heartbeat, report_ready
 
         report_ready(args.ready_fd)
+        if gateway.own_address and args.heartbeat_s:
+            Heartbeat(
+                args.ready_fd,
+                gateway.own_address,
+                args.heartbeat_s,
+                lambda: gateway.servicer.finished,
+            ).start(done)
     done.wait()
     gateway.stop()
     service.close()

@@ -25,6 +25,16 @@ makes the process started a supervisor of N workers:
   exits before it reported ready is a start-up failure; ``STARTUP_FAILURE_LIMIT`` of them
   in a row (no worker became ready in between) stop the supervisor with exit status 1:
   a bad configuration does not fix itself, and a crash loop must not look like a server.
+  Serving workers that keep dying are the same: more than ``RESTART_LIMIT`` exits within
+  ``RESTART_WINDOW_S`` end it with exit status 1 too, and Kubernetes' restart back-off
+  (CrashLoopBackOff) takes over, where an operator sees it.
+- Hung workers: a serving worker checks its own server's health over a loopback port of
+  its own every ``heartbeat_interval(timeout)`` and writes a byte on its pipe when the
+  server answered (:class:`Heartbeat`). A worker silent for ``grpc_worker_timeout_s`` is
+  killed (SIGKILL) and replaced, as gunicorn's ``timeout`` does. Silent means stopped,
+  deadlocked, its GIL never released, or every thread taken by calls that never finish:
+  a worker too busy to take the check (RESOURCE_EXHAUSTED) still counts as answering
+  while its calls finish.
 - Linux: a worker gets SIGTERM when its supervisor dies, even by SIGKILL
   (``PR_SET_PDEATHSIG``), so no worker is left holding the port.
 """
@@ -39,7 +49,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,16 +72,29 @@ MAX_RESTART_BACKOFF_S = 10.0
 KILL_WAIT_S = 10.0
 #: How often the supervisor looks at its workers (readiness, exits, due restarts).
 POLL_INTERVAL_S = 0.1
-#: What a worker writes on its ready pipe once it serves.
+#: Serving workers' exits within ``RESTART_WINDOW_S`` beyond which the supervisor gives up.
+RESTART_LIMIT = 5
+RESTART_WINDOW_S = 60.0
+#: What a worker writes on its pipe once it serves, then after each answered health check.
 READY = b"R"
+BEAT = b"H"
+
+
+def heartbeat_interval(timeout_s: float) -> float:
+    """Seconds between a worker's health checks: several per timeout, at most 5 s apart."""
+    return min(5.0, timeout_s / 4)
 
 
 @dataclass
 class _Worker:
     proc: subprocess.Popen
-    #: Read end of the worker's ready pipe; None once it said ready or closed it.
-    ready_fd: int | None
+    #: Read end of the worker's pipe (ready, then heartbeats); None once it closed it.
+    pipe_fd: int | None
     ready: bool = False
+    #: monotonic time of its last sign of life (start, ready, heartbeat).
+    last_beat: float = 0.0
+    #: Killed as hung (and not yet reaped).
+    killed: bool = False
 
     @property
     def pid(self) -> int:
@@ -86,6 +111,8 @@ class Supervisor:
         *,
         stop_timeout_s: float = STOP_TIMEOUT_S,
         startup_failure_limit: int = STARTUP_FAILURE_LIMIT,
+        restart_limit: int = RESTART_LIMIT,
+        restart_window_s: float = RESTART_WINDOW_S,
     ) -> None:
         if workers < 2:
             raise ValueError("a supervisor runs at least 2 workers")
@@ -93,6 +120,8 @@ class Supervisor:
         self.count = workers
         self.stop_timeout_s = stop_timeout_s
         self.startup_failure_limit = startup_failure_limit
+        self.worker_timeout_s = settings.grpc_worker_timeout_s
+        self.serving_exits = ExitWindow(restart_limit, restart_window_s)
         self.workers: list[_Worker] = []
         self._restarts: list[float] = []  # monotonic times at which to start a replacement
         self._startup_failures = 0
@@ -113,11 +142,13 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         log.info(
-            "gRPC supervisor: %d workers on %s, metrics on %s, backend %s, metrics dir %s",
+            "gRPC supervisor: %d workers on %s, metrics on %s, backend %s, worker timeout "
+            "%.0f s, metrics dir %s",
             self.count,
             self.settings.grpc_bind,
             self.settings.grpc_metrics_bind or "(none)",
             self.settings.backend,
+            self.worker_timeout_s,
             metrics.path,
         )
         status = 0
@@ -125,7 +156,8 @@ class Supervisor:
             for _ in range(self.count):
                 self._spawn()
             while self._stop_signal is None:
-                self._wait_for_ready(POLL_INTERVAL_S)
+                self._read_pipes(POLL_INTERVAL_S)
+                self._kill_hung()
                 if not self._reap():
                     status = 1
                     break
@@ -163,6 +195,8 @@ class Supervisor:
             str(self.count),
             "--bind",
             self.settings.grpc_bind,
+            "--heartbeat-s",
+            str(heartbeat_interval(self.worker_timeout_s)),
         ]
         try:
             # Its own process group: a terminal's Ctrl-C reaches the supervisor only,
@@ -173,12 +207,12 @@ class Supervisor:
             raise
         finally:
             os.close(write_fd)
-        self.workers.append(_Worker(proc, read_fd))
+        self.workers.append(_Worker(proc, read_fd, last_beat=time.monotonic()))
         log.info("gRPC worker %d started", proc.pid)
 
-    def _wait_for_ready(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for workers to report ready (or to close their pipe)."""
-        waiting = {w.ready_fd: w for w in self.workers if w.ready_fd is not None}
+    def _read_pipes(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for workers' messages: ready, heartbeats, or a closed pipe."""
+        waiting = {w.pipe_fd: w for w in self.workers if w.pipe_fd is not None}
         if not waiting:
             time.sleep(timeout)
             return
@@ -186,13 +220,14 @@ class Supervisor:
         for fd in readable:
             worker = waiting[fd]
             try:
-                message = os.read(fd, 1)
+                message = os.read(fd, 4096)
             except OSError:
                 message = b""
-            # Either way the pipe is done with: ready, or closed by a worker that is
-            # exiting (which _reap sees).
-            self._close_pipe(worker)
-            if message == READY:
+            if not message:  # closed: the worker is exiting (which _reap sees)
+                self._close_pipe(worker)
+                continue
+            worker.last_beat = time.monotonic()
+            if READY in message and not worker.ready:
                 worker.ready = True
                 self._startup_failures = 0
                 log.info(
@@ -201,6 +236,23 @@ class Supervisor:
                     sum(w.ready for w in self.workers),
                     self.count,
                 )
+
+    def _kill_hung(self) -> None:
+        """SIGKILL serving workers whose heartbeat stopped; _reap replaces them."""
+        now = time.monotonic()
+        for worker in self.workers:
+            silent = now - worker.last_beat
+            if not worker.ready or worker.killed or silent <= self.worker_timeout_s:
+                continue
+            log.error(
+                "gRPC worker %d answered no health check for %.1f s (timeout %.0f s): killing it",
+                worker.pid,
+                silent,
+                self.worker_timeout_s,
+            )
+            worker.killed = True
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGKILL)
 
     def _exited(self) -> list[_Worker]:
         """Wait for every child that has exited: workers (returned), and any process
@@ -219,7 +271,8 @@ class Supervisor:
         return [w for w in self.workers if w.proc.returncode is not None]
 
     def _reap(self) -> bool:
-        """Handle exited workers; False when start-up failed too often in a row."""
+        """Handle exited workers; False when start-up failed too often in a row, or serving
+        workers exited too often within the window."""
         for worker in self._exited():
             self._forget(worker)
             code = worker.proc.returncode
@@ -234,12 +287,22 @@ class Supervisor:
                         self._startup_failures,
                     )
                     return False
+            elif self.serving_exits.add(time.monotonic()):
+                log.error(
+                    "gRPC worker %d exited with %s: %d serving workers exited within %.0f s, "
+                    "giving up",
+                    worker.pid,
+                    describe_exit(code),
+                    len(self.serving_exits.times),
+                    self.serving_exits.window_s,
+                )
+                return False
             delay = min(MAX_RESTART_BACKOFF_S, RESTART_BACKOFF_S * 2**self._startup_failures)
             log.warning(
                 "gRPC worker %d exited with %s%s; starting a replacement in %.1f s",
                 worker.pid,
                 describe_exit(code),
-                "" if worker.ready else " during start-up",
+                " (hung)" if worker.killed else "" if worker.ready else " during start-up",
                 delay,
             )
             self._restarts.append(time.monotonic() + delay)
@@ -255,10 +318,10 @@ class Supervisor:
 
     @staticmethod
     def _close_pipe(worker: _Worker) -> None:
-        if worker.ready_fd is not None:
+        if worker.pipe_fd is not None:
             with contextlib.suppress(OSError):
-                os.close(worker.ready_fd)
-            worker.ready_fd = None
+                os.close(worker.pipe_fd)
+            worker.pipe_fd = None
 
     def _stop_all(self) -> None:
         """SIGTERM every worker, wait up to ``stop_timeout_s``, then SIGKILL the rest."""
@@ -294,6 +357,20 @@ class Supervisor:
             if interruptible and self._kill_now:
                 return
             time.sleep(POLL_INTERVAL_S)
+
+
+class ExitWindow:
+    """Exit times of serving workers in the last ``window_s``; ``add`` says when too many."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self.times: list[float] = []
+
+    def add(self, now: float) -> bool:
+        """Record an exit at ``now``; True when more than ``limit`` fall within the window."""
+        self.times = [t for t in self.times if now - t < self.window_s] + [now]
+        return len(self.times) > self.limit
 
 
 def check_addresses_free(settings: Settings) -> None:
@@ -344,6 +421,64 @@ def exit_with_supervisor(supervisor_pid: int) -> None:
 
 
 def report_ready(fd: int) -> None:
-    """In a worker: tell the supervisor (on the pipe it passed) that this worker serves."""
+    """In a worker: tell the supervisor (on the pipe it passed) that this worker serves.
+
+    The pipe stays open for the :class:`Heartbeat`; the worker's exit closes it.
+    """
     os.write(fd, READY)
-    os.close(fd)
+    os.set_blocking(fd, False)  # a heartbeat never waits on a supervisor that stopped reading
+
+
+def answered(code: Any | None, progressed: bool) -> bool:
+    """Whether a health check's outcome shows a live server: a reply (``code`` None, whatever
+    the health status), or too busy to take it (RESOURCE_EXHAUSTED) while calls still finish."""
+    if code is None:
+        return True
+    return getattr(code, "name", "") == "RESOURCE_EXHAUSTED" and progressed
+
+
+class Heartbeat:
+    """In a worker: check this server's health every ``interval_s`` on its own port and
+    write :data:`BEAT` on the supervisor's pipe each time it answered (:func:`answered`).
+
+    ``finished`` counts the calls the server has finished (any outcome).
+    """
+
+    def __init__(
+        self, fd: int, address: str, interval_s: float, finished: Callable[[], int]
+    ) -> None:
+        self.fd = fd
+        self.address = address
+        self.interval_s = interval_s
+        self.finished = finished
+
+    def start(self, stop: threading.Event) -> threading.Thread:
+        thread = threading.Thread(target=self.run, args=(stop,), name="heartbeat", daemon=True)
+        thread.start()
+        return thread
+
+    def run(self, stop: threading.Event) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(self.address) as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            seen = self.finished()
+            while not stop.wait(self.interval_s):
+                code = None
+                try:
+                    check(health_pb2.HealthCheckRequest(), timeout=self.interval_s)
+                except grpc.RpcError as err:
+                    code = err.code()
+                now = self.finished()
+                alive = answered(code, now != seen)
+                seen = now
+                if not alive:
+                    log.warning("health check on %s: %s; no heartbeat", self.address, code)
+                    continue
+                try:
+                    os.write(self.fd, BEAT)
+                except BlockingIOError:  # the supervisor is behind on reading: it has beats
+                    pass
+                except OSError:  # the supervisor is gone; PR_SET_PDEATHSIG ends this process
+                    return

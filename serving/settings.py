@@ -57,6 +57,11 @@ class Settings:
     than 1; 0: as many as the HTTP gateway runs (:meth:`worker_count`), each with the same
     TensorFlow pool sizing. 1: one process, no supervisor."""
 
+    grpc_worker_timeout_s: float = 30.0
+    """Under a supervisor: a worker whose health check has gone unanswered this long (and
+    that finished no call meanwhile) is hung, and is killed and replaced, as gunicorn's
+    ``timeout`` does for its workers."""
+
     admin_token: str = ""
     """Bearer token for ``/v1/admin/*`` endpoints; empty disables them (404)."""
 
@@ -213,6 +218,8 @@ class Settings:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be >= 0")
+        if self.grpc_worker_timeout_s <= 0:
+            raise SettingsError("IMGSERVE_GRPC_WORKER_TIMEOUT_S must be > 0")
         if self.request_timeout_s <= 0 or self.poll_interval_s <= 0:
             raise SettingsError(
                 "IMGSERVE_REQUEST_TIMEOUT_S and IMGSERVE_POLL_INTERVAL_S must be > 0"

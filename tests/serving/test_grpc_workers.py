@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from serving.grpc_server import SERVICE_NAME
+from serving.grpc_supervisor import ExitWindow, answered, heartbeat_interval
 from serving.proto import imgserve_pb2, imgserve_pb2_grpc
 from tests.serving.conftest import children_of, free_port, wait_for
 from tests.serving.test_metrics import parse, promtool_check, value
@@ -35,6 +36,8 @@ from tests.serving.test_server import PYTHON, start, stop
 
 pytestmark = pytest.mark.slow
 CLASSIFY = f"/{SERVICE_NAME}/Classify"
+#: The module's supervisor kills a worker silent this long (the default is 30 s).
+WORKER_TIMEOUT_S = 8
 
 
 @dataclass
@@ -119,7 +122,9 @@ def kill_leftovers(pids: set[int]) -> None:
 def workers(serving_repo, tmp_path_factory):
     log = tmp_path_factory.mktemp("grpc_workers") / "supervisor.log"
     port, metrics_port = free_port(), free_port()
-    proc = supervisor(serving_repo, log, port, metrics_port)
+    proc = supervisor(
+        serving_repo, log, port, metrics_port, IMGSERVE_GRPC_WORKER_TIMEOUT_S=str(WORKER_TIMEOUT_S)
+    )
     server = Workers(proc, port, metrics_port, log)
     try:
         ready = wait_for(lambda: server.ready_count() >= 2 or proc.poll() is not None, 180)
@@ -187,14 +192,19 @@ def test_concurrent_calls_are_served_by_both_workers_and_counted_once(workers, i
     promtool_check(text)
 
 
-def test_a_killed_worker_is_replaced(workers, images):
+def test_a_hung_worker_is_killed_and_replaced(workers, images):
+    """A worker that stops answering (SIGSTOP: alive, listening, silent) is killed after the
+    worker timeout and replaced; the calls it had served still count."""
     before = classify_counts_by_pid(workers.metrics_dir())
     victim, survivor = sorted(workers.children())
     ready_before = workers.ready_count()
-    os.kill(victim, signal.SIGKILL)
+    t0 = time.monotonic()
+    os.kill(victim, signal.SIGSTOP)
     gauge = workers.metrics_dir() / f"gauge_livesum_{victim}.db"
-    # Reaped and marked dead (its live gauges, in-flight and queue depth, are gone).
-    assert wait_for(lambda: victim not in workers.children() and not gauge.exists(), 10)
+    # Killed, reaped and marked dead (its live gauges, in-flight and queue depth, are gone).
+    assert wait_for(lambda: victim not in workers.children() and not gauge.exists(), 60)
+    assert time.monotonic() - t0 >= WORKER_TIMEOUT_S - 1  # not before its timeout
+    assert f"gRPC worker {victim} answered no health check for" in workers.text()
     # The survivor answers meanwhile.
     for _ in range(4):
         assert classify_on_new_connection(workers.port, images["png"]).predictions
@@ -211,7 +221,9 @@ def test_a_killed_worker_is_replaced(workers, images):
     # The dead worker's calls still count: only its live gauges were dropped.
     total = sum(before.values()) + sent
     assert value(m, "imgserve_requests_total", endpoint=CLASSIFY, code="200") == total
-    assert "exited with signal SIGKILL" in workers.text()
+    assert f"gRPC worker {victim} exited with signal SIGKILL (hung)" in workers.text()
+    # The serving workers kept beating all along: neither was taken for hung.
+    assert workers.text().count("answered no health check") == 1
 
 
 def test_sigterm_stops_the_workers_and_a_second_signal_kills_the_rest(workers):
@@ -298,3 +310,25 @@ def test_a_bad_worker_count_is_a_usage_error(tmp_path):
         )
         assert done.returncode == 2, done.stderr[-2000:]
         assert "must be >= 0" in done.stderr and "Traceback" not in done.stderr
+
+
+# -- the supervisor's decisions, without processes -------------------------------------------
+
+
+def test_serving_workers_that_keep_exiting_end_the_supervisor():
+    window = ExitWindow(limit=3, window_s=60.0)
+    assert not any(window.add(t) for t in (0.0, 10.0, 20.0))  # 3 exits in a minute: replaced
+    assert window.add(30.0)  # the 4th within 60 s: give up
+    spaced = ExitWindow(limit=3, window_s=60.0)
+    # One exit every 25 s never has more than 3 in a window: a worker dying now and then
+    # is replaced for ever.
+    assert not any(spaced.add(25.0 * i) for i in range(20))
+
+
+def test_what_counts_as_a_heartbeat():
+    assert answered(None, progressed=False)  # any reply, SERVING or not
+    assert answered(grpc.StatusCode.RESOURCE_EXHAUSTED, progressed=True)  # busy, calls finishing
+    assert not answered(grpc.StatusCode.RESOURCE_EXHAUSTED, progressed=False)  # every thread stuck
+    assert not answered(grpc.StatusCode.DEADLINE_EXCEEDED, progressed=True)
+    assert not answered(grpc.StatusCode.UNAVAILABLE, progressed=True)
+    assert heartbeat_interval(30.0) == 5.0 and heartbeat_interval(8.0) == 2.0
