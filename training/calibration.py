@@ -635,7 +635,9 @@ def calibrate(
         domain_shift = parent_traffic_acc < parent_ref_acc - LABELLED_SHIFT_MARGIN
 
     # -- candidate: AdaBN over every BN layer ---------------------------------
-    candidate = _load_keras(parent_dir)
+    # Everything about the parent is measured: the same model becomes the candidate
+    # (one load, and the traced forward passes above serve the candidate too).
+    candidate, parent = parent, None
     layers = bn.bn_layers(candidate)
     rng = np.random.default_rng(seed)
     order = rng.permutation(np.flatnonzero(fit))  # i.i.d. batches, not capture order
