@@ -28,8 +28,12 @@ serve: models
 	@echo "  curl -s http://127.0.0.1:8080/v1/models ; API description: http://127.0.0.1:8080/openapi.json"
 	IMGSERVE_MODEL_BASE=$(MODELS) $(VENV)/bin/gunicorn -c serving/gunicorn.conf.py 'serving.app:create_app()'
 
+# Two pytest-xdist workers, whole files each (module fixtures and in-file order hold);
+# the session's trainings are shared between them (tests/conftest.py: computed_once).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -7,8 +7,12 @@ training code at a tiny size, once per test session.
 
 from __future__ import annotations
 
+import fcntl
 import io
+import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -85,6 +89,37 @@ def images() -> dict[str, bytes]:
     return sample_image_bytes()
 
 
+def computed_once(
+    tmp_path_factory: pytest.TempPathFactory, name: str, compute: Callable[[Path], dict]
+) -> tuple[Path, dict]:
+    """``compute(directory)`` once per test run: a directory of results and a JSON summary.
+
+    Under pytest-xdist (``make test`` runs two workers) every worker process has its own
+    session; the first to ask computes under an exclusive lock in the run's shared
+    temporary directory, and the others wait for it and read what it wrote. Without
+    xdist it is a plain session fixture body. The results are shared: never mutate them.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        directory = tmp_path_factory.mktemp(name)
+        return directory, json.loads(_to_json(compute(directory)))
+    shared = tmp_path_factory.getbasetemp().parent
+    directory, done = shared / name, shared / f"{name}.json"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if done.exists():
+            return directory, json.loads(done.read_text())
+        shutil.rmtree(directory, ignore_errors=True)  # a failed attempt's leftovers
+        directory.mkdir()
+        summary = compute(directory)
+        done.write_text(_to_json(summary))
+        return directory, json.loads(done.read_text())
+
+
+def _to_json(summary: dict) -> str:
+    """JSON of a run's summary: numpy scalars as numbers, paths as strings."""
+    return json.dumps(summary, default=lambda v: v.item() if hasattr(v, "item") else str(v))
+
+
 @pytest.fixture(scope="session")
 def tiny_training(tmp_path_factory) -> tuple[Path, dict]:
     """The session's one default training: the ``tiny`` preset on :func:`write_photo_crops`
@@ -96,13 +131,18 @@ def tiny_training(tmp_path_factory) -> tuple[Path, dict]:
     """
     from training.classifier import PRESETS, ClassifierConfig, train_classifier
 
-    base = tmp_path_factory.mktemp("models")
-    data = write_photo_crops(tmp_path_factory.mktemp("photo_crops"), 100)
-    cfg = ClassifierConfig(
-        **{**PRESETS["tiny"], "data": str(data), "model_base": str(base), "name": "tiny_classifier"}
-    )
-    summary = train_classifier(cfg)
-    return base, {k: v for k, v in summary.items() if k != "model"}
+    def train(directory: Path) -> dict:
+        base = directory / "models"
+        data = write_photo_crops(directory / "photo_crops", 100)
+        cfg = ClassifierConfig(
+            **{**PRESETS["tiny"], "data": str(data), "model_base": str(base)},
+            name="tiny_classifier",
+        )
+        summary = train_classifier(cfg)
+        return {k: v for k, v in summary.items() if k != "model"}
+
+    directory, summary = computed_once(tmp_path_factory, "tiny_training", train)
+    return directory / "models", summary
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_photo_crops
+from tests.conftest import computed_once, write_photo_crops
 from training.cli import main
 from training.repository import ModelRepository
 
@@ -31,13 +31,21 @@ class StaleRun:
 def stale_run(tmp_path_factory) -> StaleRun:
     """``python -m training classifier`` with Keras's BN defaults (momentum 0.999, no
     precise BN) on the data, seed and preset of the session's default training."""
-    base = tmp_path_factory.mktemp("stale_models")
-    crops = write_photo_crops(tmp_path_factory.mktemp("stale_crops"), 100)
-    args = ["classifier", "--data", str(crops), "--model-base", str(base), "--name", "stale"]
-    args += ["--preset", "tiny", "--bn-momentum", "keras", "--no-precise-bn"]
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        rc = main(args)
-    lines = out.getvalue().strip().splitlines()
-    summary = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
-    return StaleRun(base, rc, err.getvalue(), summary, ModelRepository(base).versions("stale"))
+
+    def run(directory: Path) -> dict:
+        base = directory / "models"
+        crops = write_photo_crops(directory / "crops", 100)
+        args = ["classifier", "--data", str(crops), "--model-base", str(base), "--name", "stale"]
+        args += ["--preset", "tiny", "--bn-momentum", "keras", "--no-precise-bn"]
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            rc = main(args)
+        lines = out.getvalue().strip().splitlines()
+        summary = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+        return {"rc": rc, "stderr": err.getvalue(), "summary": summary}
+
+    directory, r = computed_once(tmp_path_factory, "stale_run", run)
+    base = directory / "models"
+    return StaleRun(
+        base, r["rc"], r["stderr"], r["summary"], ModelRepository(base).versions("stale")
+    )
