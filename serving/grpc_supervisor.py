@@ -19,7 +19,8 @@ makes the process started a supervisor of N workers:
   service, drift, temperatures, calibration jobs) need a service layer, which the
   supervisor does not have.
 - SIGTERM or SIGINT: every worker gets SIGTERM and stops gracefully (its own grace
-  period for calls in flight); whatever still runs after ``stop_timeout_s`` is killed.
+  period for calls in flight); whatever still runs after ``grpc_stop_timeout_s`` (30 s)
+  is killed.
   The supervisor then exits 0. A second signal kills the workers at once.
 - A worker that exits on its own is replaced after a short back-off. A worker that
   exits before it reported ready is a start-up failure; ``STARTUP_FAILURE_LIMIT`` of them
@@ -60,9 +61,6 @@ from serving.settings import Settings, split_host_port
 
 log = logging.getLogger(__name__)
 
-#: Longer than a worker's grace for calls in flight plus closing its service, like
-#: gunicorn's ``graceful_timeout``; Kubernetes' termination grace period covers it.
-STOP_TIMEOUT_S = 30.0
 #: Start-up failures in a row (no worker ready in between) that end the supervisor.
 STARTUP_FAILURE_LIMIT = 3
 #: Back-off before replacing a worker: doubles with each start-up failure in a row.
@@ -109,7 +107,6 @@ class Supervisor:
         settings: Settings,
         workers: int,
         *,
-        stop_timeout_s: float = STOP_TIMEOUT_S,
         startup_failure_limit: int = STARTUP_FAILURE_LIMIT,
         restart_limit: int = RESTART_LIMIT,
         restart_window_s: float = RESTART_WINDOW_S,
@@ -118,7 +115,7 @@ class Supervisor:
             raise ValueError("a supervisor runs at least 2 workers")
         self.settings = settings
         self.count = workers
-        self.stop_timeout_s = stop_timeout_s
+        self.stop_timeout_s = settings.grpc_stop_timeout_s
         self.startup_failure_limit = startup_failure_limit
         self.worker_timeout_s = settings.grpc_worker_timeout_s
         self.serving_exits = ExitWindow(restart_limit, restart_window_s)

@@ -62,6 +62,11 @@ class Settings:
     that finished no call meanwhile) is hung, and is killed and replaced, as gunicorn's
     ``timeout`` does for its workers."""
 
+    grpc_stop_timeout_s: float = 30.0
+    """Under a supervisor: how long SIGTERM waits for the workers to stop (each has 10 s of
+    grace for calls in flight) before killing them, like gunicorn's ``graceful_timeout``.
+    Keep it under the pod's ``terminationGracePeriodSeconds``."""
+
     admin_token: str = ""
     """Bearer token for ``/v1/admin/*`` endpoints; empty disables them (404)."""
 
@@ -218,8 +223,10 @@ class Settings:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be >= 0")
-        if self.grpc_worker_timeout_s <= 0:
-            raise SettingsError("IMGSERVE_GRPC_WORKER_TIMEOUT_S must be > 0")
+        if self.grpc_worker_timeout_s <= 0 or self.grpc_stop_timeout_s <= 0:
+            raise SettingsError(
+                "IMGSERVE_GRPC_WORKER_TIMEOUT_S and IMGSERVE_GRPC_STOP_TIMEOUT_S must be > 0"
+            )
         if self.request_timeout_s <= 0 or self.poll_interval_s <= 0:
             raise SettingsError(
                 "IMGSERVE_REQUEST_TIMEOUT_S and IMGSERVE_POLL_INTERVAL_S must be > 0"

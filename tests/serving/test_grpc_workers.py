@@ -283,6 +283,42 @@ def test_a_crash_loop_at_start_up_ends_the_supervisor(tmp_path):
     assert metrics.is_dir() and not (metrics / "counter_999999.db").exists()  # given: kept, emptied
 
 
+def test_sigterm_kills_what_still_runs_after_the_stop_timeout(tmp_path):
+    """The stop timer (IMGSERVE_GRPC_STOP_TIMEOUT_S) without a second signal: a worker that
+    cannot act on SIGTERM is killed when it runs out, and the supervisor exits 0."""
+    models = tmp_path / "models"
+    models.mkdir()
+    log = tmp_path / "supervisor.log"
+    proc = supervisor(
+        models,
+        log,
+        free_port(),
+        free_port(),
+        # No models to load (a TF Serving backend nobody runs): the workers start fast.
+        IMGSERVE_BACKEND="tfserving-rest",
+        IMGSERVE_TFSERVING_REST=f"http://127.0.0.1:{free_port()}",
+        IMGSERVE_GRPC_STOP_TIMEOUT_S="3",
+    )
+    kids: set[int] = set()
+    try:
+        ready = wait_for(lambda: log.read_text().count(" ready; ") >= 2 or proc.poll(), 120)
+        assert ready and proc.poll() is None, log.read_text()[-3000:]
+        kids = children_of(proc.pid)
+        stuck = min(kids)
+        os.kill(stuck, signal.SIGSTOP)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = exit_code(proc, 30)
+        waited = time.monotonic() - t0
+    finally:
+        kill_leftovers(kids)
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    assert 3 <= waited < 20, waited
+    assert f"gRPC worker {stuck} still running: killing it" in text
+    assert not [pid for pid in kids if alive(pid)]
+
+
 def test_a_port_in_use_is_refused_before_any_worker_starts(tmp_path):
     with socket.socket() as taken:
         # As a leftover worker listens: with SO_REUSEPORT, which new workers would share.
