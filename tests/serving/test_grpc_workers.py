@@ -252,12 +252,9 @@ def test_sigterm_stops_the_workers_and_a_second_signal_kills_the_rest(workers):
 # -- start-up failures (no models to load: cheap) ---------------------------------------------
 
 
-def test_a_crash_loop_at_start_up_ends_the_supervisor(tmp_path):
-    blocker = tmp_path / "not-a-directory"
-    blocker.write_text("")
-    metrics = tmp_path / "metrics"
-    metrics.mkdir()
-    (metrics / "counter_999999.db").write_bytes(b"stale")
+def modelless_supervisor(tmp_path: Path, **env: str) -> tuple[subprocess.Popen, Path]:
+    """A supervisor of 2 workers with no models to load (a TF Serving backend nobody runs):
+    its workers start fast. Returns it and its log."""
     models = tmp_path / "models"
     models.mkdir()
     log = tmp_path / "supervisor.log"
@@ -266,9 +263,22 @@ def test_a_crash_loop_at_start_up_ends_the_supervisor(tmp_path):
         log,
         free_port(),
         free_port(),
-        # The workers fail after loading, when they create their state directory.
         IMGSERVE_BACKEND="tfserving-rest",
         IMGSERVE_TFSERVING_REST=f"http://127.0.0.1:{free_port()}",
+        **env,
+    )
+    return proc, log
+
+
+def test_a_crash_loop_at_start_up_ends_the_supervisor(tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    (metrics / "counter_999999.db").write_bytes(b"stale")
+    proc, log = modelless_supervisor(
+        tmp_path,
+        # The workers fail after loading, when they create their state directory.
         IMGSERVE_STATE_DIR=str(blocker / "state"),
         PROMETHEUS_MULTIPROC_DIR=str(metrics),
     )
@@ -286,19 +296,7 @@ def test_a_crash_loop_at_start_up_ends_the_supervisor(tmp_path):
 def test_sigterm_kills_what_still_runs_after_the_stop_timeout(tmp_path):
     """The stop timer (IMGSERVE_GRPC_STOP_TIMEOUT_S) without a second signal: a worker that
     cannot act on SIGTERM is killed when it runs out, and the supervisor exits 0."""
-    models = tmp_path / "models"
-    models.mkdir()
-    log = tmp_path / "supervisor.log"
-    proc = supervisor(
-        models,
-        log,
-        free_port(),
-        free_port(),
-        # No models to load (a TF Serving backend nobody runs): the workers start fast.
-        IMGSERVE_BACKEND="tfserving-rest",
-        IMGSERVE_TFSERVING_REST=f"http://127.0.0.1:{free_port()}",
-        IMGSERVE_GRPC_STOP_TIMEOUT_S="3",
-    )
+    proc, log = modelless_supervisor(tmp_path, IMGSERVE_GRPC_STOP_TIMEOUT_S="3")
     kids: set[int] = set()
     try:
         ready = wait_for(lambda: log.read_text().count(" ready; ") >= 2 or proc.poll(), 120)
