@@ -53,7 +53,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from serving.metrics_dir import MetricsDirectory
@@ -90,7 +90,7 @@ class _Worker:
     pipe_fd: int | None
     ready: bool = False
     #: monotonic time of its last sign of life (start, ready, heartbeat).
-    last_beat: float = 0.0
+    last_beat: float = field(default_factory=time.monotonic)
     #: Killed as hung (and not yet reaped).
     killed: bool = False
 
@@ -204,7 +204,7 @@ class Supervisor:
             raise
         finally:
             os.close(write_fd)
-        self.workers.append(_Worker(proc, read_fd, last_beat=time.monotonic()))
+        self.workers.append(_Worker(proc, read_fd))
         log.info("gRPC worker %d started", proc.pid)
 
     def _read_pipes(self, timeout: float) -> None:

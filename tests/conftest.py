@@ -110,9 +110,9 @@ def computed_once(
             return directory, json.loads(done.read_text())
         shutil.rmtree(directory, ignore_errors=True)  # a failed attempt's leftovers
         directory.mkdir()
-        summary = compute(directory)
-        done.write_text(_to_json(summary))
-        return directory, json.loads(done.read_text())
+        text = _to_json(compute(directory))
+        done.write_text(text)
+        return directory, json.loads(text)
 
 
 def _to_json(summary: dict) -> str:
