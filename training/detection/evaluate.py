@@ -175,9 +175,7 @@ def predict(
         raw = bn.predict_in_mode(model, x, training=True, batch_size=batch_size)
         batches = [postprocess([tf.convert_to_tensor(t) for t in outs]) for outs in raw]
     else:
-        run = tf.function(
-            lambda t: postprocess(list(model(t, training=False))), reduce_retracing=True
-        )
+        run = inference_function(model, postprocess)  # traced once per model
         batches = [
             run(tf.convert_to_tensor(x[i : i + batch_size])) for i in range(0, len(x), batch_size)
         ]

@@ -63,6 +63,8 @@ from training.detection.matching import MatchConfig
 from training.detection.model import BACKBONE_LAYERS, DetectorConfig, build_detector
 from training.detection.pipeline import TrainingBatches, image_batches
 from training.detection.postprocess import NmsConfig, make_postprocess
+from training.detection.reference import REFERENCE_SET, reference_set_bytes
+from training.detection.reference import describe as describe_reference_set
 from training.export import ExportRefused, ExportResult, export_model, pixel_statistics
 from training.preprocessing import PreprocessSpec
 
@@ -121,6 +123,7 @@ class DetectorTrainConfig:
     precise_bn_images: int = 1024
     eval_every: int = 0  # held-out mAP every N epochs during training (0: only at the end)
     max_parity_gap: float = 0.05  # in mAP@.5 points (0..1)
+    reference_images: int = 200  # held-out images shipped for calibration's mAP gate
     force: bool = False
     version_labels: tuple[str, ...] = ("stable",)
     verbose: bool = True
@@ -137,6 +140,8 @@ class DetectorTrainConfig:
             raise ValueError("MobileNetV2 needs an input of at least 32x32")
         if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
             raise ValueError("epochs, batch_size and learning_rate must be positive")
+        if self.reference_images < 1:
+            raise ValueError("reference_images must be >= 1")
         if self.synthetic_images < 2 or self.synthetic_val_images < 1:
             raise ValueError("the synthetic set needs >= 2 training and >= 1 held-out images")
         # Validates geometry/resize method and the anchor/match/NMS values early.
@@ -476,7 +481,7 @@ def train_detector(cfg: DetectorTrainConfig, *, export: bool = True) -> dict[str
                 "Not exported (use --force to export anyway)."
             )
         result = export_detector(
-            model, cfg, det_cfg, anchors, train, train_images, val_images, metrics, summary
+            model, cfg, det_cfg, anchors, train, train_images, val, val_images, metrics, summary
         )
     except ExportRefused as exc:
         exc.summary = {k: v for k, v in summary.items() if k not in ("model", "postprocess")}
@@ -506,12 +511,14 @@ def export_detector(
     anchors: np.ndarray,
     train: DetectionDataset,
     train_images: list[np.ndarray],
+    val: DetectionDataset,
     val_images: list[np.ndarray],
     metrics: DetectionMetrics,
     summary: dict[str, Any],
 ) -> ExportResult:
-    """Export with the model card's ``detection``, ``metrics``, BN and lineage sections."""
+    """Export with the model card's ``detection``, ``metrics``, BN, lineage and reference set."""
     spec = cfg.spec
+    ref_bytes = reference_set_bytes(val, val_images, spec, cfg.reference_images, cfg.seed)
     nms = cfg.nms_config
     params = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("extra", "verbose")}
     train_x = np.concatenate(list(image_batches(train_images[:1024], spec, 64)))
@@ -571,6 +578,7 @@ def export_detector(
             },
             "parameters": params,
         },
+        "reference_set": describe_reference_set(ref_bytes),
     }
     return export_model(
         model,
@@ -584,6 +592,7 @@ def export_detector(
         card_fields=card_fields,
         warmup_images=val_x[:8],
         version_labels=cfg.version_labels,
+        extra_files={REFERENCE_SET: ref_bytes},
         drift_images=val_x,
         staleness_images=train_x,
         drift_window=min(drift.DEFAULT_WINDOW, max(16, len(val_x) // 2)),
@@ -660,6 +669,11 @@ def add_detector_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--bn-momentum", help="auto | keras | a number")
     p.add_argument("--no-precise-bn", dest="precise_bn", action="store_false", default=None)
     p.add_argument("--max-parity-gap", type=float, help="largest allowed mAP@.5 gap (0..1)")
+    p.add_argument(
+        "--reference-images",
+        type=int,
+        help="held-out images shipped with the version for calibration's mAP gate (default 200)",
+    )
     p.add_argument("--eval-every", type=int, help="held-out mAP every N epochs (default: end only)")
     p.add_argument(
         "--force", action="store_true", default=None, help="export despite a failed parity check"
