@@ -4,7 +4,7 @@ Off unless ``IMGSERVE_AUTO_CALIBRATE_AFTER_S`` is above zero. Each worker runs
 one checking thread (started with its first prediction, like drift folding)
 that every ``check_interval_s`` reads the drift scores pooled over all workers
 (:meth:`serving.drift.DriftMonitor.scores`) for the version each
-classification model serves by default. A version is *in alarm* when its
+classifier and detector serves by default. A version is *in alarm* when its
 count window holds at least the images its reference thresholds were computed
 for (the model card's drift window: a smaller window is noisier than the
 thresholds allow) and some layer's score is above its threshold.
@@ -16,8 +16,6 @@ lock makes the decision once across workers: a job is not started while one
 for the model runs or within ``cooldown_s`` of the last one's start, whatever
 its outcome, so a rejected candidate is not retried in a loop. A published
 version starts with an empty window, so its own drift is judged afresh.
-
-Detectors are left alone (the calibrator handles classifiers only).
 """
 
 from __future__ import annotations
@@ -86,11 +84,11 @@ class DriftTrigger:
 
     # -- the decision ------------------------------------------------------------
     def _served(self) -> dict[str, int]:
-        """Classification models and the version each serves by default."""
+        """Classifiers and detectors, and the version each serves by default."""
         return {
             info["name"]: int(info["default_version"])
             for info in self.service.list_models()
-            if info.get("task") == "classification" and info.get("default_version")
+            if info.get("task") in ("classification", "detection") and info.get("default_version")
         }
 
     def check(self) -> list[dict[str, Any]]:

@@ -1,5 +1,9 @@
 """Online calibration: captured traffic -> re-estimated BN statistics -> gated new version.
 
+This describes classifiers; a detector's calibration shares the sample split,
+statistics, drift and staleness checks and publishing helpers below, and gates
+on mAP instead (:mod:`training.detection.calibration`).
+
 ``calibrate`` takes the version labelled ``stable``, and:
 
 1. loads its Keras model (``assets.extra/model.keras``), model card and shipped
@@ -434,6 +438,241 @@ def _largest_share(values: np.ndarray) -> tuple[float, int | None]:
     return count / len(values), int(cls)
 
 
+def load_enough_samples(
+    samples_dir: str | os.PathLike[str],
+    name: str,
+    spec: PreprocessSpec,
+    max_samples: int,
+    min_samples: int,
+) -> SampleSet:
+    """The newest captured samples of ``name``; :class:`NotEnoughSamplesError` below the minimum."""
+    shape = (spec.height, spec.width, spec.channels)
+    data = load_samples(samples_dir, name, max_samples=max_samples, input_shape=shape)
+    if len(data) < min_samples:
+        raise NotEnoughSamplesError(
+            f"{len(data)} usable samples of {name} in {samples_dir} (need {min_samples})"
+            + (f"; skipped {data.skipped}" if data.skipped else "")
+        )
+    return data
+
+
+def split_samples(
+    data: SampleSet, holdout_fraction: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(unit, holdout, fit, held)`` masks: a request's images stay on one side.
+
+    ``held`` is what the held-out checks run on: the held-out part, or every
+    sample (in-sample) when there are too few to split.
+    """
+    unit = _request_unit(data.request_ids)
+    holdout = unit < holdout_fraction
+    if holdout.sum() < 8 or (~holdout).sum() < 8:
+        holdout[:] = False  # too few to split: everything fits, the held-out checks run in-sample
+    fit = ~holdout
+    held = holdout if holdout.any() else fit
+    return unit, holdout, fit, held
+
+
+def statistics_collector(
+    model: keras.Model,
+    layers: list[keras.layers.BatchNormalization],
+    x_fit: np.ndarray,
+    rng: np.random.Generator,
+    batch_size: int,
+) -> Callable[[], list[bn.BNStatistics]]:
+    """A function collecting precise-BN statistics of every BN layer's input on ``x_fit``.
+
+    Batches are drawn once in a random order (i.i.d., not capture order). BN
+    layers frozen at training time are unfrozen for the pass (a frozen BN layer
+    runs in inference mode even in training mode) and re-frozen after.
+    """
+    order = rng.permutation(len(x_fit))
+    batches = [x_fit[idx] for idx in np.array_split(order, max(1, round(len(order) / batch_size)))]
+
+    def collect() -> list[bn.BNStatistics]:
+        flags = [layer.trainable for layer in layers]
+        try:
+            for layer in layers:
+                layer.trainable = True
+            return bn.collect_bn_statistics(model, batches, layers=layers)
+        finally:
+            for layer, flag in zip(layers, flags, strict=True):
+                layer.trainable = flag
+
+    return collect
+
+
+def drift_check(
+    candidate: keras.Model,
+    probe_names: list[str],
+    x_held: np.ndarray,
+    thresholds: dict[str, dict[str, float]],
+    parent_scores: dict[str, dict[str, float]],
+    parent_exceed: list[str],
+    *,
+    source_weight: float,
+    held_out: bool,
+    batch_size: int = 64,
+) -> GateCheck:
+    """The ``drift`` check: held-out traffic under the candidate's statistics vs the alarm."""
+    if not thresholds:
+        return GateCheck(
+            "drift", True, False, "not checked: the parent's card has no bn_reference.drift", {}
+        )
+    limits = residual_limits(thresholds, parent_scores, source_weight)
+    cand_scores, exceed = drift_exceedances(
+        candidate, probe_names, x_held, limits, batch_size=batch_size
+    )
+    return GateCheck(
+        "drift",
+        not exceed,
+        True,
+        _says(
+            not exceed,
+            "held-out traffic still drifts under the candidate's statistics",
+            "; ".join(exceed)
+            or f"below the alarm thresholds on {len(x_held)} held-out images"
+            + (
+                f" (plus the residual of source weight {source_weight:.3g})"
+                if source_weight
+                else ""
+            ),
+        ),
+        {
+            "candidate_scores": cand_scores,
+            "limits": limits,
+            "source_weight": source_weight,
+            "parent_scores": parent_scores,
+            "parent_exceedances": parent_exceed,
+            "images": len(x_held),
+            "held_out": held_out,
+        },
+    )
+
+
+def samples_summary(
+    samples_dir: str | os.PathLike[str],
+    data: SampleSet,
+    fit: np.ndarray,
+    holdout: np.ndarray,
+    labelled: int,
+    invalid_labels: int,
+) -> dict[str, Any]:
+    """The lineage's ``samples`` entry: what was used, from when, and a fingerprint."""
+    return {
+        "store": str(Path(samples_dir).resolve()),
+        "used": int(len(data)),
+        "fit": int(fit.sum()),
+        "held_out": int(holdout.sum()),
+        "labelled": labelled,
+        "invalid_labels": invalid_labels,
+        "skipped": data.skipped,
+        "versions": {str(k): int(v) for k, v in Counter(data.versions.tolist()).items()},
+        "captured_from": float(data.captured_at.min()),
+        "captured_to": float(data.captured_at.max()),
+        "fingerprint": hashlib.sha256("\n".join(sorted(data.request_ids)).encode()).hexdigest()[
+            :16
+        ],
+    }
+
+
+def export_and_publish(
+    repo: ModelRepository,
+    name: str,
+    candidate: keras.Model,
+    *,
+    card: dict[str, Any],
+    task: str,
+    spec: PreprocessSpec,
+    labels: list[str],
+    postprocess: Callable,
+    probe_names: list[str],
+    card_fields: dict[str, Any],
+    x: np.ndarray,
+    fit: np.ndarray,
+    held: np.ndarray,
+    extra_files: dict[str, bytes],
+    checks: list[GateCheck],
+    promote: str,
+    parent_version: int,
+) -> tuple[bool, int, Path, dict[str, int]]:
+    """Export the candidate privately, add the staleness check, then publish or reject.
+
+    Returns ``(passed, version, path, labels_moved)``. A passing candidate is
+    published as the next version and ``promote`` points at it; a failing one
+    goes to ``<name>/rejected/<version>`` with ``rejection.json``. ``checks``
+    gets the ``statistics_converged`` check appended.
+    """
+    drift_x = x[held] if len(x[held]) >= 16 else x
+    window = int(card["bn_reference"].get("drift", {}).get("window", drift.DEFAULT_WINDOW))
+    private = repo.base / name / f".calibrate-{secrets.token_hex(6)}"
+    try:
+        exported = export_model(
+            candidate,
+            model_base=private,
+            name=name,
+            task=task,
+            spec=spec,
+            labels=labels,
+            postprocess=postprocess,
+            probe_layers=probe_names,
+            card_fields=card_fields,
+            warmup_images=x[:8],
+            version_labels=(),
+            extra_files=extra_files,
+            drift_images=drift_x,
+            staleness_images=x[fit],
+            drift_window=min(window, max(16, len(drift_x) // 2)),
+            force=True,  # a stale candidate is rejected below, with the reason, and kept
+        )
+        stale = exported.card.get("metrics", {}).get("staleness")
+        if stale is not None:
+            checks.append(
+                GateCheck(
+                    "statistics_converged",
+                    bool(stale["passed"]),
+                    True,
+                    _says(
+                        bool(stale["passed"]),
+                        "the statistics do not describe the samples they were estimated on",
+                        "; ".join(stale["failures"])
+                        or "the fit samples score below the candidate's alarm thresholds",
+                    ),
+                    {"failures": stale["failures"], "images": stale["images"]},
+                )
+            )
+        passed = all(c.passed for c in checks if c.gating)
+        new_card = dict(exported.card)
+        new_card["lineage"] = {
+            **new_card["lineage"],
+            "gate": {"passed": passed, "checks": [c.to_dict() for c in checks]},
+        }
+        moved: dict[str, int] = {}
+        with repo.lock():
+            version = repo.next_version(name)
+            new_card["version"] = version
+            write_model_card(exported.path, new_card)
+            if passed:
+                repo.publish(name, exported.path, version)
+                path = repo.version_dir(name, version)
+                _move_label(repo, name, promote, version, "calibrate", parent=int(parent_version))
+                moved[promote] = version
+            else:
+                reasons = [c.reason for c in checks if c.gating and not c.passed]
+                (exported.path / "assets.extra" / "rejection.json").write_text(
+                    json.dumps(
+                        {"reasons": reasons, "gate": [c.to_dict() for c in checks]},
+                        indent=1,
+                        default=float,
+                    )
+                    + "\n"
+                )
+                path = repo.reject(name, exported.path, version)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    return passed, version, path, moved
+
+
 # -- label moves and history --------------------------------------------------
 
 
@@ -560,7 +799,9 @@ def calibrate(
     ``samples_dir`` is the capture store root (samples of ``name`` are in
     ``<samples_dir>/<name>``). Raises :class:`NotEnoughSamplesError` below
     ``min_samples`` images, :class:`CalibrationError` when there is no stable
-    version or the task is not classification. A rejected candidate is not an
+    version or the task is neither classification nor detection (detectors:
+    :func:`training.detection.calibration.calibrate_detector`; the classifier-only
+    options do not apply to them). A rejected candidate is not an
     exception: the result's ``status`` is ``"rejected"`` with ``reasons``.
     """
     if promote not in PROMOTE_LABELS:
@@ -579,9 +820,27 @@ def calibrate(
         raise CalibrationError(f"{name} has no version labelled 'stable' in {repo.config_path}")
     parent_dir = repo.version_dir(name, parent_version)
     card = load_model_card(parent_dir)
+    if card["task"] == "detection":
+        from training.detection.calibration import calibrate_detector  # imports this module
+
+        return calibrate_detector(
+            model_base,
+            name,
+            samples_dir,
+            prior_strength=prior_strength,
+            min_samples=min_samples,
+            accuracy_tolerance=accuracy_tolerance,
+            promote=promote,
+            max_samples=max_samples,
+            holdout_fraction=holdout_fraction,
+            max_class_share=max_class_share,
+            parity_threshold=parity_threshold,
+            batch_size=batch_size,
+            seed=seed,
+        )
     if card["task"] != "classification":
         raise CalibrationError(
-            f"calibration supports classification models; {name} is {card['task']}"
+            f"calibration supports classifiers and detectors; {name} is {card['task']}"
         )
     spec = PreprocessSpec.from_dict(card["preprocessing"])
     class_names = list(card["labels"])
@@ -598,22 +857,11 @@ def calibrate(
         ref_x, ref_y = normalize(ref["pixels"], spec), ref["labels"].astype(np.int64)
 
     # -- samples --------------------------------------------------------------
-    shape = (spec.height, spec.width, spec.channels)
-    data: SampleSet = load_samples(samples_dir, name, max_samples=max_samples, input_shape=shape)
-    if len(data) < min_samples:
-        raise NotEnoughSamplesError(
-            f"{len(data)} usable samples of {name} in {samples_dir} (need {min_samples})"
-            + (f"; skipped {data.skipped}" if data.skipped else "")
-        )
+    data = load_enough_samples(samples_dir, name, spec, max_samples, min_samples)
     x = data.inputs
     y, invalid_labels = _label_indices(data.labels, class_names)
     labelled = y >= 0
-    unit = _request_unit(data.request_ids)
-    holdout = unit < holdout_fraction
-    if holdout.sum() < 8 or (~holdout).sum() < 8:
-        holdout[:] = False  # too few to split: everything fits, the held-out checks run in-sample
-    fit = ~holdout
-    held = holdout if holdout.any() else fit
+    unit, holdout, fit, held = split_samples(data, holdout_fraction)
     n_lab = int(labelled.sum())
     enough_labels = n_lab >= min_labelled
 
@@ -640,20 +888,7 @@ def calibrate(
     candidate, parent = parent, None
     layers = bn.bn_layers(candidate)
     rng = np.random.default_rng(seed)
-    order = rng.permutation(np.flatnonzero(fit))  # i.i.d. batches, not capture order
-    batches = [x[idx] for idx in np.array_split(order, max(1, round(len(order) / batch_size)))]
-
-    def collect() -> list[bn.BNStatistics]:
-        """Precise-BN statistics of every BN layer's input on the fit samples."""
-        flags = [layer.trainable for layer in layers]
-        try:
-            for layer in layers:
-                layer.trainable = True  # frozen BN runs in inference mode even in training mode
-            return bn.collect_bn_statistics(candidate, batches, layers=layers)
-        finally:
-            for layer, flag in zip(layers, flags, strict=True):
-                layer.trainable = flag
-
+    collect = statistics_collector(candidate, layers, x[fit], rng, batch_size)
     target = collect()
     source = [(lyr.moving_mean.numpy(), lyr.moving_variance.numpy()) for lyr in layers]
     prior_search: list[dict[str, Any]] = []
@@ -898,67 +1133,23 @@ def calibrate(
             {**parity.to_dict(), "evaluated_on": pon},
         )
     )
-    if thresholds:
-        source_weight = prior_strength / (prior_strength + target[0].images) if target else 0.0
-        limits = residual_limits(thresholds, parent_scores, source_weight)
-        cand_scores, exceed = drift_exceedances(
-            candidate, probe_names, x[held], limits, batch_size=batch_size
+    checks.append(
+        drift_check(
+            candidate,
+            probe_names,
+            x[held],
+            thresholds,
+            parent_scores,
+            parent_exceed,
+            source_weight=prior_strength / (prior_strength + target[0].images) if target else 0.0,
+            held_out=bool(holdout.any()),
+            batch_size=batch_size,
         )
-        checks.append(
-            GateCheck(
-                "drift",
-                not exceed,
-                True,
-                _says(
-                    not exceed,
-                    "held-out traffic still drifts under the candidate's statistics",
-                    "; ".join(exceed)
-                    or f"below the alarm thresholds on {int(held.sum())} held-out images"
-                    + (
-                        f" (plus the residual of source weight {source_weight:.3g})"
-                        if source_weight
-                        else ""
-                    ),
-                ),
-                {
-                    "candidate_scores": cand_scores,
-                    "limits": limits,
-                    "source_weight": source_weight,
-                    "parent_scores": parent_scores,
-                    "parent_exceedances": parent_exceed,
-                    "images": int(held.sum()),
-                    "held_out": bool(holdout.any()),
-                },
-            )
-        )
-    else:
-        checks.append(
-            GateCheck(
-                "drift",
-                True,
-                False,
-                "not checked: the parent's card has no bn_reference.drift",
-                {},
-            )
-        )
+    )
 
     # -- export into a private directory, then publish or reject ---------------
     fit_idx = np.flatnonzero(fit)
-    samples_info = {
-        "store": str(Path(samples_dir).resolve()),
-        "used": int(len(data)),
-        "fit": int(fit.sum()),
-        "held_out": int(holdout.sum()),
-        "labelled": n_lab,
-        "invalid_labels": invalid_labels,
-        "skipped": data.skipped,
-        "versions": {str(k): int(v) for k, v in Counter(data.versions.tolist()).items()},
-        "captured_from": float(data.captured_at.min()),
-        "captured_to": float(data.captured_at.max()),
-        "fingerprint": hashlib.sha256("\n".join(sorted(data.request_ids)).encode()).hexdigest()[
-            :16
-        ],
-    }
+    samples_info = samples_summary(samples_dir, data, fit, holdout, n_lab, invalid_labels)
     accuracy = {
         "reference_set": {"parent": parent_ref_acc, "candidate": cand_ref_acc},
         "traffic": acc_traffic,
@@ -990,73 +1181,25 @@ def calibrate(
             "lineage": lineage,
         }
     )
-    drift_x = x[held] if len(x[held]) >= 16 else x
-    window = int(card["bn_reference"].get("drift", {}).get("window", drift.DEFAULT_WINDOW))
-    private = repo.base / name / f".calibrate-{secrets.token_hex(6)}"
-    try:
-        exported = export_model(
-            candidate,
-            model_base=private,
-            name=name,
-            task="classification",
-            spec=spec,
-            labels=class_names,
-            postprocess=classifier_postprocess(temperature),
-            probe_layers=probe_names,
-            card_fields=card_fields,
-            warmup_images=x[:8],
-            version_labels=(),
-            extra_files={REFERENCE_SET: ref_bytes},
-            drift_images=drift_x,
-            staleness_images=x[fit_idx],
-            drift_window=min(window, max(16, len(drift_x) // 2)),
-            force=True,  # a stale candidate is rejected below, with the reason, and kept
-        )
-        stale = exported.card.get("metrics", {}).get("staleness")
-        if stale is not None:
-            checks.append(
-                GateCheck(
-                    "statistics_converged",
-                    bool(stale["passed"]),
-                    True,
-                    _says(
-                        bool(stale["passed"]),
-                        "the statistics do not describe the samples they were estimated on",
-                        "; ".join(stale["failures"])
-                        or "the fit samples score below the candidate's alarm thresholds",
-                    ),
-                    {"failures": stale["failures"], "images": stale["images"]},
-                )
-            )
-        passed = all(c.passed for c in checks if c.gating)
-        new_card = dict(exported.card)
-        new_card["lineage"] = {
-            **new_card["lineage"],
-            "gate": {"passed": passed, "checks": [c.to_dict() for c in checks]},
-        }
-        moved: dict[str, int] = {}
-        with repo.lock():
-            version = repo.next_version(name)
-            new_card["version"] = version
-            write_model_card(exported.path, new_card)
-            if passed:
-                repo.publish(name, exported.path, version)
-                path = repo.version_dir(name, version)
-                _move_label(repo, name, promote, version, "calibrate", parent=int(parent_version))
-                moved[promote] = version
-            else:
-                reasons = [c.reason for c in checks if c.gating and not c.passed]
-                (exported.path / "assets.extra" / "rejection.json").write_text(
-                    json.dumps(
-                        {"reasons": reasons, "gate": [c.to_dict() for c in checks]},
-                        indent=1,
-                        default=float,
-                    )
-                    + "\n"
-                )
-                path = repo.reject(name, exported.path, version)
-    finally:
-        shutil.rmtree(private, ignore_errors=True)
+    passed, version, path, moved = export_and_publish(
+        repo,
+        name,
+        candidate,
+        card=card,
+        task="classification",
+        spec=spec,
+        labels=class_names,
+        postprocess=classifier_postprocess(temperature),
+        probe_names=probe_names,
+        card_fields=card_fields,
+        x=x,
+        fit=fit,
+        held=held,
+        extra_files={REFERENCE_SET: ref_bytes},
+        checks=checks,
+        promote=promote,
+        parent_version=parent_version,
+    )
     return CalibrationResult(
         prior_strength=prior_strength,
         prior_search=prior_search,

@@ -1,9 +1,12 @@
-"""Training end to end at a tiny size: the loss falls, BN parity, export -> reload -> same outputs."""
+"""Training end to end at a tiny size: the loss falls, BN parity, export -> reload -> same
+outputs; then the exported detector's calibration on captured traffic (published, rejected)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import uuid
 
 import numpy as np
 import pytest
@@ -11,9 +14,10 @@ import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
+from training.calibration import calibrate
 from training.detection import train as train_module
 from training.detection.anchors import AnchorConfig, num_anchors
-from training.detection.data import load_coco
+from training.detection.data import SyntheticConfig, load_coco, write_synthetic_coco
 from training.detection.evaluate import predict, preprocess_images
 from training.detection.postprocess import OUTPUT_KEYS
 from training.detection.train import (
@@ -25,23 +29,36 @@ from training.detection.train import (
     train_detector,
 )
 from training.model_card import load_model_card
-from training.preprocessing import PreprocessSpec
+from training.preprocessing import PreprocessSpec, preprocess_pixels
+from training.repository import ModelRepository
+from training.samples import SampleStore
 
 pytestmark = pytest.mark.slow
+
+
+#: Large shapes, one or two an image, no clutter: a detector that learns them in a
+#: test's time scores well enough (mAP@.5 about 0.25) for calibration's mAP gate to mean
+#: something; the default synthetic set needs the demo preset's 2000 steps.
+EASY = SyntheticConfig(min_objects=1, max_objects=2, min_radius=0.15, max_radius=0.3, max_clutter=0)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("models")
     data = tmp_path_factory.mktemp("data")
+    train_json = write_synthetic_coco(data / "train", 160, seed=0, config=EASY)
+    val_json = write_synthetic_coco(data / "val", 48, seed=1, config=EASY)
     cfg = DetectorTrainConfig(
         **{
             **PRESETS["tiny"],
-            "epochs": 12,
+            "data": str(train_json),
+            "val_data": str(val_json),
+            "epochs": 25,
+            "batch_size": 16,
+            "learning_rate": 5e-3,
             "augment": False,  # a fixed tiny set: the loss must fall fast
             "model_base": str(base),
             "name": "tiny_detector",
-            "synthetic_dir": str(data),
             # A barely trained model scores low: keep its detections so outputs can be compared.
             "score_threshold": 0.001,
             "max_detections": 20,
@@ -139,3 +156,82 @@ def test_a_refused_export_prints_the_run_and_exits_3(trained, tmp_path, monkeypa
     assert f"mAP@.5 {summary['map_50']:.4f}" in out and "exported:" not in out
     assert "parity check failed" in err
     assert not any(tmp_path.iterdir())
+
+
+# -- calibration of the exported detector ---------------------------------------
+
+
+def _capture_traffic(store_dir, spec: PreprocessSpec, images) -> None:
+    """One-image detect requests through the capture store (detections carry no class)."""
+    store = SampleStore(store_dir, rate=1.0)
+    for pixels in images:
+        x, _ = preprocess_pixels(pixels, spec)
+        store.capture("tiny_detector", 1, str(uuid.uuid4()), x[None], None, force=True)
+
+
+def _fresh(base, tmp_path):
+    copy = tmp_path / "models"
+    shutil.copytree(base, copy)  # the module's repository is shared: never mutate it
+    return copy
+
+
+def test_calibration_on_its_own_domain_publishes_a_detector_with_a_reference_set(trained, tmp_path):
+    _, _, base, _ = trained
+    base = _fresh(base, tmp_path)
+    card = load_model_card(base / "tiny_detector" / "1")
+    assert card["reference_set"]["images"] == 48 and card["reference_set"]["boxes"] > 48
+    spec = PreprocessSpec.from_dict(card["preprocessing"])
+    traffic = load_coco(write_synthetic_coco(tmp_path / "traffic", 128, seed=7, config=EASY))
+    _capture_traffic(tmp_path / "samples", spec, traffic.load_images())
+    result = calibrate(base, "tiny_detector", tmp_path / "samples", prior_strength="auto")
+    checks = {c.name: c for c in result.checks}
+    assert result.status == "published", result.reasons
+    assert result.version == 2 and result.labels_moved == {"canary": 2}
+    assert ModelRepository(base).labels("tiny_detector") == {"stable": 1, "canary": 2}
+    ref = checks["map_reference"]
+    assert ref.gating and ref.passed
+    parent_map = ref.details["parent"]["map_50_95"]
+    assert parent_map == pytest.approx(card["metrics"]["map_50_95"], abs=0.05) and parent_map > 0.05
+    assert ref.details["candidate"]["map_50_95"] >= parent_map - 0.02
+    parity = checks["parity"]
+    # This small model is rarely sure of a box: parity is judged when 10 are >= 0.5.
+    assert parity.gating == (parity.details["training_mode_boxes"] >= 10)
+    assert parity.passed and parity.details["confident_score"] == 0.5
+    assert {"class_balance", "detects_objects", "drift", "statistics_converged"} <= set(checks)
+    assert all(c.passed for c in result.checks if c.gating)
+    # The new version ships the same reference set and serves detections.
+    new = base / "tiny_detector" / "2"
+    assert (new / "assets.extra" / "reference_set.npz").read_bytes() == (
+        base / "tiny_detector" / "1" / "assets.extra" / "reference_set.npz"
+    ).read_bytes()
+    new_card = load_model_card(new)
+    assert new_card["task"] == "detection" and new_card["detection"] == card["detection"]
+    assert new_card["lineage"]["parent_version"] == 1
+    assert new_card["lineage"]["method"] == "adabn-precise-bn"
+    assert new_card["lineage"]["gate"]["passed"] is True
+    assert new_card["metrics"]["map_50_95"] == ref.details["candidate"]["map_50_95"]
+    x, _ = preprocess_images(traffic.load_images()[:4], spec)
+    out = tf.saved_model.load(str(new)).signatures["serving_default"](images=tf.constant(x))
+    assert int(out["num_detections"].numpy().sum()) > 0
+
+
+def test_calibration_of_a_detector_on_noise_images_is_rejected(trained, tmp_path):
+    _, _, base, _ = trained
+    base = _fresh(base, tmp_path)
+    spec = PreprocessSpec.from_dict(load_model_card(base / "tiny_detector" / "1")["preprocessing"])
+    rng = np.random.default_rng(3)
+    _capture_traffic(
+        tmp_path / "samples", spec, rng.integers(0, 256, (96, 120, 130, 3), dtype=np.uint8)
+    )
+    config = (base / "models.config").read_bytes()
+    result = calibrate(base, "tiny_detector", tmp_path / "samples", prior_strength="auto")
+    assert result.status == "rejected" and result.reasons
+    failed = {c.name for c in result.checks if c.gating and not c.passed}
+    # The mix that keeps the reference mAP finds no objects in noise; a mix that
+    # finds some has lost the reference mAP. Which of the two fails depends on the
+    # mix chosen; this small model's scores do not decide it reliably.
+    assert failed & {"detects_objects", "map_reference"}, [c.to_dict() for c in result.checks]
+    assert (base / "models.config").read_bytes() == config
+    assert ModelRepository(base).versions("tiny_detector") == [1]
+    kept = base / "tiny_detector" / "rejected" / "2"
+    assert result.path == kept and (kept / "assets.extra" / "rejection.json").exists()
