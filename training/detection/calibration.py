@@ -20,8 +20,8 @@ differs for boxes:
   under the statistics re-estimated on the traffic (before any mixing with the
   source: a mix differs from batch statistics by design), are scored (mAP@.5)
   against the training-mode detections with score >= 0.5 as ground truth
-  (judged from :data:`MIN_PARITY_BOXES` of them). Statistics that do not describe the traffic make the two modes
-  disagree; the gap is 1 - agreement;
+  (judged from :data:`MIN_PARITY_BOXES` of them). Statistics that do not
+  describe the traffic make the two modes disagree; the gap is 1 - agreement;
 - ``class_balance`` counts the classes of the parent's confident detections;
   *confident* means a score of at least :func:`confident_score`: 0.5, or the
   parent's median best score on its reference set when that is lower (a weak
@@ -67,7 +67,7 @@ MIN_PARITY_BOXES = 10
 #: Confident detections per held-out traffic image, as a share of the parent's per
 #: reference image, below which the traffic is taken for images without objects.
 MIN_DETECTION_SHARE = 0.25
-#: Default largest parity gap (1 - agreement), unless the card's parity says otherwise.
+#: Default largest parity gap (1 - agreement); ``parity_threshold`` overrides it.
 DEFAULT_PARITY_GAP = 0.1
 
 
