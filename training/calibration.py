@@ -329,6 +329,26 @@ def _probe_moments(model: keras.Model, names: list[str], x: np.ndarray, batch_si
     return np.concatenate(means), np.concatenate(sqmeans)
 
 
+def try_source_weights(
+    layers: list[keras.layers.BatchNormalization],
+    target: list[bn.BNStatistics],
+    source: list[tuple[np.ndarray, np.ndarray]],
+    measure: Callable[[float], dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Assign each of :data:`AUTO_SOURCE_WEIGHTS` in turn and record ``measure(w)``.
+
+    Weight w on the source is prior strength N = w / (1 - w) x n (n: the target's
+    images). The last weight tried stays assigned; the caller assigns its choice.
+    """
+    n = target[0].images
+    tried = []
+    for w in AUTO_SOURCE_WEIGHTS:
+        strength = w / (1.0 - w) * n
+        bn.assign_statistics(layers, target, source, prior_strength=strength)
+        tried.append({"source_weight": w, "prior_strength": strength, **measure(w)})
+    return tried
+
+
 def _choose_prior(
     model: keras.Model,
     layers: list[keras.layers.BatchNormalization],
@@ -349,24 +369,20 @@ def _choose_prior(
     """
     if labelled is None or len(labelled[1]) == 0:
         return 0.0, []
-    n = target[0].images
-    tried = []
-    for w in AUTO_SOURCE_WEIGHTS:
-        strength = w / (1.0 - w) * n
-        bn.assign_statistics(layers, target, source, prior_strength=strength)
-        tried.append(
-            {
-                "source_weight": w,
-                "prior_strength": strength,
-                "labelled_accuracy": float(
-                    np.mean(_logits(model, labelled[0], batch_size).argmax(-1) == labelled[1])
-                ),
-                "reference_accuracy": float(
-                    np.mean(_logits(model, reference[0], batch_size).argmax(-1) == reference[1])
-                ),
-                "traffic_drifts": bool(drifts(w)) if drifts is not None else False,
-            }
-        )
+    tried = try_source_weights(
+        layers,
+        target,
+        source,
+        lambda w: {
+            "labelled_accuracy": float(
+                np.mean(_logits(model, labelled[0], batch_size).argmax(-1) == labelled[1])
+            ),
+            "reference_accuracy": float(
+                np.mean(_logits(model, reference[0], batch_size).argmax(-1) == reference[1])
+            ),
+            "traffic_drifts": bool(drifts(w)) if drifts is not None else False,
+        },
+    )
     within = [t for t in tried if t["reference_accuracy"] >= reference_floor]
     eligible = [t for t in within if not t["traffic_drifts"]] or within or tried
     best = max(eligible, key=lambda t: (t["labelled_accuracy"], -t["source_weight"]))

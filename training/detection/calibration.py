@@ -48,7 +48,6 @@ from training.detection.evaluate import DetectionMetrics, predict
 from training.detection.postprocess import NmsConfig, make_postprocess
 from training.detection.reference import (
     REFERENCE_SET,
-    ReferenceSet,
     evaluate_reference,
     load_reference_set,
     score_outputs,
@@ -88,7 +87,7 @@ def confident_score(reference_outputs: dict[str, np.ndarray]) -> float:
 
 def _as_ground_truth(
     outputs: dict[str, np.ndarray], shape: tuple[int, int], labels: list[str], min_score: float
-) -> ReferenceSet:
+) -> DetectionDataset:
     """Confident detections as a labelled set of model-input-sized images (pseudo labels)."""
     h, w = shape
     samples = []
@@ -107,8 +106,7 @@ def _as_ground_truth(
                 crowd=np.zeros(int(keep.sum()), bool),
             )
         )
-    dataset = DetectionDataset(list(labels), list(range(1, len(labels) + 1)), samples)
-    return ReferenceSet(np.zeros((len(samples), h, w, 3), np.float32), dataset)
+    return DetectionDataset(list(labels), list(range(1, len(labels) + 1)), samples)
 
 
 def mode_agreement(
@@ -124,7 +122,7 @@ def mode_agreement(
     trn = predict(model, postprocess, x, training=True, batch_size=batch_size)
     inf = predict(model, postprocess, x, batch_size=batch_size)
     truth = _as_ground_truth(trn, x.shape[1:3], labels, min_score)
-    boxes = truth.dataset.num_boxes()
+    boxes = truth.num_boxes()
     agreement = score_outputs(inf, truth).map_50 if boxes else None
     return {
         "agreement_map_50": agreement,
@@ -144,7 +142,6 @@ def _confident_classes(outputs: dict[str, np.ndarray], min_score: float) -> np.n
 
 
 def _choose_prior(
-    model,
     layers,
     target,
     source,
@@ -153,19 +150,15 @@ def _choose_prior(
     drifts,
 ) -> tuple[float, list[dict[str, Any]]]:
     """The most adapted source weight within the mAP floor that clears the drift alarm."""
-    n = target[0].images
-    tried = []
-    for w in cal.AUTO_SOURCE_WEIGHTS:
-        strength = w / (1.0 - w) * n
-        bn.assign_statistics(layers, target, source, prior_strength=strength)
-        tried.append(
-            {
-                "source_weight": w,
-                "prior_strength": strength,
-                "reference_map_50_95": score_reference().map_50_95,
-                "traffic_drifts": bool(drifts(w)) if drifts is not None else False,
-            }
-        )
+    tried = cal.try_source_weights(
+        layers,
+        target,
+        source,
+        lambda w: {
+            "reference_map_50_95": score_reference().map_50_95,
+            "traffic_drifts": bool(drifts(w)) if drifts is not None else False,
+        },
+    )
     within = [t for t in tried if t["reference_map_50_95"] >= floor]
     eligible = [t for t in within if not t["traffic_drifts"]] or within
     if eligible:
@@ -223,7 +216,7 @@ def calibrate_detector(
         return evaluate_reference(model, postprocess, ref, batch_size=batch_size)
 
     parent_ref_out = predict(model, postprocess, ref.x, batch_size=batch_size)
-    parent_ref = score_outputs(parent_ref_out, ref)
+    parent_ref = score_outputs(parent_ref_out, ref.dataset)
     confident = confident_score(parent_ref_out)
     parent_rate = len(_confident_classes(parent_ref_out, confident)) / len(ref)
     parent_classes = _confident_classes(
@@ -251,7 +244,6 @@ def calibrate_detector(
     prior_search: list[dict[str, Any]] = []
     if prior_strength == "auto":
         prior_strength, prior_search = _choose_prior(
-            model,
             layers,
             target,
             source,

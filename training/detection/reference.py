@@ -124,18 +124,23 @@ def evaluate_reference(
     batch_size: int = 32,
 ) -> DetectionMetrics:
     """COCO metrics of ``model`` (inference mode) on the reference set, in model-input pixels."""
-    return score_outputs(predict(model, postprocess, ref.x, batch_size=batch_size), ref)
+    return score_outputs(predict(model, postprocess, ref.x, batch_size=batch_size), ref.dataset)
 
 
-def score_outputs(outputs: dict[str, np.ndarray], ref: ReferenceSet) -> DetectionMetrics:
-    """COCO metrics of signature outputs on the reference set's images."""
-    h, w = ref.x.shape[1:3]
-    identity = ImageGeometry(h, w, 1.0, 1.0, 0.0, 0.0, h, w)
-    ds = ref.dataset
+def score_outputs(outputs: dict[str, np.ndarray], dataset: DetectionDataset) -> DetectionMetrics:
+    """COCO metrics of signature outputs on ``dataset``, whose images are model inputs.
+
+    Its boxes are in model-input pixels, so the outputs' normalised boxes map to
+    them by the input size alone (no resize to undo).
+    """
+    identity = [
+        ImageGeometry(s.height, s.width, 1.0, 1.0, 0.0, 0.0, s.height, s.width)
+        for s in dataset.samples
+    ]
     dets = detections_to_coco(
-        [s.image_id for s in ds.samples], outputs, [identity] * len(ds), ds.category_ids
+        [s.image_id for s in dataset.samples], outputs, identity, dataset.category_ids
     )
-    return coco_metrics(ds.to_coco(), dets, ds.labels)
+    return coco_metrics(dataset.to_coco(), dets, dataset.labels)
 
 
 def describe(ref_bytes: bytes) -> dict[str, Any]:

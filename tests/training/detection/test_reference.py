@@ -74,9 +74,9 @@ def test_a_written_reference_set_reads_back_and_scores_its_own_boxes_as_one(tmp_
         assert len(arrays["boxes"]) == sum(len(ds.samples[i].boxes) for i in chosen)
     card = describe(blob)
     assert card["images"] == 6 and card["boxes"] == ref.dataset.num_boxes() > 0
-    perfect = score_outputs(_perfect_outputs(ref), ref)
+    perfect = score_outputs(_perfect_outputs(ref), ref.dataset)
     assert perfect.map_50_95 == pytest.approx(1.0) and perfect.images == 6
-    shifted = score_outputs(_perfect_outputs(ref, shift=0.15), ref)
+    shifted = score_outputs(_perfect_outputs(ref, shift=0.15), ref.dataset)
     assert shifted.map_50 == pytest.approx(1.0) and shifted.map_50_95 < 0.9
     with pytest.raises(ValueError, match="categories"):
         load_reference_set(path, spec, ds.labels[:-1])
@@ -91,7 +91,7 @@ def test_confident_detections_become_the_parity_checks_ground_truth(tmp_path, da
     outputs = _perfect_outputs(ref)
     outputs["detection_scores"][:, 0] = 0.2  # each image's first box is not confident
     truth = _as_ground_truth(outputs, (64, 64), ds.labels, min_score=0.5)
-    assert truth.dataset.num_boxes() == ref.dataset.num_boxes() - 5
+    assert truth.num_boxes() == ref.dataset.num_boxes() - 5
     # Inference-mode outputs equal to training mode's agree fully; dropping them does not.
     assert score_outputs(outputs, truth).map_50 == pytest.approx(1.0)
     nothing = {**outputs, "num_detections": np.zeros(5, np.float32)}
