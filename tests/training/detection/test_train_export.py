@@ -14,7 +14,7 @@ import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from training.calibration import calibrate
+from training.calibration import add_calibrate_arguments, calibrate, run_calibrate
 from training.detection import train as train_module
 from training.detection.anchors import AnchorConfig, num_anchors
 from training.detection.data import SyntheticConfig, load_coco, write_synthetic_coco
@@ -235,3 +235,22 @@ def test_calibration_of_a_detector_on_noise_images_is_rejected(trained, tmp_path
     assert ModelRepository(base).versions("tiny_detector") == [1]
     kept = base / "tiny_detector" / "rejected" / "2"
     assert result.path == kept and (kept / "assets.extra" / "rejection.json").exists()
+
+
+def test_a_detector_without_a_reference_set_is_refused_from_the_command_line(
+    trained, tmp_path, capsys
+):
+    """Versions exported before detectors shipped one: a usage error (exit 5), nothing written."""
+    _, _, base, _ = trained
+    base = _fresh(base, tmp_path)
+    (base / "tiny_detector" / "1" / "assets.extra" / "reference_set.npz").unlink()
+    config = (base / "models.config").read_bytes()
+    parser = argparse.ArgumentParser()
+    add_calibrate_arguments(parser)
+    args = parser.parse_args(
+        ["--model-base", str(base), "--name", "tiny_detector", "--samples", str(tmp_path / "s")]
+    )
+    assert run_calibrate(args) == 5
+    assert "ships no reference set" in capsys.readouterr().err
+    assert (base / "models.config").read_bytes() == config
+    assert sorted(p.name for p in (base / "tiny_detector").iterdir()) == ["1"]
