@@ -103,16 +103,22 @@ def percentile(values: list[float], q: float) -> float:
 
 # -- raw ---------------------------------------------------------------------------------
 def raw_model(vdir: Path, spec: PreprocessSpec, image: bytes, batch: int):
-    """(``serving_default``, a batch of ``batch`` copies of ``image``, one copy), warmed up."""
+    """(``serving_default``, a batch of ``batch`` copies of ``image``, one copy), warmed up.
+
+    The signature is called as the embedded backend calls it (``direct_signature``):
+    the fastest in-process call, so the gateway is compared with the best there is.
+    """
     import tensorflow as tf
 
-    fn = tf.saved_model.load(str(vdir)).signatures["serving_default"]
+    from serving.backends.embedded import direct_signature
+
+    fn = direct_signature(tf.saved_model.load(str(vdir)), "serving_default", "images")
     x1, _ = preprocess_bytes(image, spec)
     xb = tf.constant(np.repeat(x1[None], batch, axis=0))
     single = tf.constant(x1[None])
     for _ in range(3):
-        fn(images=xb)
-        fn(images=single)
+        fn(xb)
+        fn(single)
     return fn, xb, single
 
 
@@ -120,14 +126,14 @@ def raw_measure(fn, xb, single, seconds: float, latency_seconds: float) -> tuple
     """(images/s on ``xb`` over ``seconds``, p50 seconds of one ``single`` call)."""
     t0, n = time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds:
-        fn(images=xb)
+        fn(xb)
         n += 1
     throughput = n * int(xb.shape[0]) / (time.perf_counter() - t0)
     lat = []
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < latency_seconds:
         s = time.perf_counter()
-        fn(images=single)
+        fn(single)
         lat.append(time.perf_counter() - s)
     return throughput, statistics.median(lat)
 
@@ -159,7 +165,7 @@ def drift_cost(fn, single, card: dict, calls: int = 3000) -> float:
 
     from serving import drift as serving_drift
 
-    outputs = {k: v.numpy() for k, v in fn(images=single).items()}
+    outputs = {k: v.numpy() for k, v in fn(single).items()}
     model = SimpleNamespace(
         name=card["name"], version=card["version"], card=card, class_labels=card["labels"]
     )

@@ -326,6 +326,42 @@ def test_signature_mismatch_keeps_a_version_out_of_service(mutable_repo, backend
         server.stop()
 
 
+@pytest.mark.parametrize("name", [tiny_models.CLASSIFIER, "tiny_detector"])
+def test_embedded_calls_the_signature_it_loaded_bit_for_bit(serving_repo, name):
+    """The servable's traced call of the signature answers exactly as the restored
+    signature does, for any batch size, and resolves no variable per call."""
+    from unittest import mock
+
+    from tensorflow.python.distribute import distribute_utils
+
+    from serving.backends.embedded import direct_signature
+
+    loaded = tf.saved_model.load(str(serving_repo / name / "1"))
+    signature = loaded.signatures["serving_default"]
+    spec = signature.structured_input_signature[1]["images"]
+    resolving = mock.patch.object(
+        distribute_utils, "is_distributed_variable", side_effect=AssertionError
+    )
+    with resolving, pytest.raises(AssertionError):  # the restored signature: on every call
+        signature(images=tf.zeros((1, *spec.shape[1:])))
+    fn = direct_signature(loaded, "serving_default", "images")
+    rng = np.random.default_rng(0)
+    for n in (1, 3):
+        x = tf.constant(rng.uniform(-1, 1, (n, *spec.shape[1:])).astype(np.float32))
+        want = signature(images=x)
+        with mock.patch.object(
+            distribute_utils, "is_distributed_variable", side_effect=AssertionError("per call")
+        ):
+            got = fn(x)
+        assert set(got) == set(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k].numpy(), want[k].numpy())
+    bad = tf.zeros((1, *spec.shape[1:3], 4))  # four channels: refused by both alike
+    for call in (fn, lambda x: signature(images=x)):
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            call(bad)
+
+
 # -- embedded backend: deadlines, broken versions, hot reload --------------------------------
 def test_embedded_deadline_is_a_typed_error(client, images):
     r = client.post(
