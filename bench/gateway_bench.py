@@ -10,6 +10,9 @@
    (``IMGSERVE_GRPC_WORKERS``: as many processes as the HTTP gateway's workers), the
    same load; each client thread has a channel (a connection) of its own, as each HTTP
    client has its socket: the workers share the port, and the kernel spreads connections.
+4. The framework's ceiling: ``GET /healthz`` on the same HTTP gateway at the highest
+   concurrency, no image and no model. One-image requests cannot beat it; when it is
+   itself near the raw limit, the gap to raw is the cost of a request, not of an image.
 
 For each run: images/s, p50 and p99 latency, throughput as a fraction of raw,
 and at concurrency 1 the p50 overhead over the raw single-image latency. The
@@ -539,9 +542,56 @@ def bench_server(
                     f"  (raw around it {before[0]:.0f}/{after[0]:.0f} img/s)",
                     flush=True,
                 )
+        if kind == "http" and not workers:
+            results.append(framework_ceiling(port, max(levels), seconds, probe))
     finally:
         stop_server(proc)
     return results
+
+
+def framework_ceiling(port: int, concurrency: int, seconds: float, probe: RawProbe) -> Result:
+    """``GET /healthz`` at ``concurrency``: what gunicorn and Flask alone answer on this host.
+
+    No image, no model: the requests/s of the same workers and clients with nothing
+    behind them. One-image requests can go no faster than this, whatever the model.
+    """
+    payload = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+
+    def call(state: dict) -> bool:
+        sock = state.get("sock")
+        try:
+            if sock is None:
+                sock = state["sock"] = socket.create_connection(("127.0.0.1", port), timeout=60)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                state["buf"] = bytearray()
+            sock.sendall(payload)
+            return read_response(sock, state["buf"]) == 200
+        except (OSError, ValueError):
+            state.pop("sock", None)
+            return False
+
+    before = probe.measure()
+    ok, err, lat, elapsed = closed_loop(call, concurrency, seconds)
+    after = probe.measure()
+    r = Result(
+        "healthz",
+        concurrency,
+        0,
+        ok / elapsed,
+        percentile(lat, 50) * 1e3,
+        percentile(lat, 99) * 1e3,
+        0.0,
+        err,
+        ok + err,
+        (before[0] + after[0]) / 2,
+        (before[1] + after[1]) / 2,
+    )
+    print(
+        f"  healthz   c={concurrency:3d}   : {r.images_per_s:8.1f} req/s  p50 {r.p50_ms:7.2f} ms"
+        f"  (no image, no model: the framework's ceiling)",
+        flush=True,
+    )
+    return r
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -670,6 +720,12 @@ def main(argv: list[str] | None = None) -> int:
         "   (at the start)"
     )
     for r in results:
+        if not r.images_per_request:  # the framework's ceiling, in requests/s
+            print(
+                f"{r.name:9s} {r.concurrency:4d} {'-':>7s} {r.images_per_s:9.1f} {'req/s':>7s} "
+                f"{r.p50_ms:8.2f} {r.p99_ms:8.2f} {'':>6s} {'':>13s} {r.errors:6d}"
+            )
+            continue
         overhead = (
             f"{r.overhead_ms:10.2f} ms" if r.concurrency == 1 and r.images_per_request == 1 else ""
         )
@@ -696,7 +752,16 @@ def main(argv: list[str] | None = None) -> int:
                     f"{c1.overhead_ms:.2f} ms over {c1.raw_single_s * 1e3:.2f} ms (target < 5 ms)"
                 )
             print(line)
+    ceiling = [r for r in results if not r.images_per_request]
     http1 = [r for r in results if r.name == "http" and r.images_per_request == 1]
+    if ceiling and http1:
+        top = max(http1, key=lambda r: r.images_per_s)
+        print(
+            f"framework ceiling: GET /healthz {ceiling[0].images_per_s:.0f} req/s at concurrency "
+            f"{ceiling[0].concurrency} = {ceiling[0].images_per_s / ceiling[0].raw_images_per_s:.0%}"
+            f" of the raw {ceiling[0].raw_images_per_s:.0f} img/s; one-image classify reached "
+            f"{top.images_per_s / ceiling[0].images_per_s:.0%} of it"
+        )
     if http1:
         c1 = min(http1, key=lambda r: r.concurrency)
         best = max(http1, key=lambda r: r.images_per_s)
