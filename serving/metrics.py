@@ -129,6 +129,18 @@ class GatewayMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.ready_processes = Gauge(
+            "imgserve_ready_processes",
+            "Serving processes (gunicorn or gRPC workers) whose readiness check passes.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.configured_processes = Gauge(
+            "imgserve_configured_processes",
+            "Serving processes the server is configured to run.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self._scrape_collectors: list[Collector] = [_VersionInfoCollector(lambda: self._versions())]
         if multiprocess_dir() is None:
             r.register(self._scrape_collectors[0])
@@ -176,6 +188,10 @@ class GatewayMetrics:
             model = outcome["model"]
             self.requests.labels(endpoint, model, str(outcome["code"])).inc()
             self.request_duration.labels(endpoint, model).observe(elapsed)
+
+    def set_configured_processes(self, count: int) -> None:
+        """How many serving processes share this metrics directory when all run (1 without one)."""
+        self.configured_processes.set(count if multiprocess_dir() is not None else 1)
 
     def observe_stage(self, stage: str, model: str, seconds: float) -> None:
         self.stage_duration.labels(stage, model).observe(max(0.0, seconds))

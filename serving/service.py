@@ -222,6 +222,8 @@ class InferenceService:
         self.catalog = catalog or Catalog(settings.model_base)
         self.metrics = metrics or GatewayMetrics()
         self.metrics.set_versions_source(self.versions_in_service)
+        # Every process reports one of N: a scrape tells "k of N workers ready".
+        self.metrics.set_configured_processes(settings.worker_count())
         self._state = _State(RepositorySnapshot({}), {}, {})
         self._batchers: dict[tuple[str, int], DynamicBatcher] = {}
         self._batchers_lock = threading.Lock()
@@ -244,6 +246,7 @@ class InferenceService:
     def close(self) -> None:
         """Stop polling; queued requests still finish. Observers with a ``close`` stop too."""
         self._stop.set()
+        self.metrics.ready_processes.set(0)
         if self._poller is not None:
             self._poller.join(timeout=10)
         for observer in self._observers:
@@ -288,6 +291,8 @@ class InferenceService:
                 labels[name] = effective
             ok, reason = self.backend.check()
             self._state = _State(snapshot, available, labels, ok, reason)
+            if not self._stop.is_set():
+                self.metrics.ready_processes.set(1 if self.readiness()[0] else 0)
             live_keys = {(n, v) for n, vs in available.items() for v in vs}
             with self._batchers_lock:
                 retired = [k for k in self._batchers if k not in live_keys]

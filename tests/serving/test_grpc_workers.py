@@ -187,6 +187,8 @@ def test_concurrent_calls_are_served_by_both_workers_and_counted_once(workers, i
         m = parse(text)
         assert value(m, "imgserve_requests_total", endpoint=CLASSIFY, code="200") == sent
         assert value(m, "imgserve_inflight_requests") == 0
+        assert value(m, "imgserve_ready_processes") == value(m, "imgserve_configured_processes")
+        assert value(m, "imgserve_configured_processes") == 2
         # Scrape-time series come from the answering worker's service layer.
         assert value(m, "imgserve_model_version_info", model="tiny_classifier", label="stable") == 1
     promtool_check(text)

@@ -105,6 +105,8 @@ def test_request_metrics_follow_real_traffic(metrics_app, images):
     assert value(m, "imgserve_batch_size_count", model="tiny_classifier") in (1, 2)
     assert value(m, "imgserve_inflight_requests") == 0
     assert value(m, "imgserve_queue_depth", model="tiny_classifier") == 0
+    # One process without a multiprocess directory: 1 of 1, ready.
+    assert value(m, "imgserve_ready_processes") == value(m, "imgserve_configured_processes") == 1
     assert (
         value(
             m, "imgserve_model_version_info", model="tiny_classifier", version="1", label="stable"

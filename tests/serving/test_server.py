@@ -141,6 +141,40 @@ def test_metrics_add_up_across_workers(server, images):
     promtool_check(text)
 
 
+def ready_of(url: str) -> tuple[float, float]:
+    """(ready, configured) serving processes, from one scrape."""
+    m = parse(requests.get(f"{url}/metrics", headers={"Connection": "close"}, timeout=10).text)
+    return value(m, "imgserve_ready_processes"), value(m, "imgserve_configured_processes")
+
+
+def wait_for_ready(url: str, want: float, timeout: float, interval: float = 0.2) -> list:
+    """Scrape until ``want`` processes are ready; returns every (ready, configured) seen."""
+    seen = []
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        seen.append(ready_of(url))
+        if seen[-1][0] == want:
+            return seen
+        time.sleep(interval)
+    raise AssertionError(f"not {want} ready processes after {timeout}s: {seen[-5:]}")
+
+
+def test_a_scrape_says_how_many_workers_are_ready(server):
+    """Readiness is per worker; the scrape sums it, so "1 of 2 workers ready" is visible
+    while a replacement worker loads its models."""
+    url, proc, _ = server
+    wait_for_ready(url, 2, 120)
+    assert ready_of(url) == (2, 2)
+    victim = sorted(children_of(proc.pid))[0]
+    os.kill(victim, signal.SIGKILL)
+    # gunicorn reaps it (child_exit drops its live gauges) and starts a replacement,
+    # which loads TensorFlow and the models before it counts.
+    seen = wait_for_ready(url, 1, 60, interval=0.1)
+    assert all(configured == 2 for _, configured in seen)
+    wait_for_ready(url, 2, 120)
+    assert victim not in children_of(proc.pid) and len(children_of(proc.pid)) == 2
+
+
 def test_graceful_shutdown(serving_repo, tmp_path, images):
     proc, url, log = gunicorn(serving_repo, tmp_path, workers="1")
     metrics_dir = None
