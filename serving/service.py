@@ -415,7 +415,8 @@ class InferenceService:
             except ImageError as exc:
                 raise from_image_error(exc, i if len(images) > 1 else None) from exc
             t1 = time.perf_counter()
-            inputs[i], geometry = preprocess_pixels(decoded.pixels, spec)
+            # The decoded image itself (no pixel array in between), written into the batch.
+            _, geometry = preprocess_pixels(decoded.image, spec, out=inputs[i])
             geometries.append(geometry)
             timing.add("decode", t1 - t0)
             timing.add("preprocess", time.perf_counter() - t1)

@@ -35,6 +35,7 @@ MobileNetV2 the default maps 0..255 to -1..1 (``scale=1/127.5, offset=-1``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import struct
 import warnings
@@ -174,12 +175,17 @@ class ImageGeometry:
 class DecodedImage:
     """An image decoded to RGB uint8, with what decoding noticed."""
 
-    pixels: np.ndarray  # (H, W, 3) uint8
+    image: Image.Image  # mode "RGB"
     format: str | None
     original_mode: str
     frames: int = 1
     exif_rotated: bool = False
     notes: list[str] = field(default_factory=list)
+
+    @functools.cached_property
+    def pixels(self) -> np.ndarray:
+        """(H, W, 3) uint8, made on first use: :func:`resize` takes the image itself."""
+        return np.asarray(self.image, dtype=np.uint8)
 
 
 def decode_image(
@@ -231,10 +237,9 @@ def decode_image(
         raise ImageDecodeError("bytes are not a recognised image format") from exc
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
         raise ImageDecodeError(f"image could not be decoded: {exc}") from exc
-    pixels = np.asarray(rgb, dtype=np.uint8)
-    if pixels.ndim != 3 or pixels.shape[2] != 3:
-        raise UnusableImageError(f"decoded to unexpected shape {pixels.shape}")
-    return DecodedImage(pixels, fmt, original_mode, frames, rotated)
+    if rgb.mode != "RGB":
+        raise UnusableImageError(f"decoded to unexpected mode {rgb.mode}")
+    return DecodedImage(rgb, fmt, original_mode, frames, rotated)
 
 
 def _scale_to_uint8(arr: np.ndarray, full_range: float) -> np.ndarray:
@@ -282,12 +287,21 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize(pixels: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray, ImageGeometry]:
-    """Resize RGB uint8 ``(h, w, 3)`` to the spec's input size; returns uint8 and geometry."""
-    h, w = pixels.shape[:2]
+def resize(
+    pixels: np.ndarray | Image.Image, spec: PreprocessSpec
+) -> tuple[np.ndarray, ImageGeometry]:
+    """Resize RGB uint8 ``(h, w, 3)`` (or an RGB image: the same pixels, one copy fewer)
+    to the spec's input size; returns uint8 and geometry."""
+    if isinstance(pixels, Image.Image):
+        if pixels.mode != "RGB":
+            raise ValueError(f"resize takes RGB images, not {pixels.mode}")
+        img = pixels
+        w, h = img.size
+    else:
+        h, w = pixels.shape[:2]
+        img = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
     th, tw = spec.height, spec.width
     method = _RESAMPLE[spec.resize_method]
-    img = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
     if spec.geometry == "stretch":
         out = np.asarray(img.resize((tw, th), method) if (h, w) != (th, tw) else img)
         geom = ImageGeometry(h, w, th / h, tw / w, 0.0, 0.0, th, tw)
@@ -302,9 +316,19 @@ def resize(pixels: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray, ImageG
     return np.asarray(canvas), geom
 
 
-def normalize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """uint8 (or float 0..255) pixels -> float32 model input: ``x * scale + offset``."""
-    return np.asarray(pixels, dtype=np.float32) * np.float32(spec.scale) + np.float32(spec.offset)
+def normalize(
+    pixels: np.ndarray, spec: PreprocessSpec, out: np.ndarray | None = None
+) -> np.ndarray:
+    """uint8 (or float 0..255) pixels -> float32 model input: ``x * scale + offset``.
+
+    ``out``: a float32 array to write into (e.g. a row of a batch), the same values.
+    """
+    if out is None:
+        x = np.asarray(pixels, dtype=np.float32)
+        return x * np.float32(spec.scale) + np.float32(spec.offset)
+    np.multiply(pixels, np.float32(spec.scale), out=out, dtype=np.float32)
+    out += np.float32(spec.offset)
+    return out
 
 
 def denormalize(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -312,10 +336,12 @@ def denormalize(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return (np.asarray(x, dtype=np.float32) - np.float32(spec.offset)) / np.float32(spec.scale)
 
 
-def preprocess_pixels(pixels: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray, ImageGeometry]:
-    """Decoded RGB uint8 -> (model input float32 (H, W, 3), geometry)."""
+def preprocess_pixels(
+    pixels: np.ndarray | Image.Image, spec: PreprocessSpec, out: np.ndarray | None = None
+) -> tuple[np.ndarray, ImageGeometry]:
+    """Decoded RGB uint8 (or the RGB image) -> (model input float32 (H, W, 3), geometry)."""
     resized, geom = resize(pixels, spec)
-    return normalize(resized, spec), geom
+    return normalize(resized, spec, out), geom
 
 
 def preprocess_bytes(

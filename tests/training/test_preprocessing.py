@@ -19,6 +19,7 @@ from training.preprocessing import (
     decode_image,
     normalize,
     preprocess_bytes,
+    preprocess_pixels,
     resize,
 )
 
@@ -49,6 +50,23 @@ def test_every_format_and_mode_decodes_to_rgb_uint8(images, key):
     x, geom = preprocess_bytes(images[key], PreprocessSpec(40, 56))
     assert x.shape == (40, 56, 3) and x.dtype == np.float32
     assert x.min() >= -1.0 and x.max() <= 1.0
+
+
+@pytest.mark.parametrize("key", ["jpeg", "grey_png", "rgba_png", "grey16_png", "exif_rotated_jpeg"])
+@pytest.mark.parametrize("geometry", ["stretch", "letterbox"])
+def test_the_decoded_image_and_its_pixels_preprocess_identically(images, key, geometry):
+    """The gateway resizes the decoded image and writes into its batch; training resizes
+    the pixel array into a new one: the same tensor, bit for bit."""
+    decoded = decode_image(images[key])
+    spec = PreprocessSpec(40, 56, geometry=geometry, offset=-1.0, scale=1 / 127.5)
+    want, want_geom = preprocess_pixels(decoded.pixels, spec)
+    batch = np.full((2, 40, 56, 3), np.nan, np.float32)
+    got, geom = preprocess_pixels(decoded.image, spec, out=batch[1])
+    assert np.shares_memory(got, batch)
+    np.testing.assert_array_equal(batch[1], want)
+    assert np.isnan(batch[0]).all() and geom == want_geom
+    with pytest.raises(ValueError, match="RGB"):
+        resize(decoded.image.convert("L"), spec)
 
 
 def test_grey_is_replicated_to_three_equal_channels(images):
