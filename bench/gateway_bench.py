@@ -358,7 +358,12 @@ def http_call(port: int, image: bytes, n: int = 1):
     generator shares the server's cores, so it must cost as little CPU as it can
     (``http.client`` spends several times more per request than this).
     """
-    payload = http_request_bytes(port, image, n)
+    return socket_call(port, http_request_bytes(port, image, n))
+
+
+def socket_call(port: int, payload: bytes):
+    """A closed-loop client's call: send ``payload`` on the thread's kept-alive socket,
+    read one response; True for a 200."""
 
     def call(state: dict) -> bool:
         sock = state.get("sock")
@@ -555,21 +560,7 @@ def framework_ceiling(port: int, concurrency: int, seconds: float, probe: RawPro
     No image, no model: the requests/s of the same workers and clients with nothing
     behind them. One-image requests can go no faster than this, whatever the model.
     """
-    payload = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
-
-    def call(state: dict) -> bool:
-        sock = state.get("sock")
-        try:
-            if sock is None:
-                sock = state["sock"] = socket.create_connection(("127.0.0.1", port), timeout=60)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                state["buf"] = bytearray()
-            sock.sendall(payload)
-            return read_response(sock, state["buf"]) == 200
-        except (OSError, ValueError):
-            state.pop("sock", None)
-            return False
-
+    call = socket_call(port, f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
     before = probe.measure()
     ok, err, lat, elapsed = closed_loop(call, concurrency, seconds)
     after = probe.measure()
