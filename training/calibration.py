@@ -282,6 +282,51 @@ def fine_tune_on_feedback(
     }
 
 
+def fit_served_temperature(
+    fit: tuple[np.ndarray, np.ndarray],
+    evaluate: tuple[np.ndarray, np.ndarray],
+    parent_logits: np.ndarray,
+    parent_temperature: float,
+    *,
+    in_sample: bool,
+) -> tuple[float, dict[str, Any], TemperatureFit | None]:
+    """The temperature to export, the card's ``calibration`` entry, and the fit.
+
+    Fits T by NLL on the candidate's ``fit`` logits and reports ECE/NLL on
+    ``evaluate`` at T=1 and at T (and the parent's logits at its own temperature).
+    When the data does not determine T (no labelled fit sample misclassified, so
+    the NLL keeps falling as T -> 0, or a fit at a bound of the search), the fitted
+    T would serve every future error at a probability near 1: the parent's
+    temperature is kept, and the entry says why (the fit is None).
+    """
+    t_fit = fit_and_evaluate(*fit, *evaluate)
+    calibration: dict[str, Any] = {
+        "temperature": t_fit.temperature,
+        "method": "temperature_scaling",
+        "objective": "nll",
+        "fitted_on": t_fit.fitted_on,
+        "evaluated_on": int(len(evaluate[1])),
+        "evaluation": "in_sample" if in_sample else "held_out",
+        "ece_bins": 15,
+        "before": t_fit.before.to_dict(),
+        "after": t_fit.after.to_dict(),
+        "parent": calibration_report(parent_logits, evaluate[1], parent_temperature).to_dict(),
+    }
+    if t_fit.identified:
+        return t_fit.temperature, calibration, t_fit
+    errors = int(np.sum(fit[0].argmax(-1) != fit[1]))
+    calibration.update(
+        temperature=parent_temperature,
+        method="inherited",
+        note=f"the temperature is not identified: the NLL on {t_fit.fitted_on} labelled "
+        f"samples ({errors} misclassified) has no minimum inside the search bounds "
+        f"(the search ended at T={t_fit.temperature:.3g}); the parent's temperature is kept",
+        rejected_fit=t_fit.temperature,
+        after=calibration_report(*evaluate, parent_temperature).to_dict(),
+    )
+    return parent_temperature, calibration, None
+
+
 def _label_indices(labels: list[Any], class_names: list[str]) -> tuple[np.ndarray, int]:
     """Feedback labels as class indices (-1: none); also how many were not valid classes."""
     out = np.full(len(labels), -1, dtype=np.int64)
@@ -980,21 +1025,13 @@ def calibrate(
     if enough_labels:
         fit_l = unseen & fit if (unseen & fit).sum() >= min_labelled // 2 else unseen
         eval_l = labelled & held & ~fit_l if (labelled & held & ~fit_l).sum() >= 10 else fit_l
-        t_fit = fit_and_evaluate(cand_logits[fit_l], y[fit_l], cand_logits[eval_l], y[eval_l])
-        parent_cal = calibration_report(parent_logits[eval_l], y[eval_l], parent_t)
-        temperature = t_fit.temperature
-        calibration = {
-            "temperature": temperature,
-            "method": "temperature_scaling",
-            "objective": "nll",
-            "fitted_on": t_fit.fitted_on,
-            "evaluated_on": int(eval_l.sum()),
-            "evaluation": "held_out" if not np.array_equal(eval_l, fit_l) else "in_sample",
-            "ece_bins": 15,
-            "before": t_fit.before.to_dict(),
-            "after": t_fit.after.to_dict(),
-            "parent": parent_cal.to_dict(),
-        }
+        temperature, calibration, t_fit = fit_served_temperature(
+            (cand_logits[fit_l], y[fit_l]),
+            (cand_logits[eval_l], y[eval_l]),
+            parent_logits[eval_l],
+            parent_t,
+            in_sample=bool(np.array_equal(eval_l, fit_l)),
+        )
     else:
         temperature = parent_t
         calibration = {

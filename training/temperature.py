@@ -28,6 +28,8 @@ ECE_BINS = 15
 #: The fitted temperature is confined to [1/20, 20]: beyond that the data is
 #: either separable (NLL keeps falling as T -> 0) or carries no signal.
 T_BOUNDS = (0.05, 20.0)
+#: A fit this close (relative) to a bound found no minimum inside the bounds.
+AT_BOUND = 1e-3
 
 
 class TemperatureFitError(ValueError):
@@ -120,6 +122,18 @@ def fit_temperature(
     return float(1.0 / beta)
 
 
+def at_bound(temperature: float, bounds: tuple[float, float] = T_BOUNDS) -> bool:
+    """Whether a fitted ``temperature`` is a bound of the search, not a minimum inside it.
+
+    NLL is convex in 1/T, so a fit at a bound means the NLL was still falling there.
+    At the low bound the labelled logits are nearly separable: sharpening lowers
+    the NLL until the few errors stop it, too late to be trusted. At the high bound
+    the logits carry (almost) no information about the labels.
+    """
+    lo, hi = bounds
+    return temperature <= lo * (1 + AT_BOUND) or temperature >= hi * (1 - AT_BOUND)
+
+
 @dataclass(frozen=True)
 class CalibrationReport:
     """Accuracy, NLL and ECE of logits at one temperature."""
@@ -157,10 +171,14 @@ class TemperatureFit:
     fitted_on: int
     before: CalibrationReport
     after: CalibrationReport
+    #: False when the data does not determine T: no fit sample is misclassified, or
+    #: the fit stopped at a bound of the search (:func:`at_bound`).
+    identified: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "temperature": self.temperature,
+            "identified": self.identified,
             "fitted_on": self.fitted_on,
             "before": self.before.to_dict(),
             "after": self.after.to_dict(),
@@ -175,8 +193,16 @@ def fit_and_evaluate(
     *,
     bounds: tuple[float, float] = T_BOUNDS,
 ) -> TemperatureFit:
-    """Fit T on one labelled set; report ECE/NLL at T=1 and at T on another (default: the same)."""
+    """Fit T on one labelled set; report ECE/NLL at T=1 and at T on another (default: the same).
+
+    With every fit sample classified right the NLL falls monotonically as T -> 0
+    (every sharpening helps), so the data has no minimum to offer: the search ends
+    at the low bound, or wherever the NLL's last digits stop changing, and serving
+    that T would give every future error a probability near 1. The fit is then
+    marked not ``identified``, as is one at a bound.
+    """
     t = fit_temperature(fit_logits, fit_labels, bounds=bounds)
+    errors = bool(np.any(np.asarray(fit_logits).argmax(axis=1) != np.asarray(fit_labels)))
     if eval_logits is None or eval_labels is None:
         eval_logits, eval_labels = fit_logits, fit_labels
     return TemperatureFit(
@@ -184,4 +210,5 @@ def fit_and_evaluate(
         fitted_on=int(len(fit_labels)),
         before=calibration_report(eval_logits, eval_labels, 1.0),
         after=calibration_report(eval_logits, eval_labels, t),
+        identified=errors and not at_bound(t, bounds),
     )

@@ -8,6 +8,7 @@ import pytest
 from training.temperature import (
     ECE_BINS,
     TemperatureFitError,
+    at_bound,
     calibration_report,
     expected_calibration_error,
     fit_and_evaluate,
@@ -37,6 +38,7 @@ def test_fit_recovers_a_known_temperature_and_reduces_ece(true_t):
     assert fit.temperature == pytest.approx(1.0 / true_t, rel=0.06)
     assert fit.before.ece > 0.08  # visibly mis-calibrated (over- or under-confident)
     assert fit.after.ece < 0.03 and fit.after.ece < fit.before.ece / 3
+    assert fit.identified and fit.to_dict()["identified"]
     assert fit.after.nll < fit.before.nll
     assert fit.after.accuracy == fit.before.accuracy  # T never changes the arg-max
     assert fit.fitted_on == 4000 and fit.after.samples == 2000
@@ -57,6 +59,21 @@ def test_separable_data_stops_at_the_bound():
     z = np.array([[1.0, 0.0], [0.0, 1.0]] * 20)
     y = np.array([0, 1] * 20)
     assert fit_temperature(z, y, bounds=(0.05, 20.0)) == pytest.approx(0.05, rel=1e-3)
+    # No error to pin T down: the fit says it found no minimum inside the bounds.
+    fit = fit_and_evaluate(z, y)
+    assert at_bound(fit.temperature) and not fit.identified
+    # One error among them is enough for a minimum inside.
+    z1, y1 = np.vstack([z, [[1.0, 0.0]]]), np.append(y, 1)
+    fit1 = fit_and_evaluate(z1, y1)
+    assert fit1.identified and 0.05 < fit1.temperature < 20.0
+
+
+def test_logits_without_information_stop_at_the_high_bound():
+    rng = np.random.default_rng(3)
+    z = rng.normal(0.0, 1.0, (2000, 4))
+    y = rng.integers(0, 4, 2000)  # labels unrelated to the logits
+    fit = fit_and_evaluate(z, y)
+    assert fit.temperature == pytest.approx(20.0, rel=1e-3) and not fit.identified
 
 
 def test_ece_matches_a_hand_computed_value():
