@@ -29,7 +29,9 @@ on mAP instead (:mod:`training.detection.calibration`).
    held-out ones, and the report says ``in_sample``) when there are at least
    ``min_labelled`` labelled ones, reports NLL/ECE at T=1 and at T on the
    labelled held-out samples, and exports the temperature in the graph
-   (``classifier_postprocess(T)``);
+   (``classifier_postprocess(T)``). A temperature the feedback does not
+   determine (no labelled fit sample misclassified, or a fit at a search bound)
+   is not served: the parent's is kept (:func:`fit_served_temperature`);
 5. gates the candidate (every check is computed and reported):
 
    - ``class_balance``: no class dominates the samples (labels, else the
