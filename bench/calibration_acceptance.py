@@ -67,8 +67,6 @@ SHIFTS = ("contrast*0.5+noise_sigma0.1", "blur", "half:contrast*0.5+noise_sigma0
 #: ``half:NAME`` is mixed traffic, one of the known failures of BN re-estimation: every
 #: other captured image shifted by NAME, the rest clean; the shifted test set is all NAME.
 HALF = "half:"
-#: Bootstrap samples of the recovered share per (seed, shift), for the mean's interval.
-BOOTS: dict[tuple[int, str], np.ndarray] = {}
 
 
 def traffic_image(shift: str, image: np.ndarray, i: int, rng: np.random.Generator) -> np.ndarray:
@@ -145,8 +143,14 @@ def fresh_repo(model_base: Path, name: str, root: Path) -> Path:
     return base
 
 
-def run_shifts(args, model_base, prior, parent, parent_dir, spec, classes, seed, test, traffic):
-    """Per shift: capture shifted traffic with feedback, calibrate, measure; a row each."""
+def run_shifts(
+    args, model_base, prior, parent, parent_dir, spec, classes, seed, test, traffic, boots
+):
+    """Per shift: capture shifted traffic with feedback, calibrate, measure; a row each.
+
+    ``boots[(seed, shift)]`` receives the bootstrap samples of each published row's
+    recovered share (for the interval of the mean over seeds).
+    """
     rng = np.random.default_rng(seed)
     test_imgs, test_y, clean_x, parent_clean, clean_ok = test
     rows = []
@@ -185,21 +189,19 @@ def run_shifts(args, model_base, prior, parent, parent_dir, spec, classes, seed,
                 after_probs = served_probabilities(vdir, shifted_test)
                 after = quality(after_probs, test_y)
                 clean_after = quality(served_probabilities(vdir, clean_x), test_y)
-                lost = parent_clean[0] - before[0]
+                correct = (
+                    clean_ok,
+                    before_probs.argmax(1) == test_y,
+                    after_probs.argmax(1) == test_y,
+                )
+                boots[(seed, shift)] = bootstrap_recovered(*correct, np.random.default_rng(seed))
                 row.update(
                     shifted_after=after[0],
                     ece_after=after[1],
                     clean_after=clean_after[0],
-                    recovered=(after[0] - before[0]) / lost if lost > 0 else float("nan"),
+                    recovered=float(recovered_share(*correct)),
+                    recovered_ci95=interval(boots[(seed, shift)]),
                 )
-                boot = bootstrap_recovered(
-                    clean_ok,
-                    before_probs.argmax(1) == test_y,
-                    after_probs.argmax(1) == test_y,
-                    np.random.default_rng(seed),
-                )
-                row["recovered_ci95"] = interval(boot)
-                BOOTS[(seed, shift)] = boot
             row["seconds"] = time.monotonic() - t0
             rows.append(row)
             print(json.dumps(row, default=float), flush=True)
@@ -253,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     rows = []
+    boots: dict[tuple[int, str], np.ndarray] = {}
     seeds = [int(v) for v in args.seeds.split(",")]
     for seed in seeds:
         test_imgs, test_y = synthetic.generate(args.test, seed=seed + 1, imbalance=imbalance)
@@ -278,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             seed,
             (test_imgs, test_y, clean_x, parent_clean, clean_probs.argmax(1) == test_y),
             (traffic_imgs, traffic_y),
+            boots,
         )
     # Garbage samples: noise images, and one class of the last seed's traffic.
     rng = np.random.default_rng(seeds[-1] + 3)
@@ -342,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         mean["clean_before"] = float(np.mean([r["clean_before"] for r in done]))
         good = meets(mean)
         ok &= good or shift.startswith(HALF)
-        lo, hi = interval(np.mean([BOOTS[(r["seed"], shift)] for r in done], axis=0))
+        lo, hi = interval(np.mean([boots[(r["seed"], shift)] for r in done], axis=0))
         print(
             f"{shift}: over {len(done)} seed(s) recovered {mean['recovered']:.0%} "
             f"(95 % CI {lo:.0%} to {hi:.0%}) "

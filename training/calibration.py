@@ -106,7 +106,12 @@ from training.model_card import (
 from training.preprocessing import PreprocessSpec, normalize
 from training.repository import ModelRepository, RepositoryError
 from training.samples import SampleSet, load_samples
-from training.temperature import TemperatureFit, calibration_report, fit_and_evaluate
+from training.temperature import (
+    ECE_BINS,
+    TemperatureFit,
+    calibration_report,
+    fit_and_evaluate,
+)
 
 PROMOTE_LABELS = ("canary", "stable")
 #: Parent accuracy on labelled traffic this far below its reference-set accuracy
@@ -309,7 +314,7 @@ def fit_served_temperature(
         "fitted_on": t_fit.fitted_on,
         "evaluated_on": int(len(evaluate[1])),
         "evaluation": "in_sample" if in_sample else "held_out",
-        "ece_bins": 15,
+        "ece_bins": ECE_BINS,
         "before": t_fit.before.to_dict(),
         "after": t_fit.after.to_dict(),
         "parent": calibration_report(parent_logits, evaluate[1], parent_temperature).to_dict(),
