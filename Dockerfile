@@ -49,10 +49,12 @@ RUN groupadd --system --gid 10001 imgserve \
         --shell /usr/sbin/nologin imgserve
 COPY --from=deps /opt/venv /opt/venv
 WORKDIR /app
+COPY contract/ contract/
 COPY training/ training/
+COPY calibration/ calibration/
 COPY serving/ serving/
 # Byte-compile at build time: the root filesystem is read-only at run time.
-RUN python -m compileall -q training serving
+RUN python -m compileall -q contract training calibration serving
 
 # ---------------------------------------------------------------------------------------
 # gateway: gunicorn serving serving.app:create_app() on :8080.

@@ -7,7 +7,7 @@ traffic: half clean, half contrast + noise):
 1. a copy of the model repository serves the parent; fresh synthetic images of
    the training distribution are shifted and go through the real capture store
    as one-image requests, with feedback (true labels) for ``--labelled`` of them;
-2. ``training.calibration.calibrate`` (the same call as ``python -m training
+2. ``calibration.classifier.calibrate`` (the same call as ``python -m training
    calibrate``, default options) re-estimates the BN statistics, fine-tunes on
    the labelled feedback, fits the temperature, gates and publishes version N+1;
 3. the parent's and the published candidate's exported SavedModels (what TF
@@ -53,13 +53,13 @@ import tensorflow as tf  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from calibration.capture_store import SampleStore, record_feedback  # noqa: E402
+from calibration.classifier import calibrate  # noqa: E402
+from calibration.temperature import expected_calibration_error  # noqa: E402
+from contract.model_card import load_model_card  # noqa: E402
+from contract.preprocessing import PreprocessSpec, preprocess_pixels  # noqa: E402
+from contract.repository import ModelRepository  # noqa: E402
 from training import synthetic  # noqa: E402
-from training.calibration import calibrate  # noqa: E402
-from training.model_card import load_model_card  # noqa: E402
-from training.preprocessing import PreprocessSpec, preprocess_pixels  # noqa: E402
-from training.repository import ModelRepository  # noqa: E402
-from training.samples import SampleStore, record_feedback  # noqa: E402
-from training.temperature import expected_calibration_error  # noqa: E402
 
 #: The colour cast was tried (on the earlier uniform-colour domain) and dropped: the
 #: demo classifier lost 0.4 points to it, so there was nothing to recover.

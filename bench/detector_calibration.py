@@ -6,7 +6,7 @@ input shift (contrast x0.5 plus Gaussian noise sigma 0.1; a Gaussian blur):
 1. a copy of the model repository serves the parent; fresh synthetic images of
    the training distribution are shifted and go through the real capture store
    as one-image requests (detector feedback carries no boxes: none is sent);
-2. ``training.calibration.calibrate`` (the same call as ``python -m training
+2. ``calibration.classifier.calibrate`` (the same call as ``python -m training
    calibrate``, default options) re-estimates the BN statistics, gates on the
    version's shipped reference set, and publishes version N+1 or rejects it;
 3. the parent's and the candidate's exported SavedModels are scored with
@@ -42,7 +42,11 @@ import tensorflow as tf  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from training.calibration import calibrate  # noqa: E402
+from calibration.capture_store import SampleStore  # noqa: E402
+from calibration.classifier import calibrate  # noqa: E402
+from contract.model_card import load_model_card, write_model_card  # noqa: E402
+from contract.preprocessing import PreprocessSpec, preprocess_pixels  # noqa: E402
+from contract.repository import ModelRepository  # noqa: E402
 from training.detection.data import SyntheticConfig, load_coco, write_synthetic_coco  # noqa: E402
 from training.detection.evaluate import (  # noqa: E402
     DetectionMetrics,
@@ -51,10 +55,6 @@ from training.detection.evaluate import (  # noqa: E402
     preprocess_images,
 )
 from training.detection.reference import REFERENCE_SET, describe, reference_set_bytes  # noqa: E402
-from training.model_card import load_model_card, write_model_card  # noqa: E402
-from training.preprocessing import PreprocessSpec, preprocess_pixels  # noqa: E402
-from training.repository import ModelRepository  # noqa: E402
-from training.samples import SampleStore  # noqa: E402
 from training.synthetic import corrupt  # noqa: E402
 
 SHIFTS = ("contrast*0.5+noise_sigma0.1", "blur")

@@ -3,7 +3,7 @@
 For a served model version (default: the demo classifier), fresh synthetic
 images go through the gateway's preprocessing and the exported signature, and
 the per-image probe rows are pooled exactly as the gateway's count window pools
-them (``training.drift``), against the model card's alarm thresholds.
+them (``contract.drift_scores``), against the model card's alarm thresholds.
 
 - In distribution: the share of windows of ``--window`` images whose score stays
   below the threshold on every probe layer and score.
@@ -26,10 +26,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import tensorflow as tf
 
-from training import drift, synthetic
-from training.model_card import load_model_card
-from training.preprocessing import PreprocessSpec, preprocess_pixels
-from training.repository import ModelRepository
+from contract import drift_scores
+from contract.model_card import load_model_card
+from contract.preprocessing import PreprocessSpec, preprocess_pixels
+from contract.repository import ModelRepository
+from training import synthetic
 
 SHIFTS = [
     "brightness+30%",
@@ -68,7 +69,10 @@ def probe_rows(
 
 def alarms(scores: dict, thr: dict) -> list[str]:
     return [
-        f"{layer}.{s}" for layer in scores for s in drift.SCORES if scores[layer][s] > thr[layer][s]
+        f"{layer}.{s}"
+        for layer in scores
+        for s in drift_scores.SCORES
+        if scores[layer][s] > thr[layer][s]
     ]
 
 
@@ -90,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     card = load_model_card(vdir)
     spec = PreprocessSpec.from_dict(card["preprocessing"])
     serve = tf.saved_model.load(str(vdir)).signatures["serving_default"]
-    probes = drift.probe_references(card)
-    thr = drift.thresholds(card)
+    probes = drift_scores.probe_references(card)
+    thr = drift_scores.thresholds(card)
     window = int(card["bn_reference"]["drift"]["window"])
     rng = np.random.default_rng(args.seed)
 
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = 0
     for _ in range(args.windows):
         idx = rng.choice(len(cm), size=window, replace=False)
-        quiet += not alarms(drift.pooled_scores(cm[idx], cs[idx], probes), thr)
+        quiet += not alarms(drift_scores.pooled_scores(cm[idx], cs[idx], probes), thr)
     print(f"model {args.name} v{version}, window {window} images")
     print(
         f"in-distribution: {quiet}/{args.windows} windows below every threshold "
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             src = traffic(card, window, args.seed + 1)
             imgs = [synthetic.corrupt(name, img, rng) for img in src]
         sm, ss = probe_rows(serve, spec, imgs)
-        scores = drift.pooled_scores(sm, ss, probes)
+        scores = drift_scores.pooled_scores(sm, ss, probes)
         # Traffic switches from clean to shifted: after k shifted images the window
         # holds (window - k) clean and k shifted images.
         needed = None
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in range(1, window + 1):
             m = np.concatenate([cm[clean_idx[: base - k]], sm[:k]])
             s = np.concatenate([cs[clean_idx[: base - k]], ss[:k]])
-            if alarms(drift.pooled_scores(m, s, probes), thr):
+            if alarms(drift_scores.pooled_scores(m, s, probes), thr):
                 needed = k
                 break
         cells = [

@@ -50,9 +50,9 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from contract.model_card import load_model_card  # noqa: E402
+from contract.preprocessing import PreprocessSpec, preprocess_bytes  # noqa: E402
 from serving.settings import Settings  # noqa: E402
-from training.model_card import load_model_card  # noqa: E402
-from training.preprocessing import PreprocessSpec, preprocess_bytes  # noqa: E402
 
 
 @dataclass

@@ -10,7 +10,7 @@ for (the model card's drift window: a smaller window is noisier than the
 thresholds allow) and some layer's score is above its threshold.
 
 When the alarm has held for ``sustain_s`` without a break, the worker starts a
-calibration job (:class:`serving.calibration_jobs.CalibrationJobs`, a separate
+calibration job (:class:`calibration.jobs.CalibrationJobs`, a separate
 process, with ``trigger: "drift"`` in the job record). The jobs directory's file
 lock makes the decision once across workers: a job is not started while one
 for the model runs or within ``cooldown_s`` of the last one's start, whatever
@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from serving.calibration_jobs import CalibrationBusy, CalibrationJobs
+from calibration.jobs import CalibrationBusy, CalibrationJobs
 from serving.drift import DriftMonitor, WorkerLoop
 
 log = logging.getLogger(__name__)

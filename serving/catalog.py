@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.model_card import ModelCardError, load_model_card
-from training.preprocessing import PreprocessSpec
-from training.repository import ModelRepository
+from contract.model_card import ModelCardError, load_model_card
+from contract.preprocessing import PreprocessSpec
+from contract.repository import ModelRepository
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ windows (sums of x and x² per channel, counts) to a small file in a shared
 directory (atomic rename, at most once per ``publish_interval_s``). At scrape
 time the collector pools the files of live workers (sums add up), so the score
 is that of the union of the workers' windows, whichever worker answers
-``/metrics``. The scores are those of :mod:`training.drift` with the alarm
+``/metrics``. The scores are those of :mod:`contract.drift_scores` with the alarm
 thresholds from the model card's reference quantiles.
 
 Metrics (bounded labels: model, version, the card's probe layers, two scores,
@@ -58,7 +58,7 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from training import drift
+from contract import drift_scores
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class DriftMonitor:
         self,
         *,
         state_dir: str | os.PathLike[str] | None = None,
-        window: int = drift.DEFAULT_WINDOW,
+        window: int = drift_scores.DEFAULT_WINDOW,
         half_life_s: float = 300.0,
         publish_interval_s: float = 1.0,
         cards: Mapping[tuple[str, int], Mapping[str, Any]] | None = None,
@@ -314,15 +314,15 @@ class DriftMonitor:
             card = self._card(key)
             if card is None or not card.get("bn_reference", {}).get("probes"):
                 continue
-            probes = drift.probe_references(card)
+            probes = drift_scores.probe_references(card)
             n = int(s["n"])
-            entry: dict[str, Any] = {"images": n, "thresholds": drift.thresholds(card)}
+            entry: dict[str, Any] = {"images": n, "thresholds": drift_scores.thresholds(card)}
             if n > 0:
-                entry["count"] = drift.layer_scores(s["s1"] / n, s["s2"] / n, probes)
+                entry["count"] = drift_scores.layer_scores(s["s1"] / n, s["s2"] / n, probes)
                 entry["pixel_mean"] = s["pixel_sum"] / n
             if float(s["d_w"]) > 0:
                 w = float(s["d_w"])
-                entry["decayed"] = drift.layer_scores(s["d_s1"] / w, s["d_s2"] / w, probes)
+                entry["decayed"] = drift_scores.layer_scores(s["d_s1"] / w, s["d_s2"] / w, probes)
             result[key] = entry
         return result
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import grpc
 
-from training.preprocessing import ImageError
+from contract.preprocessing import ImageError
 
 PROBLEM_JSON = "application/problem+json"
 #: Base of the ``type`` URI of each problem; the fragment is the error code.
@@ -183,7 +183,7 @@ _IMAGE_ERRORS: dict[int, type[ServingError]] = {
 
 
 def from_image_error(exc: ImageError, index: int | None = None) -> ServingError:
-    """Map a ``training.preprocessing`` image error to the gateway error with the same status."""
+    """Map a ``contract.preprocessing`` image error to the gateway error with the same status."""
     cls = _IMAGE_ERRORS.get(exc.status, BadRequest)
     where = f"image {index}: " if index is not None else ""
     extra = {"image_index": index} if index is not None else None

@@ -23,11 +23,11 @@ from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from calibration.capture_store import SampleStore
+from calibration.jobs import CalibrationCollector, CalibrationJobs
 from serving import drift
 from serving.auto_calibration import DriftTrigger
-from serving.calibration_jobs import CalibrationCollector, CalibrationJobs
 from serving.metrics import multiprocess_dir
-from training.samples import SampleStore
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ requests into a list of encoded images and :class:`PredictOptions`, call
 the result or the :class:`serving.errors.ServingError` they get. One request runs:
 
 1. select the model version (name, version or label; the default label otherwise),
-2. decode and preprocess each image with ``training.preprocessing``, configured by
+2. decode and preprocess each image with ``contract.preprocessing``, configured by
    that version's model card (``decode`` and ``preprocess`` stages),
 3. queue the tensors in the version's :class:`DynamicBatcher` (``queue``, ``predict``),
 4. turn the outputs into labels and scores, or boxes in original pixels (``postprocess``),
@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from contract.preprocessing import ImageError, decode_image, preprocess_pixels
 from serving.backends.base import AVAILABLE, Backend
 from serving.batching import BatcherClosed, BatcherHooks, DynamicBatcher
 from serving.catalog import CLASSIFICATION, DETECTION, Catalog, ModelVersion, RepositorySnapshot
@@ -50,7 +51,6 @@ from serving.errors import (
 )
 from serving.metrics import GatewayMetrics
 from serving.settings import Settings
-from training.preprocessing import ImageError, decode_image, preprocess_pixels
 
 log = logging.getLogger(__name__)
 

@@ -3,11 +3,11 @@
 The run, in order:
 
 1. data: class folders or the synthetic set, preprocessed once by
-   :mod:`training.preprocessing`, split deterministically; class weights from
+   :mod:`contract.preprocessing`, split deterministically; class weights from
    counts;
 2. model: ``keras.applications.MobileNetV2`` (``alpha``, input size, weights
    none | imagenet | a local file) + global pooling, dropout, dense logits;
-3. BN momentum set for the run length (:func:`training.bn.momentum_for_steps`);
+3. BN momentum set for the run length (:func:`contract.bn.momentum_for_steps`);
 4. with pretrained weights, the head is trained with the backbone frozen (its
    BN layers in inference mode), then the top ``fine_tune_layers`` layers are
    unfrozen at a lower learning rate; from scratch everything trains at once;
@@ -15,7 +15,7 @@ The run, in order:
    validation loss, augmentation in the input pipeline only;
 5. precise BN over the training data, then the inference/training-mode parity
    check on held-out data; a failed check stops the export unless forced;
-6. export (:func:`training.export.export_model`) with the model card.
+6. export (:func:`contract.export.export_model`) with the model card.
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training import bn, drift, synthetic
+from contract import bn, drift_scores
+from contract.export import ExportRefused, ExportResult, export_model, pixel_statistics
+from contract.preprocessing import PreprocessSpec, normalize
+from training import synthetic
 from training.data import (
     ImageSet,
     class_weights,
@@ -42,8 +45,6 @@ from training.data import (
     split,
     synthetic_set,
 )
-from training.export import ExportRefused, ExportResult, export_model, pixel_statistics
-from training.preprocessing import PreprocessSpec, normalize
 
 REFERENCE_SET = "reference_set.npz"
 
@@ -456,6 +457,6 @@ def export_classifier(
         extra_files={REFERENCE_SET: _reference_set(val, cfg.reference_images, cfg.seed)},
         drift_images=normalize(val.pixels, spec),
         staleness_images=normalize(train.pixels[:2000], spec),
-        drift_window=min(drift.DEFAULT_WINDOW, max(16, len(val) // 2)),
+        drift_window=min(drift_scores.DEFAULT_WINDOW, max(16, len(val) // 2)),
         force=cfg.force,
     )

@@ -82,8 +82,8 @@ def _config_from(args: argparse.Namespace, cls: type, presets: dict[str, dict]) 
 
 
 def _run_classifier(args: argparse.Namespace) -> int:
+    from contract.export import ExportRefused
     from training.classifier import PRESETS, ClassifierConfig, train_classifier
-    from training.export import ExportRefused
 
     cfg = _config_from(args, ClassifierConfig, PRESETS)
     try:
@@ -130,7 +130,7 @@ def _add_detector(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_calibration(sub: argparse._SubParsersAction) -> None:
-    from training import calibration
+    from calibration import classifier as calibration
 
     for name, help_, add, run in [
         (

@@ -1,6 +1,6 @@
 """Datasets for training: class folders or synthetic, split, fingerprint, weights.
 
-Every image goes through :mod:`training.preprocessing` (decode -> resize) once
+Every image goes through :mod:`contract.preprocessing` (decode -> resize) once
 when the set is loaded and is kept as resized uint8; normalisation is applied per
 batch by the same module's :func:`normalize`. The tf.data pipeline adds
 augmentation for training only.
@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training import synthetic
-from training.preprocessing import (
+from contract.preprocessing import (
     DEFAULT_MAX_PIXELS,
     ImageError,
     PreprocessSpec,
@@ -24,6 +23,7 @@ from training.preprocessing import (
     normalize,
     resize,
 )
+from training import synthetic
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -192,7 +192,7 @@ def make_dataset(
 ):
     """A tf.data pipeline of (model input, label); shuffled and augmented if ``training``.
 
-    Normalisation is :func:`training.preprocessing.normalize` itself (through
+    Normalisation is :func:`contract.preprocessing.normalize` itself (through
     ``tf.numpy_function``), so training feeds the model exactly what serving does.
     Augmentation layers run after it, inside the training graph only.
     """

@@ -21,6 +21,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
+from contract.model_card import WARMUP_RELPATH  # noqa: E402
 from serving.backends.base import (  # noqa: E402
     AVAILABLE,
     END,
@@ -32,7 +33,6 @@ from serving.backends.base import (  # noqa: E402
 from serving.catalog import ModelVersion, RepositorySnapshot  # noqa: E402
 from serving.errors import BackendError  # noqa: E402
 from serving.settings import Settings  # noqa: E402
-from training.model_card import WARMUP_RELPATH  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -16,19 +16,19 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify, request
 
-from serving.calibration_jobs import CalibrationBusy, UnknownJob
+from calibration import capture_store
+from calibration.jobs import CalibrationBusy, UnknownJob
 from serving.errors import BadRequest, Conflict, Gone, NotFound, Unprocessable
 from serving.rest.admin import require_admin
 from serving.rest.inference import service
-from training import samples
 
 bp = Blueprint("calibration", __name__)
 
 _FEEDBACK_ERRORS = {
-    samples.UnknownRequestError: NotFound,
-    samples.ExpiredRequestError: Gone,
-    samples.FeedbackConflictError: Conflict,
-    samples.InvalidFeedbackError: Unprocessable,
+    capture_store.UnknownRequestError: NotFound,
+    capture_store.ExpiredRequestError: Gone,
+    capture_store.FeedbackConflictError: Conflict,
+    capture_store.InvalidFeedbackError: Unprocessable,
 }
 
 
@@ -63,10 +63,10 @@ def feedback():
         if mv:
             allowed = list(svc.catalog.version(model, mv[-1]).class_labels)
     try:
-        result = samples.record_feedback(
+        result = capture_store.record_feedback(
             svc.settings.capture_dir, request_id, labels, model=model, allowed=allowed
         )
-    except samples.SampleStoreError as exc:
+    except capture_store.SampleStoreError as exc:
         for typ, err in _FEEDBACK_ERRORS.items():
             if isinstance(exc, typ):
                 raise err(str(exc)) from exc

@@ -20,6 +20,8 @@ import pytest
 from tests.deploy.tools import REPO_ROOT, find_tool, run_tool
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
+#: The project's Python packages, the source every image copies.
+PACKAGES = ("contract/", "training/", "calibration/", "serving/")
 
 
 @dataclass
@@ -105,11 +107,9 @@ def test_dependencies_install_before_the_source_is_copied(instructions):
     order = [(i.op, i.args) for i in runtime if i.op in ("COPY", "RUN")]
     venv = order.index(("COPY", "--from=deps /opt/venv /opt/venv"))
     sources = [
-        n
-        for n, (op, args) in enumerate(order)
-        if op == "COPY" and args.split()[0] in ("training/", "serving/")
+        n for n, (op, args) in enumerate(order) if op == "COPY" and args.split()[0] in PACKAGES
     ]
-    assert len(sources) == 2 and min(sources) > venv
+    assert len(sources) == len(PACKAGES) and min(sources) > venv
 
 
 def test_runtime_dependency_step_installs_the_pinned_closure(instructions, tmp_path):
@@ -174,7 +174,7 @@ def test_dockerignore_keeps_the_context_to_the_sources():
     ]
     assert patterns[0] == "*"  # allow-list
     included = {p[1:] for p in patterns if p.startswith("!")}
-    assert included == {"requirements.lock", "pyproject.toml", "training/", "serving/"}
+    assert included == {"requirements.lock", "pyproject.toml", *PACKAGES}
     # Everything the Dockerfile COPYs from the context is allowed in.
     for line in DOCKERFILE.read_text().splitlines():
         if line.startswith("COPY") and "--from" not in line:

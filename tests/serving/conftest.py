@@ -2,7 +2,7 @@
 
 The model repository holds ``tiny_classifier`` (the really trained one of the
 project's ``model_repo`` fixture) and ``tiny_detector`` (``tiny_models``: known
-boxes and scores), both exported by ``training.export.export_model``.
+boxes and scores), both exported by ``contract.export.export_model``.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from contract.repository import ModelRepository  # noqa: E402
 from serving.app import create_app  # noqa: E402
 from serving.settings import Settings  # noqa: E402
 from tests.serving import tiny_models  # noqa: E402
 from tests.serving.tfserving_standin import TFServingStandIn  # noqa: E402
-from training.repository import ModelRepository  # noqa: E402
 
 BACKENDS = ("embedded", "tfserving-grpc", "tfserving-rest")
 

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from contract.preprocessing import PreprocessSpec, preprocess_bytes
+from contract.repository import ModelRepository
 from serving.app import create_app
 from tests.serving import tiny_models
 from tests.serving.conftest import free_port, settings_for, wait_for
 from tests.serving.test_inputs import Capture, assert_problem
 from tests.serving.tfserving_standin import TFServingStandIn
-from training.preprocessing import PreprocessSpec, preprocess_bytes
-from training.repository import ModelRepository
 
 REMOTE = ("tfserving-grpc", "tfserving-rest")
 
@@ -37,7 +37,7 @@ def reference_outputs(repo: Path, name: str, data: bytes) -> dict[str, np.ndarra
 
 
 def tiny_models_card(repo: Path, name: str) -> dict:
-    from training.model_card import load_model_card
+    from contract.model_card import load_model_card
 
     return load_model_card(repo / name / "1")
 

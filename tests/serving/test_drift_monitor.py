@@ -11,8 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from contract import drift_scores
 from serving.drift import DriftCollector, DriftMonitor, PredictionMix
-from training import drift
 
 CHANNELS = 6
 
@@ -38,8 +38,12 @@ def _card() -> dict[str, Any]:
     ]
     rng = np.random.default_rng(0)
     m, s = _rows(rng, 2000, 0.0)
-    ref = drift.reference_quantiles(
-        m, s, drift.probe_references({"bn_reference": {"probes": probes}}), window=64, windows=300
+    ref = drift_scores.reference_quantiles(
+        m,
+        s,
+        drift_scores.probe_references({"bn_reference": {"probes": probes}}),
+        window=64,
+        windows=300,
     )
     return {
         "labels": ["a", "b"],
@@ -101,7 +105,9 @@ def test_in_distribution_stays_below_and_a_shift_goes_above_the_threshold(tmp_pa
     entry = monitor.scores()[("m", 1)]
     thr = entry["thresholds"]
     assert entry["images"] == 64
-    assert all(entry["count"][layer][s] <= thr[layer][s] for layer in thr for s in drift.SCORES)
+    assert all(
+        entry["count"][layer][s] <= thr[layer][s] for layer in thr for s in drift_scores.SCORES
+    )
     # A full window of shifted traffic replaces the clean one (count window).
     for _ in range(4):
         monitor.on_prediction(_event(card, rng, 16, 0.5))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from contract.preprocessing import ImageDecodeError, ImageTooLargeError, UnusableImageError
 from serving import errors
-from training.preprocessing import ImageDecodeError, ImageTooLargeError, UnusableImageError
 
 
 @pytest.mark.parametrize(

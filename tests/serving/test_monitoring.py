@@ -16,6 +16,7 @@ import requests
 import yaml
 from PIL import Image
 
+from contract.model_card import MODEL_CARD_RELPATH
 from serving.app import create_app
 from serving.auto_calibration import in_alarm
 from tests.deploy import promql
@@ -25,7 +26,6 @@ from tests.serving.conftest import free_port, settings_for, wait_for
 from tests.serving.test_metrics import parse, value
 from tests.serving.test_server import gunicorn, stop
 from training.classifier import REFERENCE_SET
-from training.model_card import MODEL_CARD_RELPATH
 
 TOKEN = "test-admin-token"
 
@@ -351,7 +351,7 @@ def test_promotion_and_rollback_under_load_fail_no_request(mutable_repo, images)
     """The calibration path's label moves under live traffic: a candidate appears as
     ``canary``, is promoted to ``stable``, then rolled back; no request fails and every
     request is answered by the version its label pointed at."""
-    from training.calibration import promote, rollback
+    from calibration.classifier import promote, rollback
 
     app = create_app(settings_for("embedded", mutable_repo, poll_interval_s=0.2))
     name = tiny_models.CLASSIFIER

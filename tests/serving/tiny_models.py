@@ -1,4 +1,4 @@
-"""Tiny models exported through the real exporter (``training.export.export_model``).
+"""Tiny models exported through the real exporter (``contract.export.export_model``).
 
 They follow the repository contract exactly (signature, model card, warm-up
 records, ``models.config`` labels) and load in well under a second, so the
@@ -23,10 +23,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from training.bn import select_probe_layers  # noqa: E402
+from contract.bn import select_probe_layers  # noqa: E402
+from contract.export import ExportResult, export_model, pixel_statistics  # noqa: E402
+from contract.preprocessing import PreprocessSpec, normalize  # noqa: E402
 from training.classifier import classifier_postprocess  # noqa: E402
-from training.export import ExportResult, export_model, pixel_statistics  # noqa: E402
-from training.preprocessing import PreprocessSpec, normalize  # noqa: E402
 
 CLASSIFIER = "tiny_classifier"
 DETECTOR = "tiny_detector"

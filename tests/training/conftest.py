@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from contract.repository import ModelRepository
 from tests.conftest import computed_once, write_photo_crops
 from training.cli import main
-from training.repository import ModelRepository
 
 
 @dataclass(frozen=True)

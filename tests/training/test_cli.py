@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 
+from contract.model_card import KERAS_MODEL_RELPATH, load_model_card
 from tests.conftest import write_photo_crops
 from training.cli import main
-from training.model_card import KERAS_MODEL_RELPATH, load_model_card
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from contract.preprocessing import PreprocessSpec, normalize
 from training import synthetic
 from training.data import class_weights, load_directory, make_dataset, split, synthetic_set
-from training.preprocessing import PreprocessSpec, normalize
 
 SPEC = PreprocessSpec(32, 32)
 

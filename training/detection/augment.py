@@ -11,7 +11,7 @@ Applied to decoded RGB uint8 images at their native size, in this order:
    image on a larger mean-coloured canvas (objects get smaller), ``s > 1`` crops a
    window ``1/s`` of the size (objects get larger);
 4. photometric changes: brightness, contrast, saturation;
-5. the final resize and normalise by :mod:`training.preprocessing` (the same
+5. the final resize and normalise by :mod:`contract.preprocessing` (the same
    code serving runs), whose geometry maps the boxes into the model input.
 
 Everything draws from the ``numpy.random.Generator`` it is given: a seed
@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from contract.preprocessing import ImageGeometry, PreprocessSpec, normalize, resize
 from training.detection.boxes import area, pixel_boxes_to_input
-from training.preprocessing import ImageGeometry, PreprocessSpec, normalize, resize
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from training.preprocessing import ImageGeometry
+from contract.preprocessing import ImageGeometry
 
 #: SSD's variances for (cy, cx, h, w).
 DEFAULT_VARIANCES: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)
@@ -132,7 +132,7 @@ def decode_boxes(
 def pixel_boxes_to_input(boxes: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
     """Original-pixel corner boxes -> normalised model-input boxes (not clipped).
 
-    The inverse of :meth:`training.preprocessing.ImageGeometry.boxes_to_original`.
+    The inverse of :meth:`contract.preprocessing.ImageGeometry.boxes_to_original`.
     """
     b = _as_boxes(boxes, "boxes")
     y = (b[:, [0, 2]] * geometry.scale_y + geometry.pad_y) / geometry.input_height

@@ -3,7 +3,7 @@
 COCO format is what users have: an annotation JSON (``images``, ``annotations``
 with ``bbox = [x, y, width, height]`` in pixels, ``categories``) and a folder of
 images. :func:`load_coco` reads it into a :class:`DetectionDataset`; pixels are
-decoded on demand by :func:`training.preprocessing.decode_image` (the project's
+decoded on demand by :func:`contract.preprocessing.decode_image` (the project's
 only decoder), so every format, EXIF rotation and colour rule is the same as in
 serving.
 
@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from contract.preprocessing import ImageError, decode_image
 from training.detection.boxes import xywh_to_yxyx, yxyx_to_xywh
-from training.preprocessing import ImageError, decode_image
 from training.synthetic import TRAINING_BACKGROUNDS, background_pixels, distinct_colour, draw_shape
 
 #: Classes of the synthetic detection set (shapes of :mod:`training.synthetic`).

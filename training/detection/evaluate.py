@@ -22,10 +22,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training import bn
+from contract import bn
+from contract.preprocessing import ImageGeometry, PreprocessSpec, preprocess_pixels
 from training.detection.boxes import yxyx_to_xywh
 from training.detection.data import DetectionDataset
-from training.preprocessing import ImageGeometry, PreprocessSpec, preprocess_pixels
 
 Postprocess = Callable[[list[tf.Tensor]], dict[str, tf.Tensor]]
 

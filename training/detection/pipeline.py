@@ -1,7 +1,7 @@
 """The training input pipeline: augment -> shared preprocessing -> anchor targets -> batches.
 
 Per example: :func:`training.detection.augment.augment` on native pixels, the
-final resize/normalise by :mod:`training.preprocessing` (as serving does),
+final resize/normalise by :mod:`contract.preprocessing` (as serving does),
 then :func:`training.detection.matching.match_anchors`. Batches are built in
 NumPy by a generator that ``tf.data`` prefetches, so the next batch is prepared
 while the current training step runs.
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from contract.preprocessing import PreprocessSpec
 from training.detection.augment import NO_AUGMENT, AugmentConfig, augment, to_model_input
 from training.detection.boxes import DEFAULT_VARIANCES
 from training.detection.data import DetectionDataset
 from training.detection.matching import MatchConfig, match_anchors
-from training.preprocessing import PreprocessSpec
 
 
 @dataclass

@@ -78,7 +78,7 @@ def make_postprocess(
     nms: NmsConfig = NmsConfig(),
     variances: Sequence[float] = DEFAULT_VARIANCES,
 ) -> Callable[[list[tf.Tensor]], dict[str, tf.Tensor]]:
-    """The ``postprocess`` hook for :func:`training.export.export_model`.
+    """The ``postprocess`` hook for :func:`contract.export.export_model`.
 
     It takes the detector's raw outputs ``[class_logits, box_deltas]``.
     """

@@ -22,6 +22,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from contract.preprocessing import ImageGeometry, PreprocessSpec, normalize, resize
 from training.detection.data import DetectionDataset, DetectionSample
 from training.detection.evaluate import (
     DetectionMetrics,
@@ -30,7 +31,6 @@ from training.detection.evaluate import (
     detections_to_coco,
     predict,
 )
-from training.preprocessing import ImageGeometry, PreprocessSpec, normalize, resize
 
 #: File name under ``assets.extra`` (the same as the classifier's).
 REFERENCE_SET = "reference_set.npz"

@@ -7,13 +7,13 @@ The run, in order:
    written in COCO format and read back by the same loader;
 2. model: :func:`training.detection.model.build_detector`, anchors from the
    same :class:`AnchorConfig`;
-3. BN momentum set for the run length (:func:`training.bn.momentum_for_steps`);
+3. BN momentum set for the run length (:func:`contract.bn.momentum_for_steps`);
 4. training: augmented batches (:mod:`training.detection.pipeline`), focal +
    smooth L1 loss, AdamW with warm-up and cosine decay;
 5. precise BN over un-augmented training images, then COCO evaluation on the
    held-out set in inference mode and the parity check (inference-mode vs
    training-mode mAP@.5); a failed check stops the export unless forced;
-6. export (:func:`training.export.export_model`) with the decode + NMS in the
+6. export (:func:`contract.export.export_model`) with the decode + NMS in the
    graph and the model card's ``detection`` and ``metrics`` sections.
 
 :func:`add_detector_arguments` and :func:`run_detector` are the command line
@@ -39,7 +39,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training import bn, drift
+from contract import bn, drift_scores
+from contract.export import ExportRefused, ExportResult, export_model, pixel_statistics
+from contract.preprocessing import PreprocessSpec
 from training.classifier import ParityError, WarmupSchedule
 from training.detection.anchors import AnchorConfig, feature_map_sizes, generate_anchors
 from training.detection.augment import NO_AUGMENT, AugmentConfig
@@ -65,8 +67,6 @@ from training.detection.pipeline import TrainingBatches, image_batches
 from training.detection.postprocess import NmsConfig, make_postprocess
 from training.detection.reference import REFERENCE_SET, reference_set_bytes
 from training.detection.reference import describe as describe_reference_set
-from training.export import ExportRefused, ExportResult, export_model, pixel_statistics
-from training.preprocessing import PreprocessSpec
 
 __all__ = [
     "PRESETS",
@@ -595,7 +595,7 @@ def export_detector(
         extra_files={REFERENCE_SET: ref_bytes},
         drift_images=val_x,
         staleness_images=train_x,
-        drift_window=min(drift.DEFAULT_WINDOW, max(16, len(val_x) // 2)),
+        drift_window=min(drift_scores.DEFAULT_WINDOW, max(16, len(val_x) // 2)),
         force=cfg.force,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from contract.preprocessing import PreprocessSpec, preprocess_pixels
 from training.detection.augment import (
     NO_AUGMENT,
     AugmentConfig,
@@ -16,7 +17,6 @@ from training.detection.augment import (
     scale_jitter,
     to_model_input,
 )
-from training.preprocessing import PreprocessSpec, preprocess_pixels
 
 COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], np.uint8)
 

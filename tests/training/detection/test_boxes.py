@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from contract.preprocessing import PreprocessSpec, preprocess_pixels
 from training.detection.augment import to_model_input
 from training.detection.boxes import (
     decode_boxes,
@@ -14,7 +15,6 @@ from training.detection.boxes import (
     xywh_to_yxyx,
     yxyx_to_xywh,
 )
-from training.preprocessing import PreprocessSpec, preprocess_pixels
 
 
 def test_iou_of_hand_made_boxes():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from contract.preprocessing import PreprocessSpec, preprocess_pixels
 from training.detection.data import load_coco, write_synthetic_coco
 from training.detection.evaluate import coco_metrics, detections_to_coco
-from training.preprocessing import PreprocessSpec, preprocess_pixels
 
 
 @pytest.fixture(scope="module")

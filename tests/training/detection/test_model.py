@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from training import bn
+from contract import bn
 from training.detection.anchors import AnchorConfig, generate_anchors
 from training.detection.model import DetectorConfig, build_detector
 

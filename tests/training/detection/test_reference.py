@@ -7,7 +7,8 @@ import io
 import numpy as np
 import pytest
 
-from training.detection.calibration import _as_ground_truth, confident_score
+from calibration.detector import _as_ground_truth, confident_score
+from contract.preprocessing import PreprocessSpec, preprocess_pixels
 from training.detection.data import load_coco, write_synthetic_coco
 from training.detection.reference import (
     boxes_to_input_pixels,
@@ -16,7 +17,6 @@ from training.detection.reference import (
     reference_set_bytes,
     score_outputs,
 )
-from training.preprocessing import PreprocessSpec, preprocess_pixels
 
 
 @pytest.fixture(scope="module")

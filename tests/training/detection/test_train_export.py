@@ -14,7 +14,11 @@ import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from training.calibration import add_calibrate_arguments, calibrate, run_calibrate
+from calibration.capture_store import SampleStore
+from calibration.classifier import add_calibrate_arguments, calibrate, run_calibrate
+from contract.model_card import load_model_card
+from contract.preprocessing import PreprocessSpec, preprocess_pixels
+from contract.repository import ModelRepository
 from training.detection import train as train_module
 from training.detection.anchors import AnchorConfig, num_anchors
 from training.detection.data import SyntheticConfig, load_coco, write_synthetic_coco
@@ -28,10 +32,6 @@ from training.detection.train import (
     run_detector,
     train_detector,
 )
-from training.model_card import load_model_card
-from training.preprocessing import PreprocessSpec, preprocess_pixels
-from training.repository import ModelRepository
-from training.samples import SampleStore
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ from nothing else. Required keys (``validate_model_card`` checks them):
   ``labels``, ``created_at`` (ISO 8601 UTC)
 - ``input``: ``height``, ``width``, ``channels``, ``dtype``, ``tensor`` (input name)
 - ``signature``: ``name`` and the ``inputs``/``outputs`` with dtype and shape
-- ``preprocessing``: :class:`training.preprocessing.PreprocessSpec` as a dict
+- ``preprocessing``: :class:`contract.preprocessing.PreprocessSpec` as a dict
 - ``bn_reference``: ``probes`` (name, channels, offset into the probe vector,
   moving_mean, moving_variance, epsilon), ``total_channels`` and ``pixel_stats``
   (per-channel mean/variance of the training data in model-input space)

@@ -1,6 +1,6 @@
 """Calibration of a detector: AdaBN on captured traffic, gated on mAP and parity.
 
-:func:`training.calibration.calibrate` hands detection models here. The path
+:func:`calibration.classifier.calibrate` hands detection models here. The path
 is the classifier's (same sample split, precise-BN routine, prior, drift and
 staleness checks, private export, publish or reject, label moves), with what
 differs for boxes:
@@ -13,7 +13,7 @@ differs for boxes:
   may not fall more than ``accuracy_tolerance`` below the parent's. There is
   no labelled traffic to decide instead, so it always gates;
 - ``prior_strength="auto"`` tries the source weights of
-  :data:`training.calibration.AUTO_SOURCE_WEIGHTS` and keeps the most adapted
+  :data:`calibration.classifier.AUTO_SOURCE_WEIGHTS` and keeps the most adapted
   one within the mAP tolerance that leaves the held-out traffic below the
   drift alarm;
 - ``parity`` needs no labels: inference-mode detections on held-out traffic,
@@ -40,8 +40,12 @@ from typing import Any
 
 import numpy as np
 
-from training import bn, drift
-from training import calibration as cal
+from calibration import classifier as cal
+from contract import bn, drift_scores
+from contract.export import pixel_statistics
+from contract.model_card import load_model_card
+from contract.preprocessing import PreprocessSpec
+from contract.repository import ModelRepository
 from training.detection.anchors import AnchorConfig, generate_anchors
 from training.detection.data import DetectionDataset, DetectionSample
 from training.detection.evaluate import DetectionMetrics, predict
@@ -52,10 +56,6 @@ from training.detection.reference import (
     load_reference_set,
     score_outputs,
 )
-from training.export import pixel_statistics
-from training.model_card import load_model_card
-from training.preprocessing import PreprocessSpec
-from training.repository import ModelRepository
 
 #: The highest score threshold that makes a detection *confident* (:func:`confident_score`).
 CONFIDENT_SCORE = 0.5
@@ -222,7 +222,7 @@ def calibrate_detector(
     parent_classes = _confident_classes(
         predict(model, postprocess, x, batch_size=batch_size), confident
     )
-    thresholds = drift.thresholds(card)
+    thresholds = drift_scores.thresholds(card)
     parent_scores, parent_exceed = (
         cal.drift_exceedances(model, probe_names, x[held], thresholds, batch_size=batch_size)
         if thresholds

@@ -1,7 +1,7 @@
 """Calibration jobs started from the gateway, run in a separate process.
 
 The admin endpoint never calibrates inside a request worker: it starts
-``python -m serving.calibration_jobs JOB_FILE``, a detached process that runs
+``python -m calibration.jobs JOB_FILE``, a detached process that runs
 ``python -m training calibrate`` in-process and writes the outcome into the job
 file (atomic rename). Any worker can report any job's status because the state
 lives in files, not in the worker that started it. One job per model at a time.
@@ -30,7 +30,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from training import calibration
+from calibration import classifier as calibration
 
 OUTCOMES = {
     calibration.EXIT_PUBLISHED: "published",
@@ -146,7 +146,7 @@ class CalibrationJobs:
             _write_json(path, job)
             log = open(self.dir / f"{job_id}.log", "wb")  # noqa: SIM115 - handed to the child
             proc = subprocess.Popen(
-                [sys.executable, "-m", "serving.calibration_jobs", str(path)],
+                [sys.executable, "-m", "calibration.jobs", str(path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

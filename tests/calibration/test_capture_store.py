@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training import samples
-from training.samples import (
+from calibration import capture_store as samples
+from calibration.capture_store import (
     ExpiredRequestError,
     FeedbackConflictError,
     InvalidFeedbackError,

@@ -2,16 +2,16 @@
 
 This describes classifiers; a detector's calibration shares the sample split,
 statistics, drift and staleness checks and publishing helpers below, and gates
-on mAP instead (:mod:`training.detection.calibration`).
+on mAP instead (:mod:`calibration.detector`).
 
 ``calibrate`` takes the version labelled ``stable``, and:
 
 1. loads its Keras model (``assets.extra/model.keras``), model card and shipped
    reference set, and the newest captured samples of the model
-   (:mod:`training.samples`) with their feedback labels;
+   (:mod:`calibration.capture_store`) with their feedback labels;
 2. splits the samples by request id into a fit part and a held-out part, and
    re-estimates the statistics of *every* BN layer on the fit part with
-   :func:`training.bn.precise_bn` (AdaBN; optionally mixed with the source
+   :func:`contract.bn.precise_bn` (AdaBN; optionally mixed with the source
    statistics by ``prior_strength``; ``"auto"`` chooses it, see below). Layers
    frozen at training time are unfrozen for the pass, so each layer sees its
    input normalised by the new statistics upstream, and re-frozen before saving;
@@ -24,7 +24,7 @@ on mAP instead (:mod:`training.detection.calibration`).
    destroys (noise); labelled feedback from the new domain can teach the
    weights to read it. Every later check on labelled traffic is judged on
    labelled samples the fine-tuning did not see;
-4. fits a temperature (:mod:`training.temperature`) on the labelled fit samples
+4. fits a temperature (:mod:`calibration.temperature`) on the labelled fit samples
    not fine-tuned on (after fine-tuning on all of them: on the labelled
    held-out ones, and the report says ``in_sample``) when there are at least
    ``min_labelled`` labelled ones, reports NLL/ECE at T=1 and at T on the
@@ -94,24 +94,24 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training import bn, drift
-from training.classifier import REFERENCE_SET, classifier_postprocess
-from training.export import export_model, pixel_statistics
-from training.model_card import (
-    KERAS_MODEL_RELPATH,
-    REQUIRED,
-    load_model_card,
-    write_model_card,
-)
-from training.preprocessing import PreprocessSpec, normalize
-from training.repository import ModelRepository, RepositoryError
-from training.samples import SampleSet, load_samples
-from training.temperature import (
+from calibration.capture_store import SampleSet, load_samples
+from calibration.temperature import (
     ECE_BINS,
     TemperatureFit,
     calibration_report,
     fit_and_evaluate,
 )
+from contract import bn, drift_scores
+from contract.export import export_model, pixel_statistics
+from contract.model_card import (
+    KERAS_MODEL_RELPATH,
+    REQUIRED,
+    load_model_card,
+    write_model_card,
+)
+from contract.preprocessing import PreprocessSpec, normalize
+from contract.repository import ModelRepository, RepositoryError
+from training.classifier import REFERENCE_SET, classifier_postprocess
 
 PROMOTE_LABELS = ("canary", "stable")
 #: Parent accuracy on labelled traffic this far below its reference-set accuracy
@@ -455,10 +455,10 @@ def drift_exceedances(
     failures against ``thresholds`` (the alarm thresholds of a model card).
     """
     m, s = _probe_moments(model, probe_names, x, batch_size)
-    refs = drift.probe_references(
+    refs = drift_scores.probe_references(
         {"bn_reference": {"probes": bn.probe_reference(model, probe_names)}}
     )
-    scores = drift.pooled_scores(m, s, refs)
+    scores = drift_scores.pooled_scores(m, s, refs)
     failures = [
         f"{layer}.{name}={scores[layer][name]:.4g} > {limit:.4g}"
         for layer, by_score in thresholds.items()
@@ -672,7 +672,7 @@ def export_and_publish(
     gets the ``statistics_converged`` check appended.
     """
     drift_x = x[held] if len(x[held]) >= 16 else x
-    window = int(card["bn_reference"].get("drift", {}).get("window", drift.DEFAULT_WINDOW))
+    window = int(card["bn_reference"].get("drift", {}).get("window", drift_scores.DEFAULT_WINDOW))
     private = repo.base / name / f".calibrate-{secrets.token_hex(6)}"
     try:
         exported = export_model(
@@ -868,7 +868,7 @@ def calibrate(
     ``<samples_dir>/<name>``). Raises :class:`NotEnoughSamplesError` below
     ``min_samples`` images, :class:`CalibrationError` when there is no stable
     version or the task is neither classification nor detection (detectors:
-    :func:`training.detection.calibration.calibrate_detector`; the classifier-only
+    :func:`calibration.detector.calibrate_detector`; the classifier-only
     options do not apply to them). A rejected candidate is not an
     exception: the result's ``status`` is ``"rejected"`` with ``reasons``.
     """
@@ -889,7 +889,7 @@ def calibrate(
     parent_dir = repo.version_dir(name, parent_version)
     card = load_model_card(parent_dir)
     if card["task"] == "detection":
-        from training.detection.calibration import calibrate_detector  # imports this module
+        from calibration.detector import calibrate_detector  # imports this module
 
         return calibrate_detector(
             model_base,
@@ -937,7 +937,7 @@ def calibrate(
     parent = _load_keras(parent_dir)
     parent_logits = _logits(parent, x, batch_size)
     parent_ref_acc = float(np.mean(_logits(parent, ref_x, batch_size).argmax(-1) == ref_y))
-    thresholds = drift.thresholds(card)
+    thresholds = drift_scores.thresholds(card)
     parent_scores, parent_exceed = (
         drift_exceedances(parent, probe_names, x[held], thresholds, batch_size=batch_size)
         if thresholds

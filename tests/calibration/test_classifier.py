@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import write_photo_crops
-from training import bn
-from training.calibration import (
+from calibration.capture_store import SampleStore, record_feedback
+from calibration.classifier import (
     AUTO_SOURCE_WEIGHTS,
     EXIT_ERROR,
     EXIT_NOT_ENOUGH_SAMPLES,
@@ -42,12 +41,13 @@ from training.calibration import (
     run_promote,
     run_rollback,
 )
+from calibration.temperature import expected_calibration_error, softmax
+from contract import bn
+from contract.model_card import KERAS_MODEL_RELPATH, load_model_card
+from contract.preprocessing import PreprocessSpec, normalize
+from contract.repository import ModelRepository
+from tests.conftest import write_photo_crops
 from training.data import load_directory
-from training.model_card import KERAS_MODEL_RELPATH, load_model_card
-from training.preprocessing import PreprocessSpec, normalize
-from training.repository import ModelRepository
-from training.samples import SampleStore, record_feedback
-from training.temperature import expected_calibration_error, softmax
 
 pytestmark = pytest.mark.slow
 

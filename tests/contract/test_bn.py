@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from training import bn
+from contract import bn
 from training.classifier import build_classifier
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.temperature import (
+from calibration.temperature import (
     ECE_BINS,
     TemperatureFitError,
     at_bound,

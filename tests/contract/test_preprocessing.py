@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import exif_rotated_jpeg, photo
-from training.preprocessing import (
+from contract.preprocessing import (
     ImageDecodeError,
     ImageTooLargeError,
     PreprocessSpec,
@@ -22,6 +21,7 @@ from training.preprocessing import (
     preprocess_pixels,
     resize,
 )
+from tests.conftest import exif_rotated_jpeg, photo
 
 
 @pytest.mark.parametrize(

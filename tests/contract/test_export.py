@@ -13,12 +13,9 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from tests.conftest import PHOTO_CLASSES, REPO_ROOT
-from tests.deploy import tfserving_protos
-from training import bn
-from training.classifier import REFERENCE_SET, classifier_postprocess
-from training.export import export_model
-from training.model_card import (
+from contract import bn
+from contract.export import export_model
+from contract.model_card import (
     KERAS_MODEL_RELPATH,
     MODEL_CARD_RELPATH,
     WARMUP_RELPATH,
@@ -26,8 +23,11 @@ from training.model_card import (
     load_model_card,
     validate_model_card,
 )
-from training.preprocessing import PreprocessSpec, normalize
-from training.repository import ModelRepository
+from contract.preprocessing import PreprocessSpec, normalize
+from contract.repository import ModelRepository
+from tests.conftest import PHOTO_CLASSES, REPO_ROOT
+from tests.deploy import tfserving_protos
+from training.classifier import REFERENCE_SET, classifier_postprocess
 
 pytestmark = pytest.mark.slow
 
@@ -202,7 +202,7 @@ def test_drift_reference_is_stored_and_staleness_checked(exported):
 
 def test_export_refuses_unconverged_moving_statistics(exported, tmp_path):
     """The seeds' bug at export time: fresh moving statistics (0, 1) are stale."""
-    from training.export import StalenessError
+    from contract.export import StalenessError
 
     _, card, model, _, x = exported
     stale = keras.models.clone_model(model)

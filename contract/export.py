@@ -23,16 +23,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training import drift
-from training.bn import probe_layers, probe_moments, probe_reference
-from training.model_card import (
+from contract import drift_scores
+from contract.bn import probe_layers, probe_moments, probe_reference
+from contract.model_card import (
     KERAS_MODEL_RELPATH,
     SCHEMA_VERSION,
     WARMUP_RELPATH,
     write_model_card,
 )
-from training.preprocessing import PreprocessSpec
-from training.repository import ModelRepository
+from contract.preprocessing import PreprocessSpec
+from contract.repository import ModelRepository
 
 SIGNATURE = "serving_default"
 INPUT_NAME = "images"
@@ -152,16 +152,16 @@ def drift_reference(
     held_out: np.ndarray,
     training: np.ndarray | None,
     *,
-    window: int = drift.DEFAULT_WINDOW,
+    window: int = drift_scores.DEFAULT_WINDOW,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Reference quantiles of drift scores on held-out data, and the staleness check."""
-    refs = drift.probe_references({"bn_reference": {"probes": probes}})
+    refs = drift_scores.probe_references({"bn_reference": {"probes": probes}})
     hm, hs = probe_outputs(module, held_out)
-    reference = drift.reference_quantiles(hm, hs, refs, window=window)
+    reference = drift_scores.reference_quantiles(hm, hs, refs, window=window)
     report = None
     if training is not None:
         tm, ts = probe_outputs(module, training)
-        report = drift.staleness(tm, ts, refs)
+        report = drift_scores.staleness(tm, ts, refs)
     return reference, report
 
 
@@ -194,7 +194,7 @@ def export_model(
     extra_files: dict[str, bytes] | None = None,
     drift_images: np.ndarray | None = None,
     staleness_images: np.ndarray | None = None,
-    drift_window: int = drift.DEFAULT_WINDOW,
+    drift_window: int = drift_scores.DEFAULT_WINDOW,
     force: bool = False,
 ) -> ExportResult:
     """Export ``model`` as the next version of ``name`` in ``model_base``.
