@@ -46,7 +46,7 @@ from contract import bn
 from contract.model_card import KERAS_MODEL_RELPATH, load_model_card
 from contract.preprocessing import PreprocessSpec, normalize
 from contract.repository import ModelRepository
-from tests.conftest import write_photo_crops
+from tests.helpers.photos import write_photo_crops
 from training.data import load_directory
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ from contract.preprocessing import (
     preprocess_pixels,
     resize,
 )
-from tests.conftest import exif_rotated_jpeg, photo
+from tests.helpers.photos import exif_rotated_jpeg, photo
 
 
 @pytest.mark.parametrize(

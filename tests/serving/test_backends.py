@@ -61,7 +61,7 @@ def test_classify_matches_the_saved_model(backend_app, serving_repo, images):
 def test_the_trained_classifier_recognises_its_photographs(backend_app, serving_repo, tmp_path):
     """Crops like the project's tiny classifier was trained on: the gateway's answers are
     the model's own on the training input path, and better than chance."""
-    from tests.conftest import write_photo_crops
+    from tests.helpers.photos import write_photo_crops
     from training.data import load_directory, normalized_batches
 
     root = write_photo_crops(tmp_path, 6, seed=123)

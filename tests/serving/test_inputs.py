@@ -15,7 +15,7 @@ from PIL import Image
 
 from contract.preprocessing import PreprocessSpec
 from serving.app import create_app
-from tests.conftest import exif_rotated_jpeg
+from tests.helpers.photos import exif_rotated_jpeg
 from tests.serving.conftest import settings_for
 from training.data import load_directory, normalized_batches
 

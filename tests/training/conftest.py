@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from contract.repository import ModelRepository
-from tests.conftest import computed_once, write_photo_crops
+from tests.helpers.once import computed_once
+from tests.helpers.photos import write_photo_crops
 from training.cli import main
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from contract.model_card import KERAS_MODEL_RELPATH, load_model_card
-from tests.conftest import write_photo_crops
+from tests.helpers.photos import write_photo_crops
 from training.cli import main
 
 pytestmark = pytest.mark.slow

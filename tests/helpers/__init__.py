@@ -1,0 +1,1 @@
+"""Helpers shared by the test packages: import these, never another test file or conftest."""
