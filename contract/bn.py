@@ -65,6 +65,19 @@ def momentum_for_steps(
     return float(min(maximum, max(minimum, 1.0 - 5.0 / steps_per_epoch)))
 
 
+def resolve_momentum(setting: str | float, steps: int) -> float | None:
+    """The BN momentum a run's ``bn_momentum`` setting asks for.
+
+    ``"keras"`` keeps each layer's own (None), ``"auto"`` is :func:`momentum_for_steps`
+    of ``steps``, a number is used as given.
+    """
+    if setting == "keras":
+        return None
+    if setting == "auto":
+        return momentum_for_steps(steps)
+    return float(setting)
+
+
 def set_bn_momentum(model: keras.Model, momentum: float) -> int:
     """Set the momentum of every BN layer; returns how many layers were changed."""
     layers = bn_layers(model)

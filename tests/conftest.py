@@ -7,7 +7,11 @@ training code at a tiny size, once per test session.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -52,3 +56,42 @@ def tiny_training(tmp_path_factory) -> tuple[Path, dict]:
 def model_repo(tiny_training) -> Path:
     """A model base with ``tiny_classifier`` version 1 (label stable), really trained."""
     return tiny_training[0]
+
+
+@dataclass(frozen=True)
+class StaleRun:
+    """The seeds' bug through the command line: its exit code, output and repository."""
+
+    base: Path
+    rc: int
+    stderr: str
+    #: The run's summary: the JSON line the command prints last, refused or not.
+    summary: dict
+    versions: list[int]
+
+
+@pytest.fixture(scope="session")
+def stale_run(tmp_path_factory) -> StaleRun:
+    """``python -m training classifier`` with Keras's BN defaults (momentum 0.999, no
+    precise BN) on the data, seed and preset of the session's default training."""
+
+    from contract.repository import ModelRepository
+    from training.cli import main
+
+    def run(directory: Path) -> dict:
+        base = directory / "models"
+        crops = write_photo_crops(directory / "crops", 100)
+        args = ["classifier", "--data", str(crops), "--model-base", str(base), "--name", "stale"]
+        args += ["--preset", "tiny", "--bn-momentum", "keras", "--no-precise-bn"]
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            rc = main(args)
+        lines = out.getvalue().strip().splitlines()
+        summary = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+        return {"rc": rc, "stderr": err.getvalue(), "summary": summary}
+
+    directory, r = computed_once(tmp_path_factory, "stale_run", run)
+    base = directory / "models"
+    return StaleRun(
+        base, r["rc"], r["stderr"], r["summary"], ModelRepository(base).versions("stale")
+    )

@@ -233,14 +233,6 @@ def _strategy() -> tf.distribute.Strategy:
     return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
 
 
-def _resolve_momentum(cfg: ClassifierConfig, steps_per_epoch: int) -> float | None:
-    if cfg.bn_momentum == "keras":
-        return None
-    if cfg.bn_momentum == "auto":
-        return bn.momentum_for_steps(steps_per_epoch)
-    return float(cfg.bn_momentum)
-
-
 def _fit(
     model, train_ds, val_ds, *, epochs, lr_peak, steps_per_epoch, cfg, weights
 ) -> keras.callbacks.History:
@@ -297,7 +289,7 @@ def train_classifier(cfg: ClassifierConfig, *, export: bool = True) -> dict[str,
         )
     steps_per_epoch = max(1, len(train) // cfg.batch_size)
     pretrained = cfg.weights not in ("none", "", None)
-    momentum = _resolve_momentum(cfg, steps_per_epoch)
+    momentum = bn.resolve_momentum(cfg.bn_momentum, steps_per_epoch)
     if momentum is not None:
         bn.set_bn_momentum(model, momentum)
 

@@ -122,7 +122,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _add_detector(sub: argparse._SubParsersAction) -> None:
-    from training.detection.train import add_detector_arguments, run_detector
+    from training.detection.cli import add_detector_arguments, run_detector
 
     p = sub.add_parser("detector", help="train and export a MobileNetV2 SSDLite detector")
     add_detector_arguments(p)

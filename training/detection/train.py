@@ -16,22 +16,19 @@ The run, in order:
 6. export (:func:`contract.export.export_model`) with the decode + NMS in the
    graph and the model card's ``detection`` and ``metrics`` sections.
 
-:func:`add_detector_arguments` and :func:`run_detector` are the command line
-(``python -m training detector ...``); :func:`train_detector` is the library.
+:func:`train_detector` is the library; :mod:`training.detection.config` holds the
+parameters and presets, :mod:`training.detection.cli` the command line
+(``python -m training detector ...``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +38,10 @@ import tensorflow as tf
 
 from contract import bn, drift_scores
 from contract.export import ExportRefused, ExportResult, export_model, pixel_statistics
-from contract.preprocessing import PreprocessSpec
 from training.classifier import ParityError, WarmupSchedule
-from training.detection.anchors import AnchorConfig, feature_map_sizes, generate_anchors
-from training.detection.augment import NO_AUGMENT, AugmentConfig
+from training.detection.anchors import feature_map_sizes, generate_anchors
 from training.detection.boxes import DEFAULT_VARIANCES
+from training.detection.config import DetectorTrainConfig
 from training.detection.data import (
     DatasetError,
     DetectionDataset,
@@ -61,165 +57,14 @@ from training.detection.evaluate import (
     preprocess_images,
 )
 from training.detection.losses import LossConfig, detection_loss
-from training.detection.matching import MatchConfig
 from training.detection.model import BACKBONE_LAYERS, DetectorConfig, build_detector
 from training.detection.pipeline import TrainingBatches, image_batches
-from training.detection.postprocess import NmsConfig, make_postprocess
+from training.detection.postprocess import make_postprocess
 from training.detection.reference import REFERENCE_SET, reference_set_bytes
 from training.detection.reference import describe as describe_reference_set
 
-__all__ = [
-    "PRESETS",
-    "DetectorTrainConfig",
-    "ParityError",
-    "add_detector_arguments",
-    "run_detector",
-    "train_detector",
-]
+__all__ = ["DetectorTrainConfig", "ParityError", "load_datasets", "train_detector"]
 
-
-@dataclass
-class DetectorTrainConfig:
-    """Parameters of one detector run (the CLI flags map one-to-one)."""
-
-    data: str = "synthetic"  # a COCO annotation JSON, or "synthetic"
-    images: str | None = None  # image folder of ``data`` (default: beside the JSON)
-    val_data: str | None = None  # held-out COCO JSON (default: a fraction of ``data``)
-    val_images: str | None = None
-    val_fraction: float = 0.1
-    model_base: str = "models"
-    name: str = "detector"
-    alpha: float = 0.35
-    image_size: int = 128
-    geometry: str = "letterbox"
-    resize_method: str = "bilinear"
-    strides: tuple[int, ...] = (8, 16, 32, 64)
-    anchor_size_factor: float = 1.5
-    anchor_scales: tuple[float, ...] = (1.0, 2**0.5)
-    aspect_ratios: tuple[float, ...] = (1.0, 2.0, 0.5)
-    fpn: bool = False
-    fpn_channels: int = 64
-    head_depth: int = 1
-    shared_head: bool = False
-    positive_iou: float = 0.5
-    negative_iou: float = 0.4
-    epochs: int = 30
-    batch_size: int = 32
-    learning_rate: float = 3e-3
-    warmup_epochs: float = 1.0
-    weight_decay: float = 1e-4
-    augment: bool = True
-    crop_probability: float = 0.2
-    jitter_probability: float = 0.3
-    seed: int = 0
-    synthetic_images: int = 2000
-    synthetic_val_images: int = 250
-    synthetic_dir: str | None = None  # where the synthetic COCO set is written (default: temp)
-    nms_iou: float = 0.5
-    score_threshold: float = 0.05
-    max_detections: int = 100
-    bn_momentum: str = "auto"  # auto | keras (leave 0.999) | a number
-    precise_bn: bool = True
-    precise_bn_images: int = 1024
-    eval_every: int = 0  # held-out mAP every N epochs during training (0: only at the end)
-    max_parity_gap: float = 0.05  # in mAP@.5 points (0..1)
-    reference_images: int = 200  # held-out images shipped for calibration's mAP gate
-    force: bool = False
-    version_labels: tuple[str, ...] = ("stable",)
-    verbose: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.strides = tuple(int(s) for s in self.strides)
-        self.anchor_scales = tuple(float(s) for s in self.anchor_scales)
-        self.aspect_ratios = tuple(float(r) for r in self.aspect_ratios)
-        self.version_labels = tuple(self.version_labels)
-        if not 0 < self.alpha <= 1.4:
-            raise ValueError("alpha must be in (0, 1.4]")
-        if self.image_size < 32:
-            raise ValueError("MobileNetV2 needs an input of at least 32x32")
-        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
-            raise ValueError("epochs, batch_size and learning_rate must be positive")
-        if self.reference_images < 1:
-            raise ValueError("reference_images must be >= 1")
-        if self.synthetic_images < 2 or self.synthetic_val_images < 1:
-            raise ValueError("the synthetic set needs >= 2 training and >= 1 held-out images")
-        # Validates geometry/resize method and the anchor/match/NMS values early.
-        _ = self.spec, self.anchor_config, self.match_config, self.nms_config, self.augment_config
-
-    @property
-    def spec(self) -> PreprocessSpec:
-        return PreprocessSpec(
-            height=self.image_size,
-            width=self.image_size,
-            resize_method=self.resize_method,
-            geometry=self.geometry,
-        )
-
-    @property
-    def anchor_config(self) -> AnchorConfig:
-        return AnchorConfig(
-            self.strides, self.anchor_size_factor, self.anchor_scales, self.aspect_ratios
-        )
-
-    @property
-    def augment_config(self) -> AugmentConfig:
-        if not self.augment:
-            return NO_AUGMENT
-        return AugmentConfig(
-            crop_probability=self.crop_probability, jitter_probability=self.jitter_probability
-        )
-
-    @property
-    def match_config(self) -> MatchConfig:
-        return MatchConfig(self.positive_iou, self.negative_iou)
-
-    @property
-    def nms_config(self) -> NmsConfig:
-        return NmsConfig(
-            self.nms_iou, self.score_threshold, self.max_detections, self.max_detections
-        )
-
-    def detector_config(self, num_classes: int) -> DetectorConfig:
-        return DetectorConfig(
-            num_classes=num_classes,
-            image_height=self.image_size,
-            image_width=self.image_size,
-            alpha=self.alpha,
-            anchors=self.anchor_config,
-            fpn=self.fpn,
-            fpn_channels=self.fpn_channels,
-            head_depth=self.head_depth,
-            shared_head=self.shared_head,
-        )
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # The demo model `make models` builds: <= 15 minutes on 2 CPU cores,
-    # mAP@.5 >= 0.9 and mAP@[.5:.95] >= 0.6 on held-out synthetic images.
-    "demo": dict(
-        alpha=0.35,
-        image_size=128,
-        epochs=35,
-        batch_size=32,
-        synthetic_images=2000,
-        synthetic_val_images=250,
-        learning_rate=3e-3,
-    ),
-    # Seconds, for tests.
-    "tiny": dict(
-        alpha=0.35,
-        image_size=64,
-        strides=(8, 16, 32),
-        epochs=2,
-        batch_size=8,
-        synthetic_images=32,
-        synthetic_val_images=8,
-        fpn_channels=16,
-        head_depth=1,
-        precise_bn_images=32,
-    ),
-}
 
 # --- data -------------------------------------------------------------------
 
@@ -252,14 +97,6 @@ def load_datasets(
 
 
 # --- training ---------------------------------------------------------------
-
-
-def _resolve_momentum(cfg: DetectorTrainConfig, total_steps: int) -> float | None:
-    if cfg.bn_momentum == "keras":
-        return None
-    if cfg.bn_momentum == "auto":
-        return bn.momentum_for_steps(total_steps)
-    return float(cfg.bn_momentum)
 
 
 def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, loss: LossConfig):
@@ -396,7 +233,7 @@ def train_detector(cfg: DetectorTrainConfig, *, export: bool = True) -> dict[str
         seed=cfg.seed,
     )
     total_steps = batches.steps_per_epoch * cfg.epochs
-    momentum = _resolve_momentum(cfg, total_steps)
+    momentum = bn.resolve_momentum(cfg.bn_momentum, total_steps)
     if momentum is not None:
         bn.set_bn_momentum(model, momentum)
     if log:
@@ -598,157 +435,3 @@ def export_detector(
         drift_window=min(drift_scores.DEFAULT_WINDOW, max(16, len(val_x) // 2)),
         force=cfg.force,
     )
-
-
-# --- command line -------------------------------------------------------------
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(","))
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(","))
-
-
-def add_detector_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``detector`` command's flags (each maps to a :class:`DetectorTrainConfig` field)."""
-    d = DetectorTrainConfig()
-    p = parser
-    p.add_argument("--data", default="synthetic", help="COCO annotation JSON, or 'synthetic'")
-    p.add_argument("--images", help="image folder of --data (default: 'images' beside the JSON)")
-    p.add_argument("--val-data", help="held-out COCO JSON (default: --val-fraction of --data)")
-    p.add_argument("--val-images", help="image folder of --val-data")
-    p.add_argument(
-        "--val-fraction", type=float, help=f"held-out fraction (default {d.val_fraction})"
-    )
-    p.add_argument("--model-base", default="models", help="model repository (default ./models)")
-    p.add_argument("--name", required=True, help="model name in the repository")
-    p.add_argument(
-        "--preset", choices=sorted(PRESETS), help="named parameter set; flags override it"
-    )
-    p.add_argument("--alpha", type=float, help=f"depth multiplier (default {d.alpha})")
-    p.add_argument("--image-size", type=int, help=f"input height = width (default {d.image_size})")
-    p.add_argument("--geometry", choices=["stretch", "letterbox"], help=f"default {d.geometry}")
-    p.add_argument("--resize-method", choices=["bilinear", "bicubic", "area", "nearest", "lanczos"])
-    p.add_argument("--strides", type=_ints, help="anchor levels, e.g. 8,16,32,64")
-    p.add_argument("--anchor-size-factor", type=float, help="anchor base size / stride")
-    p.add_argument("--anchor-scales", type=_floats, help="e.g. 1,1.41")
-    p.add_argument("--aspect-ratios", type=_floats, help="width/height, e.g. 1,2,0.5")
-    p.add_argument("--fpn", dest="fpn", action="store_true", default=None, help="top-down neck")
-    p.add_argument(
-        "--fpn-channels", type=int, help=f"neck and head width (default {d.fpn_channels})"
-    )
-    p.add_argument(
-        "--head-depth", type=int, help=f"separable layers per tower (default {d.head_depth})"
-    )
-    p.add_argument(
-        "--shared-head",
-        dest="shared_head",
-        action="store_true",
-        default=None,
-        help="one head for all levels (per-level BN)",
-    )
-    p.add_argument("--positive-iou", type=float)
-    p.add_argument("--negative-iou", type=float)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--learning-rate", type=float)
-    p.add_argument("--warmup-epochs", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
-    p.add_argument("--crop-probability", type=float, help="share of images IoU-cropped")
-    p.add_argument("--jitter-probability", type=float, help="share of images scale-jittered")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--synthetic-images", type=int, help="synthetic training images")
-    p.add_argument("--synthetic-val-images", type=int, help="synthetic held-out images")
-    p.add_argument("--synthetic-dir", help="keep the synthetic COCO set here (default: temporary)")
-    p.add_argument("--nms-iou", type=float)
-    p.add_argument("--score-threshold", type=float)
-    p.add_argument("--max-detections", type=int)
-    p.add_argument("--bn-momentum", help="auto | keras | a number")
-    p.add_argument("--no-precise-bn", dest="precise_bn", action="store_false", default=None)
-    p.add_argument("--max-parity-gap", type=float, help="largest allowed mAP@.5 gap (0..1)")
-    p.add_argument(
-        "--reference-images",
-        type=int,
-        help="held-out images shipped with the version for calibration's mAP gate (default 200)",
-    )
-    p.add_argument("--eval-every", type=int, help="held-out mAP every N epochs (default: end only)")
-    p.add_argument(
-        "--force", action="store_true", default=None, help="export despite a failed parity check"
-    )
-    p.add_argument(
-        "--label",
-        dest="version_labels",
-        action="append",
-        help="version label(s) to point at the new version (default stable)",
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> DetectorTrainConfig:
-    """Preset values first, then every flag that was given."""
-    fields = {f.name for f in dataclasses.fields(DetectorTrainConfig)}
-    values: dict[str, Any] = dict(PRESETS[args.preset]) if getattr(args, "preset", None) else {}
-    for key, value in vars(args).items():
-        if key in fields and value is not None:
-            values[key] = value
-    return DetectorTrainConfig(**values)
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    """The end-of-run report on stdout (human lines, then one JSON line)."""
-    print("\n== summary ==")
-    print(
-        f"held-out COCO mAP@[.5:.95] {summary['map_50_95']:.4f}, mAP@.5 {summary['map_50']:.4f}, "
-        f"mAP@.75 {summary['map_75']:.4f} ({summary['val_images']} images, inference mode)"
-    )
-    print("per-class AP@[.5:.95]:")
-    for label, ap in summary["per_class_ap"].items():
-        print(f"  {label:>12}: {'n/a' if ap is None else f'{ap:.4f}'}")
-    p = summary["parity"]
-    print(
-        f"parity (mAP@.5): inference {p['inference_mode']:.4f} vs training mode "
-        f"{p['training_mode']:.4f}, gap {p['gap']:.4f} ({'ok' if p['passed'] else 'FAILED'})"
-    )
-    t = summary["inference"]
-    print(
-        f"model: {summary['parameters']} parameters; in-process inference "
-        f"{t['batch_1_ms']} ms at batch 1, "
-        + ", ".join(
-            f"{v} ms/image at {k.split('_')[1]}" for k, v in t.items() if k.endswith("per_image")
-        )
-    )
-    print(f"training time: {summary['train_seconds']} s ({summary['fit_seconds']} s fitting)")
-    if "exported" in summary:
-        print(
-            f"exported: {summary['exported']} (version {summary['version']}, "
-            f"{summary['saved_model_bytes']} bytes)"
-        )
-    shown = {k: v for k, v in summary.items() if k not in ("model", "postprocess", "history")}
-    print(json.dumps(shown, default=str, sort_keys=True))
-
-
-def run_detector(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``detector`` command: train, evaluate, print the summary, export.
-
-    Exits with status 2 for bad parameters or unusable data and 3 for a failed parity or
-    staleness check.
-    """
-    try:
-        cfg = config_from_args(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
-    try:
-        summary = train_detector(cfg)
-    except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
-    except ExportRefused as exc:  # parity or staleness
-        if exc.summary:  # the figures of the refused run: what the gate judged
-            print_summary(exc.summary)
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(3) from exc
-    print_summary(summary)
-    return {k: v for k, v in summary.items() if k not in ("model", "postprocess")}

@@ -6,15 +6,10 @@ import argparse
 
 import pytest
 
+from training.detection.cli import add_detector_arguments, config_from_args, run_detector
+from training.detection.config import PRESETS, DetectorTrainConfig
 from training.detection.data import DatasetError, write_synthetic_coco
-from training.detection.train import (
-    PRESETS,
-    DetectorTrainConfig,
-    add_detector_arguments,
-    config_from_args,
-    load_datasets,
-    run_detector,
-)
+from training.detection.train import load_datasets
 
 
 def _parser() -> argparse.ArgumentParser:

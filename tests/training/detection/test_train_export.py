@@ -19,19 +19,14 @@ from calibration.classifier import add_calibrate_arguments, calibrate, run_calib
 from contract.model_card import load_model_card
 from contract.preprocessing import PreprocessSpec, preprocess_pixels
 from contract.repository import ModelRepository
-from training.detection import train as train_module
+from training.detection import cli as cli_module
 from training.detection.anchors import AnchorConfig, num_anchors
+from training.detection.cli import add_detector_arguments, run_detector
+from training.detection.config import PRESETS, DetectorTrainConfig
 from training.detection.data import SyntheticConfig, load_coco, write_synthetic_coco
 from training.detection.evaluate import predict, preprocess_images
 from training.detection.postprocess import OUTPUT_KEYS
-from training.detection.train import (
-    PRESETS,
-    DetectorTrainConfig,
-    ParityError,
-    add_detector_arguments,
-    run_detector,
-    train_detector,
-)
+from training.detection.train import ParityError, train_detector
 
 pytestmark = pytest.mark.slow
 
@@ -145,7 +140,7 @@ def test_a_refused_export_prints_the_run_and_exits_3(trained, tmp_path, monkeypa
         exc.summary = judged
         raise exc
 
-    monkeypatch.setattr(train_module, "train_detector", refuse)
+    monkeypatch.setattr(cli_module, "train_detector", refuse)
     parser = argparse.ArgumentParser()
     add_detector_arguments(parser)
     with pytest.raises(SystemExit) as exc:
