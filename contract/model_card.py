@@ -127,7 +127,7 @@ def thaw(value: Any) -> Any:
 
 # --- sections ----------------------------------------------------------------------
 
-S = TypeVar("S", bound="_Section")
+_S = TypeVar("_S", bound="_Section")
 
 
 def _nested(kind: str, cls: type, depth: int = 1, **kw: Any) -> Any:
@@ -177,7 +177,7 @@ class _Section:
             object.__setattr__(self, "json_keys", tuple(self.json_keys))
 
     @classmethod
-    def from_json(cls: type[S], doc: Mapping[str, Any], where: str | None = None) -> S:
+    def from_json(cls: type[_S], doc: Mapping[str, Any], where: str | None = None) -> _S:
         """The section of a JSON object; raises :class:`ModelCardError` if it is not an
         object or lacks a key the section cannot do without."""
         where = where or cls.PATH
@@ -446,7 +446,7 @@ class ModelCard(_Section):
     input: InputSpec = _nested("one", InputSpec)
     signature: Signature = _nested("one", Signature)
     #: The ``preprocessing`` object as stored; :attr:`preprocess_spec` parses it.
-    preprocessing: Mapping[str, Any] = field()
+    preprocessing: Mapping[str, Any]
     bn_reference: BnReference = _nested("one", BnReference)
     metrics: Metrics = _nested("one", Metrics)
     calibration: Calibration = _nested("one", Calibration)
