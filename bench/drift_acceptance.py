@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from contract import drift_scores
-from contract.model_card import load_model_card
+from contract.model_card import ModelCard, read_model_card
 from contract.preprocessing import PreprocessSpec, preprocess_pixels
 from contract.repository import ModelRepository
 from training import synthetic
@@ -42,16 +42,16 @@ SHIFTS = [
 ]
 
 
-def traffic(card: dict, n: int, seed: int, background: str | None = None) -> list[np.ndarray]:
+def traffic(card: ModelCard, n: int, seed: int, background: str | None = None) -> list[np.ndarray]:
     """``n`` synthetic images of the model's training distribution (or another background)."""
-    if card["task"] == "detection":
+    if card.task == "detection":
         from training.detection.data import SyntheticConfig, render_synthetic
 
         config = SyntheticConfig(backgrounds=(background,)) if background else SyntheticConfig()
         rng = np.random.default_rng(seed)
         return [render_synthetic(rng, config)[0] for _ in range(n)]
     # Clean traffic has the training data's class mix (a different mix is label shift).
-    imbalance = float(card["lineage"].get("parameters", {}).get("synthetic_imbalance", 1.0))
+    imbalance = float(card.lineage.parameters.get("synthetic_imbalance", 1.0))
     return synthetic.generate(n, seed=seed, imbalance=imbalance, background=background)[0]
 
 
@@ -91,12 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     repo = ModelRepository(args.model_base)
     version = args.version or repo.labels(args.name).get("stable") or max(repo.versions(args.name))
     vdir = repo.version_dir(args.name, version)
-    card = load_model_card(vdir)
-    spec = PreprocessSpec.from_dict(card["preprocessing"])
+    card = read_model_card(vdir)
+    spec = card.preprocess_spec
     serve = tf.saved_model.load(str(vdir)).signatures["serving_default"]
     probes = drift_scores.probe_references(card)
     thr = drift_scores.thresholds(card)
-    window = int(card["bn_reference"]["drift"]["window"])
+    drift = card.bn_reference.drift
+    if drift is None or drift.window is None:
+        print(f"{args.name} v{version} has no drift reference", file=sys.stderr)
+        return 2
+    window = int(drift.window)
     rng = np.random.default_rng(args.seed)
 
     clean_imgs = traffic(card, args.clean_images, args.seed)

@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from contract.model_card import load_model_card  # noqa: E402
+from contract.model_card import ModelCard, read_model_card  # noqa: E402
 from contract.preprocessing import PreprocessSpec, preprocess_bytes  # noqa: E402
 from serving.settings import Settings  # noqa: E402
 
@@ -150,10 +150,10 @@ def bench_raw(
     tf.config.threading.set_intra_op_parallelism_threads(intra_op)
     fn, xb, single = raw_model(version_dir, spec, image, batch)
     throughput, latency = raw_measure(fn, xb, single, seconds, min(seconds, 3.0))
-    return throughput, latency, drift_cost(fn, single, load_model_card(version_dir))
+    return throughput, latency, drift_cost(fn, single, read_model_card(version_dir))
 
 
-def drift_cost(fn, single, card: dict, calls: int = 3000) -> float:
+def drift_cost(fn, single, card: ModelCard, calls: int = 3000) -> float:
     """Seconds per one-image request spent on drift: the observers in the request thread
     (monitor + prediction mix) and the monitor's folding and publishing of the windows.
 
@@ -169,8 +169,9 @@ def drift_cost(fn, single, card: dict, calls: int = 3000) -> float:
     from serving import drift as serving_drift
 
     outputs = {k: v.numpy() for k, v in fn(single).items()}
+    # The gateway's ModelVersion holds the card's JSON dict.
     model = SimpleNamespace(
-        name=card["name"], version=card["version"], card=card, class_labels=card["labels"]
+        name=card.name, version=card.version, card=card.to_json(), class_labels=list(card.labels)
     )
     event = SimpleNamespace(model=model, outputs=outputs, inputs=single.numpy())
     with tempfile.TemporaryDirectory() as tmp:
@@ -629,8 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     version = args.version or versions[-1]
-    card = load_model_card(model_base / args.model / str(version))
-    spec = PreprocessSpec.from_dict(card["preprocessing"])
+    spec = read_model_card(model_base / args.model / str(version)).preprocess_spec
     image = sample_image(spec, args.image_size or max(spec.height, spec.width))
     settings = Settings.from_env()
     vdir = model_base / args.model / str(version)

@@ -23,11 +23,13 @@ unconverged moving statistics (momentum 0.999 after a short run) fail.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from contract.model_card import ModelCard, bn_reference_of
 
 SCORES = ("mean_shift", "sym_kl")
 #: Default window size in images (the acceptance criteria's "one window").
@@ -55,18 +57,19 @@ class ProbeReference:
         return slice(self.offset, self.offset + self.channels)
 
 
-def probe_references(card: dict[str, Any]) -> list[ProbeReference]:
-    """The probes of a model card's ``bn_reference``."""
+def probe_references(card: ModelCard | Mapping[str, Any]) -> list[ProbeReference]:
+    """The probes of a model card's ``bn_reference`` (a :class:`ModelCard`, or its JSON
+    dict, which may hold just ``{"bn_reference": {"probes": [...]}}``)."""
     return [
         ProbeReference(
-            p["name"],
-            int(p["offset"]),
-            int(p["channels"]),
-            np.asarray(p["moving_mean"], np.float64),
-            np.asarray(p["moving_variance"], np.float64),
-            float(p["epsilon"]),
+            p.name,
+            int(p.offset),
+            int(p.channels),
+            np.asarray(p.moving_mean, np.float64),
+            np.asarray(p.moving_variance, np.float64),
+            float(p.epsilon),
         )
-        for p in card["bn_reference"]["probes"]
+        for p in bn_reference_of(card).probes
     ]
 
 
@@ -142,15 +145,13 @@ def reference_quantiles(
     }
 
 
-def thresholds(card: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Alarm thresholds per layer and score from a model card (empty if absent)."""
-    drift = card.get("bn_reference", {}).get("drift")
-    if not drift:
+def thresholds(card: ModelCard | Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Alarm thresholds per layer and score from a model card (a :class:`ModelCard` or
+    its JSON dict; empty if absent)."""
+    drift = bn_reference_of(card).drift
+    if drift is None:
         return {}
-    return {
-        layer: {s: float(v["threshold"]) for s, v in by_score.items()}
-        for layer, by_score in drift["layers"].items()
-    }
+    return drift.thresholds()
 
 
 #: Staleness limits: the training data's own score against the stored statistics.

@@ -14,7 +14,7 @@ import datetime as dt
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from contract.model_card import (
     KERAS_MODEL_RELPATH,
     SCHEMA_VERSION,
     WARMUP_RELPATH,
+    ModelCard,
     write_model_card,
 )
 from contract.preprocessing import PreprocessSpec
@@ -52,9 +53,29 @@ class StalenessError(ExportRefused):
 
 @dataclass
 class ExportResult:
+    """The published version: its directory, number and model card.
+
+    ``card`` is the card's JSON document (for readers not yet converted to the typed
+    card); ``model_card`` the same card as a :class:`ModelCard`.
+    """
+
     path: Path
     version: int
     card: dict[str, Any]
+    model_card: ModelCard
+
+
+def merge_sections(card: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``card`` with ``fields`` over it: a section (dict) given in both is merged one
+    level deep (the field's keys win), anything else is replaced."""
+    merged = dict(card)
+    for key, value in fields.items():
+        current = merged.get(key)
+        if isinstance(value, dict) and isinstance(current, dict):
+            merged[key] = {**current, **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 class ServingModule(tf.Module):
@@ -213,7 +234,25 @@ def export_model(
     repo = ModelRepository(model_base)
     module = ServingModule(model, probe_layers, postprocess)
     probes = probe_reference(model, probe_layers)
-    card: dict[str, Any] = {
+    bn_fields: dict[str, Any] = {
+        "probes": probes,
+        "total_channels": sum(p["channels"] for p in probes),
+    }
+    derived: dict[str, Any] = {"bn_reference": bn_fields}
+    if drift_images is not None:
+        reference, stale = drift_reference(
+            module, probes, drift_images, staleness_images, window=drift_window
+        )
+        bn_fields["drift"] = reference
+        if stale is not None:
+            derived["metrics"] = {"staleness": stale}
+            if not stale["passed"] and not force:
+                raise StalenessError(
+                    "the training data's own drift score exceeds the staleness limits "
+                    f"({'; '.join(stale['failures'])}): the stored BN statistics do not "
+                    "describe the training data. Not exported (force to export anyway)."
+                )
+    base: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "name": name,
         "task": task,
@@ -232,34 +271,15 @@ def export_model(
         "metrics": {},
         "lineage": {"parent_version": None, "code_revision": code_revision()},
     }
-    for key, value in card_fields.items():
-        if isinstance(value, dict) and isinstance(card.get(key), dict):
-            card[key] = {**card[key], **value}
-        else:
-            card[key] = value
-    bn_ref = dict(card.get("bn_reference", {}))
-    bn_ref["probes"] = probes
-    bn_ref["total_channels"] = sum(p["channels"] for p in probes)
-    if drift_images is not None:
-        reference, stale = drift_reference(
-            module, probes, drift_images, staleness_images, window=drift_window
-        )
-        bn_ref["drift"] = reference
-        if stale is not None:
-            card["metrics"] = {**card.get("metrics", {}), "staleness": stale}
-            if not stale["passed"] and not force:
-                raise StalenessError(
-                    "the training data's own drift score exceeds the staleness limits "
-                    f"({'; '.join(stale['failures'])}): the stored BN statistics do not "
-                    "describe the training data. Not exported (force to export anyway)."
-                )
-    card["bn_reference"] = bn_ref
+    # The trainer's sections, then what was measured on the model, go over the defaults.
+    document = merge_sections(merge_sections(base, card_fields), derived)
 
     with repo.lock():
         staging = repo.staging_dir(name)
         try:
             version = repo.next_version(name)
-            card["version"] = version
+            # Validated before anything is written: a bad card_fields entry fails here.
+            card = ModelCard.from_json({**document, "version": version})
             tf.saved_model.save(module, str(staging), signatures={SIGNATURE: module.serve})
             write_model_card(staging, card)
             # The Keras model travels with the version: calibration re-estimates its BN
@@ -276,4 +296,4 @@ def export_model(
             raise
         if version_labels:
             repo.set_labels(name, {label: version for label in version_labels})
-    return ExportResult(repo.version_dir(name, version), version, card)
+    return ExportResult(repo.version_dir(name, version), version, card.to_json(), card)

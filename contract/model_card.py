@@ -15,14 +15,37 @@ from nothing else. Required keys (``validate_model_card`` checks them):
 - ``metrics``: held-out quality and the inference/training-mode ``parity`` report
 - ``calibration``: ``temperature`` and how it was fitted
 - ``lineage``: parent version, dataset fingerprint, parameters, code revision
+
+Optional sections: ``detection`` (anchors, NMS, box coding of a detector),
+``reference_set`` (the labelled set under ``assets.extra/``) and ``training``.
+
+The typed card
+--------------
+:class:`ModelCard` is the card as frozen dataclasses (``card.input.height``,
+``card.bn_reference.probes``, ``card.calibration.temperature``).
+:meth:`ModelCard.from_json` validates a JSON document (the checks and messages of
+:func:`validate_model_card`) and :meth:`ModelCard.to_json` gives the document
+back key for key and value for value: every section keeps the keys this version
+does not model in ``extra``, and remembers which keys its document had, so a
+card written by another version round-trips without loss and
+:func:`write_model_card` writes the same bytes. Values are stored as read (an
+integer stays an integer); JSON arrays become tuples and objects read-only
+:class:`FrozenMap` s. A typed field whose key is absent holds its default; it is
+written back only when the document had the key or the value differs from the
+default.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Iterator, Mapping
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
+
+from contract.preprocessing import PreprocessSpec
 
 SCHEMA_VERSION = 1
 MODEL_CARD_RELPATH = "assets.extra/model_card.json"
@@ -50,7 +73,424 @@ class ModelCardError(ValueError):
     """A model card that is missing, unreadable or incomplete."""
 
 
-def validate_model_card(card: dict[str, Any]) -> dict[str, Any]:
+# --- read-only JSON values ---------------------------------------------------------
+
+
+class FrozenMap(Mapping[str, Any]):
+    """A read-only, hashable JSON object: nested objects are FrozenMaps, arrays tuples.
+
+    Compares equal to any mapping with the same items (a plain ``dict`` included).
+    """
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
+        self._data: dict[str, Any] = {k: freeze(v) for k, v in (data or {}).items()}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._data.items()))
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._data!r})"
+
+
+def freeze(value: Any) -> Any:
+    """A JSON value made read-only: objects -> :class:`FrozenMap`, arrays -> tuples."""
+    if isinstance(value, FrozenMap | _Section):
+        return value
+    if isinstance(value, Mapping):
+        return FrozenMap(value)
+    if isinstance(value, list | tuple):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """The plain JSON value (dicts and lists) of a frozen value or section."""
+    if isinstance(value, _Section):
+        return value.to_json()
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [thaw(v) for v in value]
+    return value
+
+
+# --- sections ----------------------------------------------------------------------
+
+_S = TypeVar("_S", bound="_Section")
+
+
+def _nested(kind: str, cls: type, depth: int = 1, **kw: Any) -> Any:
+    """A field holding a section (``one``), a tuple of them (``tuple``) or a mapping of
+    them (``map``; ``depth`` 2 is a mapping of mappings)."""
+    return field(metadata={"kind": kind, "cls": cls, "depth": depth}, **kw)
+
+
+def _empty() -> FrozenMap:
+    return FrozenMap()
+
+
+@dataclass(frozen=True)
+class _Section:
+    """A JSON object with typed fields (named as their keys).
+
+    ``extra`` holds the keys this version does not model, verbatim (read-only);
+    ``json_keys`` the keys of the document it was read from, in order (``None``
+    when built in code), so that absent keys stay absent in :meth:`to_json`.
+    """
+
+    extra: Mapping[str, Any] = field(default_factory=_empty, kw_only=True)
+    json_keys: tuple[str, ...] | None = field(default=None, kw_only=True, repr=False, compare=False)
+
+    #: Where the section sits in the card (error messages).
+    PATH: ClassVar[str] = "section"
+
+    @classmethod
+    def _typed_fields(cls) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls) if f.name not in ("extra", "json_keys")]
+
+    def __post_init__(self) -> None:
+        for f in self._typed_fields():
+            value = getattr(self, f.name)
+            kind = f.metadata.get("kind")
+            if value is None or kind == "one":
+                continue
+            if kind == "tuple":
+                value = tuple(value)
+            elif kind == "map":
+                value = FrozenMap(value)
+            else:
+                value = freeze(value)
+            object.__setattr__(self, f.name, value)
+        object.__setattr__(self, "extra", FrozenMap(self.extra))
+        if self.json_keys is not None:
+            object.__setattr__(self, "json_keys", tuple(self.json_keys))
+
+    @classmethod
+    def from_json(cls: type[_S], doc: Mapping[str, Any], where: str | None = None) -> _S:
+        """The section of a JSON object; raises :class:`ModelCardError` if it is not an
+        object or lacks a key the section cannot do without."""
+        where = where or cls.PATH
+        if not isinstance(doc, Mapping):
+            raise ModelCardError(f"{where} must be a JSON object")
+        typed = cls._typed_fields()
+        missing = [f.name for f in typed if f.name not in doc and _required(f)]
+        if missing:
+            raise ModelCardError(f"{where} lacks {missing}")
+        kwargs = {
+            f.name: _load(f, doc[f.name], f"{where}.{f.name}") for f in typed if f.name in doc
+        }
+        names = {f.name for f in typed}
+        extra = FrozenMap({k: v for k, v in doc.items() if k not in names})
+        return cls(**kwargs, extra=extra, json_keys=tuple(doc))
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object: the document it was read from, key for key, with changes."""
+        present = set(self.json_keys or ())
+        values: dict[str, Any] = {}
+        for f in self._typed_fields():
+            value = getattr(self, f.name)
+            if f.name in present or _required(f) or value != _default(f):
+                values[f.name] = value
+        out: dict[str, Any] = {}
+        for key in (*(self.json_keys or ()), *values, *self.extra):
+            if key in out:
+                continue
+            if key in values:
+                out[key] = thaw(values[key])
+            elif key in self.extra:
+                out[key] = thaw(self.extra[key])
+        return out
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _load(f: dataclasses.Field, value: Any, where: str) -> Any:
+    kind = f.metadata.get("kind")
+    if value is None or kind is None:
+        return freeze(value)
+    cls = f.metadata["cls"]
+    if kind == "one":
+        return cls.from_json(value, where)
+    if kind == "tuple":
+        if not isinstance(value, list | tuple):
+            raise ModelCardError(f"{where} must be a JSON array")
+        return tuple(cls.from_json(v, f"{where}[{i}]") for i, v in enumerate(value))
+    return _load_map(cls, value, where, f.metadata["depth"])
+
+
+def _load_map(cls: type[_Section], value: Any, where: str, depth: int) -> FrozenMap:
+    if not isinstance(value, Mapping):
+        raise ModelCardError(f"{where} must be a JSON object")
+    if depth == 1:
+        return FrozenMap({k: cls.from_json(v, f"{where}.{k}") for k, v in value.items()})
+    return FrozenMap({k: _load_map(cls, v, f"{where}.{k}", depth - 1) for k, v in value.items()})
+
+
+@dataclass(frozen=True)
+class InputSpec(_Section):
+    """``input``: the model-input tensor's size, dtype and name."""
+
+    PATH: ClassVar[str] = "input"
+    height: int
+    width: int
+    channels: int
+    dtype: str = "float32"
+    tensor: str = "images"
+
+
+@dataclass(frozen=True)
+class TensorInfo(_Section):
+    """One signature input or output: dtype and shape (-1 for a free dimension)."""
+
+    PATH: ClassVar[str] = "signature tensor"
+    dtype: str | None = None
+    shape: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Signature(_Section):
+    """``signature``: the exported signature's name, inputs and outputs."""
+
+    PATH: ClassVar[str] = "signature"
+    name: str = "serving_default"
+    inputs: Mapping[str, TensorInfo] = _nested("map", TensorInfo, default_factory=_empty)
+    outputs: Mapping[str, TensorInfo] = _nested("map", TensorInfo, default_factory=_empty)
+
+
+@dataclass(frozen=True)
+class ProbeReference(_Section):
+    """One BN probe: its layer, channels, offset into the probe vector and moving stats."""
+
+    PATH: ClassVar[str] = "bn_reference.probes[]"
+    name: str
+    channels: int
+    offset: int
+    moving_mean: tuple[float, ...]
+    moving_variance: tuple[float, ...]
+    epsilon: float
+
+    @property
+    def slice(self) -> slice:
+        """The probe's channels in ``bn_input_mean`` / ``bn_input_sqmean``."""
+        return slice(self.offset, self.offset + self.channels)
+
+
+@dataclass(frozen=True)
+class PixelStats(_Section):
+    """``bn_reference.pixel_stats``: per-channel mean/variance of the training data."""
+
+    PATH: ClassVar[str] = "bn_reference.pixel_stats"
+    space: str | None = None
+    mean: tuple[float, ...] = ()
+    variance: tuple[float, ...] = ()
+    images: int | None = None
+
+
+@dataclass(frozen=True)
+class DriftScoreReference(_Section):
+    """One layer's score distribution on held-out data and its alarm ``threshold``."""
+
+    PATH: ClassVar[str] = "bn_reference.drift.layers[][]"
+    threshold: float
+    quantiles: Mapping[str, float] = field(default_factory=_empty)
+
+
+@dataclass(frozen=True)
+class DriftReference(_Section):
+    """``bn_reference.drift``: the drift alarm's reference, per layer and score."""
+
+    PATH: ClassVar[str] = "bn_reference.drift"
+    window: int | None = None
+    windows: int | None = None
+    held_out_images: int | None = None
+    alarm_quantile: float | None = None
+    alarm_margin: float | None = None
+    layers: Mapping[str, Mapping[str, DriftScoreReference]] = _nested(
+        "map", DriftScoreReference, depth=2, default_factory=_empty
+    )
+
+    def thresholds(self) -> dict[str, dict[str, float]]:
+        """Alarm thresholds per layer and score."""
+        return {
+            layer: {s: float(ref.threshold) for s, ref in by_score.items()}
+            for layer, by_score in self.layers.items()
+        }
+
+
+@dataclass(frozen=True)
+class BnReference(_Section):
+    """``bn_reference``: the BN probes, their channel total, pixel stats, drift reference."""
+
+    PATH: ClassVar[str] = "bn_reference"
+    probes: tuple[ProbeReference, ...] = _nested("tuple", ProbeReference, default=())
+    #: The sum of the probes' channels (always set in a validated card).
+    total_channels: int | None = None
+    pixel_stats: PixelStats | None = _nested("one", PixelStats, default=None)
+    drift: DriftReference | None = _nested("one", DriftReference, default=None)
+
+    @property
+    def probe_names(self) -> list[str]:
+        """The probes' layer names, in card order."""
+        return [p.name for p in self.probes]
+
+
+@dataclass(frozen=True)
+class Parity(_Section):
+    """``metrics.parity``: inference-mode vs training-mode quality on held-out data."""
+
+    PATH: ClassVar[str] = "metrics.parity"
+    inference_mode: float | None = None
+    training_mode: float | None = None
+    gap: float | None = None
+    distinct_predictions: int | None = None
+    passed: bool | None = None
+    threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class Staleness(_Section):
+    """``metrics.staleness``: the training data's own drift score against the BN stats."""
+
+    PATH: ClassVar[str] = "metrics.staleness"
+    images: int | None = None
+    scores: Mapping[str, Mapping[str, float]] = field(default_factory=_empty)
+    limits: Mapping[str, float] = field(default_factory=_empty)
+    passed: bool | None = None
+    failures: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Metrics(_Section):
+    """``metrics``: held-out quality (task-specific figures stay in ``extra``)."""
+
+    PATH: ClassVar[str] = "metrics"
+    parity: Parity | None = _nested("one", Parity, default=None)
+    staleness: Staleness | None = _nested("one", Staleness, default=None)
+
+
+@dataclass(frozen=True)
+class Calibration(_Section):
+    """``calibration``: the served temperature and how it was fitted (the fit's report
+    stays in ``extra``)."""
+
+    PATH: ClassVar[str] = "calibration"
+    temperature: float
+    method: str | None = None
+
+
+@dataclass(frozen=True)
+class Lineage(_Section):
+    """``lineage``: where the version came from."""
+
+    PATH: ClassVar[str] = "lineage"
+    parent_version: int | None = None
+    code_revision: str | None = None
+    dataset: Mapping[str, Any] | None = None
+    parameters: Mapping[str, Any] = field(default_factory=_empty)
+
+
+@dataclass(frozen=True)
+class DetectionSpec(_Section):
+    """``detection``: a detector's anchors, NMS and box coding (the rest in ``extra``)."""
+
+    PATH: ClassVar[str] = "detection"
+    anchors: Mapping[str, Any] = field(default_factory=_empty)
+    nms: Mapping[str, Any] = field(default_factory=_empty)
+    box_variances: tuple[float, ...] = ()
+    max_detections: int | None = None
+
+
+@dataclass(frozen=True)
+class ReferenceSet(_Section):
+    """``reference_set``: the labelled reference set stored under ``assets.extra/``."""
+
+    PATH: ClassVar[str] = "reference_set"
+    file: str | None = None
+    images: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelCard(_Section):
+    """The model card of one version, typed and frozen (see the module docstring).
+
+    Build it with :meth:`from_json` (or :func:`read_model_card`); change it with
+    :func:`dataclasses.replace`; write it with :func:`write_model_card`.
+    """
+
+    PATH: ClassVar[str] = "model card"
+    schema_version: int
+    name: str
+    version: int
+    task: str
+    labels: tuple[str, ...]
+    created_at: str
+    input: InputSpec = _nested("one", InputSpec)
+    signature: Signature = _nested("one", Signature)
+    #: The ``preprocessing`` object as stored; :attr:`preprocess_spec` parses it.
+    preprocessing: Mapping[str, Any]
+    bn_reference: BnReference = _nested("one", BnReference)
+    metrics: Metrics = _nested("one", Metrics)
+    calibration: Calibration = _nested("one", Calibration)
+    lineage: Lineage = _nested("one", Lineage)
+    detection: DetectionSpec | None = _nested("one", DetectionSpec, default=None)
+    reference_set: ReferenceSet | None = _nested("one", ReferenceSet, default=None)
+    training: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any], where: str | None = None) -> ModelCard:
+        """The typed card of a JSON document.
+
+        Raises :class:`ModelCardError` for every failure :func:`validate_model_card`
+        reports (with the same message), and for a document whose sections are
+        not the JSON objects the card needs.
+        """
+        if not isinstance(doc, Mapping):
+            raise ModelCardError("model card must be a JSON object")
+        try:
+            validate_model_card(doc)
+        except ModelCardError:
+            raise
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise ModelCardError(f"model card is malformed: {exc!r}") from exc
+        return super().from_json(doc, where)
+
+    @property
+    def preprocess_spec(self) -> PreprocessSpec:
+        """The :class:`PreprocessSpec` of ``preprocessing`` (ValueError if it is unusable)."""
+        return PreprocessSpec.from_dict(self.preprocessing)
+
+
+def bn_reference_of(card: ModelCard | Mapping[str, Any]) -> BnReference:
+    """The ``bn_reference`` of a typed card, or of a card as a JSON dict (possibly partial,
+    e.g. ``{"bn_reference": {"probes": [...]}}``; nothing else is validated)."""
+    if isinstance(card, ModelCard):
+        return card.bn_reference
+    return BnReference.from_json(card.get("bn_reference", {}))
+
+
+# --- the JSON document -------------------------------------------------------------
+
+
+def validate_model_card(card: Mapping[str, Any]) -> Mapping[str, Any]:
     """Check the required structure; returns the card unchanged or raises ModelCardError."""
     missing = [k for k in REQUIRED if k not in card]
     if missing:
@@ -75,22 +515,43 @@ def validate_model_card(card: dict[str, Any]) -> dict[str, Any]:
     return card
 
 
-def load_model_card(version_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and validate the model card of a version directory."""
+def _read_json(version_dir: str | os.PathLike[str]) -> Any:
     path = Path(version_dir) / MODEL_CARD_RELPATH
     try:
-        card = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise ModelCardError(f"no model card at {path}") from exc
     except json.JSONDecodeError as exc:
         raise ModelCardError(f"model card {path} is not JSON: {exc}") from exc
-    return validate_model_card(card)
 
 
-def write_model_card(version_dir: str | os.PathLike[str], card: dict[str, Any]) -> Path:
-    """Validate and write the card into a (staging) version directory."""
-    validate_model_card(card)
+def load_model_card(version_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate the model card of a version directory, as its JSON dict.
+
+    Readers not yet converted to :func:`read_model_card` use it.
+    """
+    return validate_model_card(_read_json(version_dir))
+
+
+def read_model_card(version_dir: str | os.PathLike[str]) -> ModelCard:
+    """Read and validate the model card of a version directory."""
+    return ModelCard.from_json(_read_json(version_dir))
+
+
+def model_card_text(card: ModelCard | Mapping[str, Any]) -> str:
+    """The card's file contents, as :func:`write_model_card` writes them."""
+    doc = card.to_json() if isinstance(card, ModelCard) else card
+    return json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n"
+
+
+def write_model_card(
+    version_dir: str | os.PathLike[str], card: ModelCard | Mapping[str, Any]
+) -> Path:
+    """Validate and write the card (typed, or its JSON dict) into a (staging) version
+    directory."""
+    doc = card.to_json() if isinstance(card, ModelCard) else card
+    validate_model_card(doc)
     path = Path(version_dir) / MODEL_CARD_RELPATH
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(card, indent=1, sort_keys=True, allow_nan=False) + "\n")
+    path.write_text(model_card_text(doc))
     return path

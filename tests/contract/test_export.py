@@ -21,6 +21,8 @@ from contract.model_card import (
     WARMUP_RELPATH,
     ModelCardError,
     load_model_card,
+    model_card_text,
+    read_model_card,
     validate_model_card,
 )
 from contract.preprocessing import PreprocessSpec, normalize
@@ -108,6 +110,15 @@ def test_model_card_matches_the_model(exported):
         validate_model_card({k: v for k, v in card.items() if k != "preprocessing"})
     on_disk = json.loads((version_dir / MODEL_CARD_RELPATH).read_text())
     assert on_disk == card
+
+
+def test_the_typed_card_reads_the_exported_card_back_exactly(exported):
+    version_dir, card, model, _, _ = exported
+    typed = read_model_card(version_dir)
+    assert typed.to_json() == card
+    assert model_card_text(typed) == (version_dir / MODEL_CARD_RELPATH).read_text()
+    assert typed.bn_reference.probe_names == [p["name"] for p in card["bn_reference"]["probes"]]
+    assert typed.input.height == model.input_shape[1]
 
 
 def test_warmup_records_parse_as_prediction_logs(exported):
