@@ -37,14 +37,14 @@ default.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from collections.abc import Iterator, Mapping
-from dataclasses import MISSING, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
+from contract.json_sections import JsonSection, empty_map, nested
 from contract.preprocessing import PreprocessSpec
 
 SCHEMA_VERSION = 1
@@ -73,180 +73,15 @@ class ModelCardError(ValueError):
     """A model card that is missing, unreadable or incomplete."""
 
 
-# --- read-only JSON values ---------------------------------------------------------
+@dataclass(frozen=True)
+class CardSection(JsonSection):
+    """A section of the model card: malformed documents raise :class:`ModelCardError`."""
 
-
-class FrozenMap(Mapping[str, Any]):
-    """A read-only, hashable JSON object: nested objects are FrozenMaps, arrays tuples.
-
-    Compares equal to any mapping with the same items (a plain ``dict`` included).
-    """
-
-    __slots__ = ("_data",)
-
-    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
-        self._data: dict[str, Any] = {k: freeze(v) for k, v in (data or {}).items()}
-
-    def __getitem__(self, key: str) -> Any:
-        return self._data[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __hash__(self) -> int:
-        return hash(frozenset(self._data.items()))
-
-    def __repr__(self) -> str:
-        return f"FrozenMap({self._data!r})"
-
-
-def freeze(value: Any) -> Any:
-    """A JSON value made read-only: objects -> :class:`FrozenMap`, arrays -> tuples."""
-    if isinstance(value, FrozenMap | _Section):
-        return value
-    if isinstance(value, Mapping):
-        return FrozenMap(value)
-    if isinstance(value, list | tuple):
-        return tuple(freeze(v) for v in value)
-    return value
-
-
-def thaw(value: Any) -> Any:
-    """The plain JSON value (dicts and lists) of a frozen value or section."""
-    if isinstance(value, _Section):
-        return value.to_json()
-    if isinstance(value, Mapping):
-        return {k: thaw(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [thaw(v) for v in value]
-    return value
-
-
-# --- sections ----------------------------------------------------------------------
-
-_S = TypeVar("_S", bound="_Section")
-
-
-def _nested(kind: str, cls: type, depth: int = 1, **kw: Any) -> Any:
-    """A field holding a section (``one``), a tuple of them (``tuple``) or a mapping of
-    them (``map``; ``depth`` 2 is a mapping of mappings)."""
-    return field(metadata={"kind": kind, "cls": cls, "depth": depth}, **kw)
-
-
-def _empty() -> FrozenMap:
-    return FrozenMap()
+    ERROR: ClassVar[type[ValueError]] = ModelCardError
 
 
 @dataclass(frozen=True)
-class _Section:
-    """A JSON object with typed fields (named as their keys).
-
-    ``extra`` holds the keys this version does not model, verbatim (read-only);
-    ``json_keys`` the keys of the document it was read from, in order (``None``
-    when built in code), so that absent keys stay absent in :meth:`to_json`.
-    """
-
-    extra: Mapping[str, Any] = field(default_factory=_empty, kw_only=True)
-    json_keys: tuple[str, ...] | None = field(default=None, kw_only=True, repr=False, compare=False)
-
-    #: Where the section sits in the card (error messages).
-    PATH: ClassVar[str] = "section"
-
-    @classmethod
-    def _typed_fields(cls) -> list[dataclasses.Field]:
-        return [f for f in dataclasses.fields(cls) if f.name not in ("extra", "json_keys")]
-
-    def __post_init__(self) -> None:
-        for f in self._typed_fields():
-            value = getattr(self, f.name)
-            kind = f.metadata.get("kind")
-            if value is None or kind == "one":
-                continue
-            if kind == "tuple":
-                value = tuple(value)
-            elif kind == "map":
-                value = FrozenMap(value)
-            else:
-                value = freeze(value)
-            object.__setattr__(self, f.name, value)
-        object.__setattr__(self, "extra", FrozenMap(self.extra))
-        if self.json_keys is not None:
-            object.__setattr__(self, "json_keys", tuple(self.json_keys))
-
-    @classmethod
-    def from_json(cls: type[_S], doc: Mapping[str, Any], where: str | None = None) -> _S:
-        """The section of a JSON object; raises :class:`ModelCardError` if it is not an
-        object or lacks a key the section cannot do without."""
-        where = where or cls.PATH
-        if not isinstance(doc, Mapping):
-            raise ModelCardError(f"{where} must be a JSON object")
-        typed = cls._typed_fields()
-        missing = [f.name for f in typed if f.name not in doc and _required(f)]
-        if missing:
-            raise ModelCardError(f"{where} lacks {missing}")
-        kwargs = {
-            f.name: _load(f, doc[f.name], f"{where}.{f.name}") for f in typed if f.name in doc
-        }
-        names = {f.name for f in typed}
-        extra = FrozenMap({k: v for k, v in doc.items() if k not in names})
-        return cls(**kwargs, extra=extra, json_keys=tuple(doc))
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON object: the document it was read from, key for key, with changes."""
-        present = set(self.json_keys or ())
-        values: dict[str, Any] = {}
-        for f in self._typed_fields():
-            value = getattr(self, f.name)
-            if f.name in present or _required(f) or value != _default(f):
-                values[f.name] = value
-        out: dict[str, Any] = {}
-        for key in (*(self.json_keys or ()), *values, *self.extra):
-            if key in out:
-                continue
-            if key in values:
-                out[key] = thaw(values[key])
-            elif key in self.extra:
-                out[key] = thaw(self.extra[key])
-        return out
-
-
-def _required(f: dataclasses.Field) -> bool:
-    return f.default is MISSING and f.default_factory is MISSING
-
-
-def _default(f: dataclasses.Field) -> Any:
-    if f.default_factory is not MISSING:
-        return f.default_factory()
-    return f.default
-
-
-def _load(f: dataclasses.Field, value: Any, where: str) -> Any:
-    kind = f.metadata.get("kind")
-    if value is None or kind is None:
-        return freeze(value)
-    cls = f.metadata["cls"]
-    if kind == "one":
-        return cls.from_json(value, where)
-    if kind == "tuple":
-        if not isinstance(value, list | tuple):
-            raise ModelCardError(f"{where} must be a JSON array")
-        return tuple(cls.from_json(v, f"{where}[{i}]") for i, v in enumerate(value))
-    return _load_map(cls, value, where, f.metadata["depth"])
-
-
-def _load_map(cls: type[_Section], value: Any, where: str, depth: int) -> FrozenMap:
-    if not isinstance(value, Mapping):
-        raise ModelCardError(f"{where} must be a JSON object")
-    if depth == 1:
-        return FrozenMap({k: cls.from_json(v, f"{where}.{k}") for k, v in value.items()})
-    return FrozenMap({k: _load_map(cls, v, f"{where}.{k}", depth - 1) for k, v in value.items()})
-
-
-@dataclass(frozen=True)
-class InputSpec(_Section):
+class InputSpec(CardSection):
     """``input``: the model-input tensor's size, dtype and name."""
 
     PATH: ClassVar[str] = "input"
@@ -258,7 +93,7 @@ class InputSpec(_Section):
 
 
 @dataclass(frozen=True)
-class TensorInfo(_Section):
+class TensorInfo(CardSection):
     """One signature input or output: dtype and shape (-1 for a free dimension)."""
 
     PATH: ClassVar[str] = "signature tensor"
@@ -267,17 +102,17 @@ class TensorInfo(_Section):
 
 
 @dataclass(frozen=True)
-class Signature(_Section):
+class Signature(CardSection):
     """``signature``: the exported signature's name, inputs and outputs."""
 
     PATH: ClassVar[str] = "signature"
     name: str = "serving_default"
-    inputs: Mapping[str, TensorInfo] = _nested("map", TensorInfo, default_factory=_empty)
-    outputs: Mapping[str, TensorInfo] = _nested("map", TensorInfo, default_factory=_empty)
+    inputs: Mapping[str, TensorInfo] = nested("map", TensorInfo, default_factory=empty_map)
+    outputs: Mapping[str, TensorInfo] = nested("map", TensorInfo, default_factory=empty_map)
 
 
 @dataclass(frozen=True)
-class ProbeReference(_Section):
+class ProbeReference(CardSection):
     """One BN probe: its layer, channels, offset into the probe vector and moving stats."""
 
     PATH: ClassVar[str] = "bn_reference.probes[]"
@@ -295,7 +130,7 @@ class ProbeReference(_Section):
 
 
 @dataclass(frozen=True)
-class PixelStats(_Section):
+class PixelStats(CardSection):
     """``bn_reference.pixel_stats``: per-channel mean/variance of the training data."""
 
     PATH: ClassVar[str] = "bn_reference.pixel_stats"
@@ -306,16 +141,16 @@ class PixelStats(_Section):
 
 
 @dataclass(frozen=True)
-class DriftScoreReference(_Section):
+class DriftScoreReference(CardSection):
     """One layer's score distribution on held-out data and its alarm ``threshold``."""
 
     PATH: ClassVar[str] = "bn_reference.drift.layers[][]"
     threshold: float
-    quantiles: Mapping[str, float] = field(default_factory=_empty)
+    quantiles: Mapping[str, float] = field(default_factory=empty_map)
 
 
 @dataclass(frozen=True)
-class DriftReference(_Section):
+class DriftReference(CardSection):
     """``bn_reference.drift``: the drift alarm's reference, per layer and score."""
 
     PATH: ClassVar[str] = "bn_reference.drift"
@@ -324,8 +159,8 @@ class DriftReference(_Section):
     held_out_images: int | None = None
     alarm_quantile: float | None = None
     alarm_margin: float | None = None
-    layers: Mapping[str, Mapping[str, DriftScoreReference]] = _nested(
-        "map", DriftScoreReference, depth=2, default_factory=_empty
+    layers: Mapping[str, Mapping[str, DriftScoreReference]] = nested(
+        "map", DriftScoreReference, depth=2, default_factory=empty_map
     )
 
     def thresholds(self) -> dict[str, dict[str, float]]:
@@ -337,15 +172,15 @@ class DriftReference(_Section):
 
 
 @dataclass(frozen=True)
-class BnReference(_Section):
+class BnReference(CardSection):
     """``bn_reference``: the BN probes, their channel total, pixel stats, drift reference."""
 
     PATH: ClassVar[str] = "bn_reference"
-    probes: tuple[ProbeReference, ...] = _nested("tuple", ProbeReference, default=())
+    probes: tuple[ProbeReference, ...] = nested("tuple", ProbeReference, default=())
     #: The sum of the probes' channels (always set in a validated card).
     total_channels: int | None = None
-    pixel_stats: PixelStats | None = _nested("one", PixelStats, default=None)
-    drift: DriftReference | None = _nested("one", DriftReference, default=None)
+    pixel_stats: PixelStats | None = nested("one", PixelStats, default=None)
+    drift: DriftReference | None = nested("one", DriftReference, default=None)
 
     @property
     def probe_names(self) -> list[str]:
@@ -354,7 +189,7 @@ class BnReference(_Section):
 
 
 @dataclass(frozen=True)
-class Parity(_Section):
+class Parity(CardSection):
     """``metrics.parity``: inference-mode vs training-mode quality on held-out data."""
 
     PATH: ClassVar[str] = "metrics.parity"
@@ -367,28 +202,28 @@ class Parity(_Section):
 
 
 @dataclass(frozen=True)
-class Staleness(_Section):
+class Staleness(CardSection):
     """``metrics.staleness``: the training data's own drift score against the BN stats."""
 
     PATH: ClassVar[str] = "metrics.staleness"
     images: int | None = None
-    scores: Mapping[str, Mapping[str, float]] = field(default_factory=_empty)
-    limits: Mapping[str, float] = field(default_factory=_empty)
+    scores: Mapping[str, Mapping[str, float]] = field(default_factory=empty_map)
+    limits: Mapping[str, float] = field(default_factory=empty_map)
     passed: bool | None = None
     failures: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
-class Metrics(_Section):
+class Metrics(CardSection):
     """``metrics``: held-out quality (task-specific figures stay in ``extra``)."""
 
     PATH: ClassVar[str] = "metrics"
-    parity: Parity | None = _nested("one", Parity, default=None)
-    staleness: Staleness | None = _nested("one", Staleness, default=None)
+    parity: Parity | None = nested("one", Parity, default=None)
+    staleness: Staleness | None = nested("one", Staleness, default=None)
 
 
 @dataclass(frozen=True)
-class Calibration(_Section):
+class Calibration(CardSection):
     """``calibration``: the served temperature and how it was fitted (the fit's report
     stays in ``extra``)."""
 
@@ -398,29 +233,29 @@ class Calibration(_Section):
 
 
 @dataclass(frozen=True)
-class Lineage(_Section):
+class Lineage(CardSection):
     """``lineage``: where the version came from."""
 
     PATH: ClassVar[str] = "lineage"
     parent_version: int | None = None
     code_revision: str | None = None
     dataset: Mapping[str, Any] | None = None
-    parameters: Mapping[str, Any] = field(default_factory=_empty)
+    parameters: Mapping[str, Any] = field(default_factory=empty_map)
 
 
 @dataclass(frozen=True)
-class DetectionSpec(_Section):
+class DetectionSpec(CardSection):
     """``detection``: a detector's anchors, NMS and box coding (the rest in ``extra``)."""
 
     PATH: ClassVar[str] = "detection"
-    anchors: Mapping[str, Any] = field(default_factory=_empty)
-    nms: Mapping[str, Any] = field(default_factory=_empty)
+    anchors: Mapping[str, Any] = field(default_factory=empty_map)
+    nms: Mapping[str, Any] = field(default_factory=empty_map)
     box_variances: tuple[float, ...] = ()
     max_detections: int | None = None
 
 
 @dataclass(frozen=True)
-class ReferenceSet(_Section):
+class ReferenceSet(CardSection):
     """``reference_set``: the labelled reference set stored under ``assets.extra/``."""
 
     PATH: ClassVar[str] = "reference_set"
@@ -429,7 +264,7 @@ class ReferenceSet(_Section):
 
 
 @dataclass(frozen=True)
-class ModelCard(_Section):
+class ModelCard(CardSection):
     """The model card of one version, typed and frozen (see the module docstring).
 
     Build it with :meth:`from_json` (or :func:`read_model_card`); change it with
@@ -443,16 +278,16 @@ class ModelCard(_Section):
     task: str
     labels: tuple[str, ...]
     created_at: str
-    input: InputSpec = _nested("one", InputSpec)
-    signature: Signature = _nested("one", Signature)
+    input: InputSpec = nested("one", InputSpec)
+    signature: Signature = nested("one", Signature)
     #: The ``preprocessing`` object as stored; :attr:`preprocess_spec` parses it.
     preprocessing: Mapping[str, Any]
-    bn_reference: BnReference = _nested("one", BnReference)
-    metrics: Metrics = _nested("one", Metrics)
-    calibration: Calibration = _nested("one", Calibration)
-    lineage: Lineage = _nested("one", Lineage)
-    detection: DetectionSpec | None = _nested("one", DetectionSpec, default=None)
-    reference_set: ReferenceSet | None = _nested("one", ReferenceSet, default=None)
+    bn_reference: BnReference = nested("one", BnReference)
+    metrics: Metrics = nested("one", Metrics)
+    calibration: Calibration = nested("one", Calibration)
+    lineage: Lineage = nested("one", Lineage)
+    detection: DetectionSpec | None = nested("one", DetectionSpec, default=None)
+    reference_set: ReferenceSet | None = nested("one", ReferenceSet, default=None)
     training: Mapping[str, Any] | None = None
 
     @classmethod

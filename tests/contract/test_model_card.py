@@ -15,17 +15,16 @@ import numpy as np
 import pytest
 
 from contract import drift_scores
+from contract.json_sections import FrozenMap, thaw
 from contract.model_card import (
     MODEL_CARD_RELPATH,
     BnReference,
-    FrozenMap,
     ModelCard,
     ModelCardError,
     bn_reference_of,
     load_model_card,
     model_card_text,
     read_model_card,
-    thaw,
     validate_model_card,
     write_model_card,
 )
