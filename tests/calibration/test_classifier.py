@@ -22,26 +22,24 @@ import pytest
 import tensorflow as tf
 
 from calibration.capture_store import SampleStore, record_feedback
-from calibration.classifier import (
-    AUTO_SOURCE_WEIGHTS,
+from calibration.cli import (
     EXIT_ERROR,
     EXIT_NOT_ENOUGH_SAMPLES,
     EXIT_REJECTED,
-    LabelError,
     add_calibrate_arguments,
     add_promote_arguments,
     add_rollback_arguments,
-    calibrate,
-    fit_served_temperature,
-    promote,
-    read_label_history,
-    residual_limits,
-    rollback,
     run_calibrate,
     run_promote,
     run_rollback,
 )
-from calibration.temperature import expected_calibration_error, softmax
+from calibration.config import CalibrationConfig
+from calibration.dispatch import calibrate
+from calibration.errors import LabelError
+from calibration.gate import residual_limits
+from calibration.labels import promote, read_label_history, rollback
+from calibration.reestimate import AUTO_SOURCE_WEIGHTS
+from calibration.temperature import expected_calibration_error, fit_served_temperature, softmax
 from contract import bn
 from contract.model_card import KERAS_MODEL_RELPATH, load_model_card
 from contract.preprocessing import PreprocessSpec, normalize
@@ -102,15 +100,17 @@ def calibrated(model_repo, tmp_path_factory):
     capture(root / "samples", spec, pixels, feedback, traffic.class_names)
     config_before = (base / "models.config").read_text()
     result = calibrate(
-        base,
-        NAME,
-        root / "samples",
-        prior_strength=0.0,
-        min_samples=64,
-        min_labelled=32,
-        accuracy_tolerance=0.02,
-        promote="canary",
-        min_fine_tune_labels=64,  # 300 tiny samples: fine-tune on the ~90 labelled fit ones
+        CalibrationConfig(
+            model_base=base,
+            name=NAME,
+            samples_dir=root / "samples",
+            prior_strength=0.0,
+            min_samples=64,
+            min_labelled=32,
+            accuracy_tolerance=0.02,
+            promote="canary",
+            min_fine_tune_labels=64,  # 300 tiny samples: fine-tune on the ~90 labelled fit ones
+        )
     )
     test = load_directory(write_photo_crops(root / "test", 50, seed=11), spec)
     return SimpleNamespace(
@@ -165,7 +165,14 @@ def test_automatic_prior_keeps_the_best_weight_the_reference_set_allows(model_re
     capture(tmp_path / "samples", spec, pixels, list(labels), traffic.class_names)
     # Without fine-tuning, so that the exported candidate is the one the search measured.
     result = calibrate(
-        base, NAME, tmp_path / "samples", prior_strength="auto", min_samples=64, fine_tune_epochs=0
+        CalibrationConfig(
+            model_base=base,
+            name=NAME,
+            samples_dir=tmp_path / "samples",
+            prior_strength="auto",
+            min_samples=64,
+            fine_tune_epochs=0,
+        )
     )
     search = result.prior_search
     assert [t["source_weight"] for t in search] == list(AUTO_SOURCE_WEIGHTS)
@@ -353,7 +360,15 @@ def test_gate_rejects_noise_images_and_changes_nothing(model_repo, tmp_path):
     )
     capture(tmp_path / "samples", spec, noise)
     config = (base / "models.config").read_bytes()
-    result = calibrate(base, NAME, tmp_path / "samples", min_samples=64)
+    result = calibrate(
+        CalibrationConfig(
+            model_base=base,
+            name=NAME,
+            samples_dir=tmp_path / "samples",
+            prior_strength=0.0,
+            min_samples=64,
+        )
+    )
     assert result.status == "rejected" and result.reasons
     failed = {c.name for c in result.checks if c.gating and not c.passed}
     assert "accuracy_reference" in failed
