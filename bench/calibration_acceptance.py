@@ -53,9 +53,10 @@ import tensorflow as tf  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from calibration.capture_store import SampleStore, record_feedback  # noqa: E402
+from calibration.capture_store import SampleStore  # noqa: E402
 from calibration.config import CalibrationConfig  # noqa: E402
 from calibration.dispatch import calibrate  # noqa: E402
+from calibration.feedback import record_feedback  # noqa: E402
 from calibration.temperature import expected_calibration_error  # noqa: E402
 from contract.model_card import load_model_card  # noqa: E402
 from contract.preprocessing import PreprocessSpec, preprocess_pixels  # noqa: E402

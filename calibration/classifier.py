@@ -60,7 +60,6 @@ from typing import Any
 import keras
 import numpy as np
 
-from calibration.capture_store import SampleSet
 from calibration.classifier_gate import (
     Judged,
     class_balance_check,
@@ -88,6 +87,7 @@ from calibration.publish import (
 )
 from calibration.reestimate import Reestimation, reestimate_statistics, search_prior
 from calibration.result import CalibrationResult
+from calibration.samples import SampleSet
 from calibration.temperature import TemperatureFit, fit_served_temperature, inherited_calibration
 from calibration.traffic import (
     TrafficSplit,
@@ -165,25 +165,17 @@ def calibrate_classifier(config: CalibrationConfig, parent: StableParent) -> Cal
     stats.assign(prior[0])
     after = fine_tune_and_measure(model, stats, prior[0], traffic, reference, before, config)
     temperature, calibration, t_fit = fit_temperature(traffic, before, after, parent, config)
+    drift = (before.drift, stats.source_weight(prior[0]))
     judged = judged_evidence(traffic, reference, before, after)
-    source_weight = stats.source_weight(prior[0])
     checks, acc_traffic, parity = gate(
-        model, parent, traffic, reference, judged, (before.drift, source_weight), rng, config
+        model, parent, traffic, reference, judged, drift, rng, config
     )
     samples = samples_summary(
         config.samples_dir, traffic.data, traffic.split, traffic.n_labelled, traffic.invalid_labels
     )
-    method = "adabn-precise-bn" + ("+feedback-fine-tune" if after.fine_tune["ran"] else "")
+    drifted = before.domain_shift
     lineage = lineage_entry(
-        parent,
-        method,
-        stats,
-        after.fine_tune,
-        prior,
-        samples,
-        temperature,
-        before.domain_shift,
-        checks,
+        parent, _method(after), stats, after.fine_tune, prior, samples, temperature, drifted, checks
     )
     candidate = CandidateExport(
         model=model,
@@ -203,14 +195,18 @@ def calibrate_classifier(config: CalibrationConfig, parent: StableParent) -> Cal
     published = export_and_publish(
         parent, candidate, traffic.x, traffic.split, checks, promote=config.promote
     )
-    accuracy = {
-        "reference_set": {
-            "parent": before.reference_accuracy,
-            "candidate": after.reference_accuracy,
-        },
-        "traffic": acc_traffic,
-    }
+    accuracy = {"reference_set": reference_accuracies(before, after), "traffic": acc_traffic}
     return published.result(checks, temperature, t_fit, accuracy, samples, prior)
+
+
+def reference_accuracies(before: ParentMeasures, after: CandidateMeasures) -> dict[str, float]:
+    """The result's reference-set accuracies, parent and candidate."""
+    return {"parent": before.reference_accuracy, "candidate": after.reference_accuracy}
+
+
+def _method(after: CandidateMeasures) -> str:
+    """The lineage's ``method``: AdaBN, and the fine-tuning when it ran."""
+    return "adabn-precise-bn" + ("+feedback-fine-tune" if after.fine_tune["ran"] else "")
 
 
 def load_reference_set(path: Path, spec: PreprocessSpec) -> XY:

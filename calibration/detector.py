@@ -93,48 +93,23 @@ def calibrate_detector(config: CalibrationConfig, parent: StableParent) -> Calib
     )
     x, split = data.inputs, split_samples(data, config.holdout_fraction)
     model = load_keras_model(parent.dir)
-    before = measure_parent(model, postprocess, parent, ref, x, split, config.batch_size)
+    bs = config.batch_size
+    before = measure_parent(model, postprocess, parent, ref, x, split, bs)
     rng = np.random.default_rng(config.seed)
-    stats = reestimate_statistics(model, x[split.fit], rng, config.batch_size)
-    stats.assign(0.0)
-    mix = rng.permutation(int(split.held.sum()))  # batch statistics need mixed batches
-    agreement = mode_agreement(
-        model,
-        postprocess,
-        x[split.held][mix],
-        labels,
-        CONFIDENT_SCORE,
-        batch_size=config.batch_size,
-    )
+    stats = reestimate_statistics(model, x[split.fit], rng, bs)
+    agreement = mode_agreement_on_traffic(model, postprocess, stats, x[split.held], labels, rng, bs)
     prior = choose_prior(model, postprocess, stats, parent, ref, x[split.held], before, config)
     stats.assign(prior[0])
-    cand_ref = evaluate_reference(model, postprocess, ref, batch_size=config.batch_size)
+    cand_ref = evaluate_reference(model, postprocess, ref, batch_size=bs)
+    drift = (before.drift, stats.source_weight(prior[0]))
     checks, parity = gate(
-        model, postprocess, parent, ref, x, split, before, cand_ref, agreement, config
-    )
-    checks.append(
-        drift_check(
-            model,
-            parent.probe_names,
-            x[split.held],
-            before.drift,
-            source_weight=stats.source_weight(prior[0]),
-            held_out=bool(split.holdout.any()),
-            batch_size=config.batch_size,
-        )
+        model, postprocess, parent, ref, x, split, before, cand_ref, agreement, drift, config
     )
     samples = samples_summary(config.samples_dir, data, split, int(data.labelled.sum()), 0)
     fine_tune = {"ran": False, "why_not": "detector feedback has no boxes"}
+    drifted, temperature = before.drift.drifted, parent.temperature
     lineage = lineage_entry(
-        parent,
-        "adabn-precise-bn",
-        stats,
-        fine_tune,
-        prior,
-        samples,
-        parent.temperature,
-        before.drift.drifted,
-        checks,
+        parent, "adabn-precise-bn", stats, fine_tune, prior, samples, temperature, drifted, checks
     )
     note = "detectors: no temperature is fitted (feedback carries no boxes)"
     candidate = CandidateExport(
@@ -147,7 +122,7 @@ def calibrate_detector(config: CalibrationConfig, parent: StableParent) -> Calib
             parent.card,
             metrics=card_metrics(before.reference, cand_ref, parity),
             x_fit=x[split.fit],
-            calibration=inherited_calibration(parent.temperature, note),
+            calibration=inherited_calibration(temperature, note),
             lineage=lineage,
         ),
         extra_files={REFERENCE_SET: ref_bytes},
@@ -157,7 +132,28 @@ def calibrate_detector(config: CalibrationConfig, parent: StableParent) -> Calib
         "reference_set": {"parent": before.reference.to_dict(), "candidate": cand_ref.to_dict()},
         "metric": "map_50_95",
     }
-    return published.result(checks, parent.temperature, None, accuracy, samples, prior)
+    return published.result(checks, temperature, None, accuracy, samples, prior)
+
+
+def mode_agreement_on_traffic(
+    model: keras.Model,
+    postprocess: Callable,
+    stats: Reestimation,
+    x_held: np.ndarray,
+    labels: list[str],
+    rng: np.random.Generator,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Inference vs training mode on held-out traffic under the traffic's own statistics.
+
+    Measured before any mixing with the source: a mix differs from batch
+    statistics by design. Leaves those statistics assigned.
+    """
+    stats.assign(0.0)
+    mix = rng.permutation(len(x_held))  # batch statistics need mixed batches
+    return mode_agreement(
+        model, postprocess, x_held[mix], labels, CONFIDENT_SCORE, batch_size=batch_size
+    )
 
 
 def measure_parent(
@@ -226,9 +222,13 @@ def gate(
     before: DetectorParent,
     cand_ref: DetectionMetrics,
     agreement: dict[str, Any],
+    drift: tuple[ParentDrift, float],
     config: CalibrationConfig,
 ) -> tuple[list[GateCheck], dict[str, Any]]:
-    """The detector's checks (before ``drift``) and the card's parity entry."""
+    """Every check but the export's, and the card's parity entry.
+
+    ``drift`` is the parent's drift alarm and the candidate's source weight.
+    """
     held = int(split.held.sum())
     held_out = predict(model, postprocess, x[split.held], batch_size=config.batch_size)
     cand_rate = len(confident_classes(held_out, before.confident)) / held
@@ -251,6 +251,15 @@ def gate(
             cand_rate, before.reference_rate, before.confident, held
         ),
         parity,
+        drift_check(
+            model,
+            parent.probe_names,
+            x[split.held],
+            drift[0],
+            source_weight=drift[1],
+            held_out=bool(split.holdout.any()),
+            batch_size=config.batch_size,
+        ),
     ]
     return checks, parity_metrics
 

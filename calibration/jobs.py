@@ -112,16 +112,7 @@ class CalibrationJobs:
         """
         with open(self.dir / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            mine = [job for job in self.jobs() if job["model"] == model]
-            for job in mine:
-                if job["status"] == "running":
-                    raise CalibrationBusy(f"calibration job {job['id']} for {model!r} is running")
-            last = max((float(job["started_at"]) for job in mine), default=None)
-            if cooldown_s > 0 and last is not None and time.time() - last < cooldown_s:
-                raise CoolingDown(
-                    f"the last calibration of {model!r} started {time.time() - last:.0f} s ago"
-                    f" (cool-down {cooldown_s:.0f} s)"
-                )
+            self._refuse_if_busy(model, cooldown_s)
             job_id = f"{int(time.time())}-{secrets.token_hex(4)}"
             asked = {
                 "prior_strength": None if prior_strength is None else float(prior_strength),
@@ -147,18 +138,34 @@ class CalibrationJobs:
             }
             path = self.dir / f"{job_id}.json"
             _write_json(path, job)
-            log = open(self.dir / f"{job_id}.log", "wb")  # noqa: SIM115 - handed to the child
+            job["pid"] = self._spawn(path)
+            _write_json(path, job)
+            return job
+
+    def _refuse_if_busy(self, model: str, cooldown_s: float) -> None:
+        """CalibrationBusy while a job of ``model`` runs; CoolingDown within the cool-down."""
+        mine = [job for job in self.jobs() if job["model"] == model]
+        for job in mine:
+            if job["status"] == "running":
+                raise CalibrationBusy(f"calibration job {job['id']} for {model!r} is running")
+        last = max((float(job["started_at"]) for job in mine), default=None)
+        if cooldown_s > 0 and last is not None and time.time() - last < cooldown_s:
+            raise CoolingDown(
+                f"the last calibration of {model!r} started {time.time() - last:.0f} s ago"
+                f" (cool-down {cooldown_s:.0f} s)"
+            )
+
+    def _spawn(self, job_file: Path) -> int:
+        """Start the detached job process for ``job_file``; its output goes to the job's log."""
+        with open(job_file.with_suffix(".log"), "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "calibration.jobs", str(path)],
+                [sys.executable, "-m", "calibration.jobs", str(job_file)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # survives a worker restart; not in the request path
             )
-            log.close()
-            job["pid"] = proc.pid
-            _write_json(path, job)
-            return job
+        return proc.pid
 
     def get(self, job_id: str) -> dict[str, Any]:
         """The job's state and log tail; UnknownJob when there is no such job."""

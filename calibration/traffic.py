@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from calibration.capture_store import SampleSet, load_samples
 from calibration.errors import NotEnoughSamplesError
+from calibration.samples import SampleSet, load_samples
 from contract.preprocessing import PreprocessSpec
 
 #: Fewest images on either side of a split; below it everything fits and the

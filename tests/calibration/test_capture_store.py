@@ -18,10 +18,9 @@ from calibration.capture_store import (
     InvalidFeedbackError,
     SampleStore,
     UnknownRequestError,
-    iter_samples,
-    load_samples,
-    record_feedback,
 )
+from calibration.feedback import record_feedback
+from calibration.samples import iter_samples, load_samples
 
 MODEL = "tiny_classifier"
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from calibration.capture_store import SampleStore, record_feedback
+from calibration.capture_store import SampleStore
 from calibration.cli import (
     EXIT_ERROR,
     EXIT_NOT_ENOUGH_SAMPLES,
@@ -36,6 +36,7 @@ from calibration.cli import (
 from calibration.config import CalibrationConfig
 from calibration.dispatch import calibrate
 from calibration.errors import LabelError
+from calibration.feedback import record_feedback
 from calibration.gate import residual_limits
 from calibration.labels import promote, read_label_history, rollback
 from calibration.reestimate import AUTO_SOURCE_WEIGHTS
