@@ -7,7 +7,7 @@ traffic: half clean, half contrast + noise):
 1. a copy of the model repository serves the parent; fresh synthetic images of
    the training distribution are shifted and go through the real capture store
    as one-image requests, with feedback (true labels) for ``--labelled`` of them;
-2. ``calibration.classifier.calibrate`` (the same call as ``python -m training
+2. ``calibration.dispatch.calibrate`` (the same call as ``python -m training
    calibrate``, default options) re-estimates the BN statistics, fine-tunes on
    the labelled feedback, fits the temperature, gates and publishes version N+1;
 3. the parent's and the published candidate's exported SavedModels (what TF
@@ -53,8 +53,10 @@ import tensorflow as tf  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from calibration.capture_store import SampleStore, record_feedback  # noqa: E402
-from calibration.classifier import calibrate  # noqa: E402
+from calibration.capture_store import SampleStore  # noqa: E402
+from calibration.config import CalibrationConfig  # noqa: E402
+from calibration.dispatch import calibrate  # noqa: E402
+from calibration.feedback import record_feedback  # noqa: E402
 from calibration.temperature import expected_calibration_error  # noqa: E402
 from contract.model_card import load_model_card  # noqa: E402
 from contract.preprocessing import PreprocessSpec, preprocess_pixels  # noqa: E402
@@ -167,7 +169,14 @@ def run_shifts(
             )
             labels = [int(y) if rng.random() < args.labelled else None for y in traffic[1]]
             capture(Path(tmp) / "samples", args.name, parent, traffic_x, labels, classes)
-            result = calibrate(base, args.name, Path(tmp) / "samples", prior_strength=prior)
+            result = calibrate(
+                CalibrationConfig(
+                    model_base=base,
+                    name=args.name,
+                    samples_dir=Path(tmp) / "samples",
+                    prior_strength=prior,
+                )
+            )
             before_probs = served_probabilities(parent_dir, shifted_test)
             before = quality(before_probs, test_y)
             row = {
@@ -299,7 +308,14 @@ def main(argv: list[str] | None = None) -> int:
             capture(
                 Path(tmp) / "samples", args.name, parent, model_inputs(imgs, spec), labels, classes
             )
-            result = calibrate(base, args.name, Path(tmp) / "samples", prior_strength=prior)
+            result = calibrate(
+                CalibrationConfig(
+                    model_base=base,
+                    name=args.name,
+                    samples_dir=Path(tmp) / "samples",
+                    prior_strength=prior,
+                )
+            )
             unchanged = (base / "models.config").read_text() == config_before
             garbage.append(
                 {

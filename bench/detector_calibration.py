@@ -6,7 +6,7 @@ input shift (contrast x0.5 plus Gaussian noise sigma 0.1; a Gaussian blur):
 1. a copy of the model repository serves the parent; fresh synthetic images of
    the training distribution are shifted and go through the real capture store
    as one-image requests (detector feedback carries no boxes: none is sent);
-2. ``calibration.classifier.calibrate`` (the same call as ``python -m training
+2. ``calibration.dispatch.calibrate`` (the same call as ``python -m training
    calibrate``, default options) re-estimates the BN statistics, gates on the
    version's shipped reference set, and publishes version N+1 or rejects it;
 3. the parent's and the candidate's exported SavedModels are scored with
@@ -43,7 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from calibration.capture_store import SampleStore  # noqa: E402
-from calibration.classifier import calibrate  # noqa: E402
+from calibration.config import CalibrationConfig  # noqa: E402
+from calibration.dispatch import calibrate  # noqa: E402
 from contract.model_card import load_model_card, write_model_card  # noqa: E402
 from contract.preprocessing import PreprocessSpec, preprocess_pixels  # noqa: E402
 from contract.repository import ModelRepository  # noqa: E402
@@ -155,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
             prior = (
                 args.prior_strength if args.prior_strength == "auto" else float(args.prior_strength)
             )
-            result = calibrate(base, args.name, samples, prior_strength=prior)
+            result = calibrate(
+                CalibrationConfig(
+                    model_base=base, name=args.name, samples_dir=samples, prior_strength=prior
+                )
+            )
             seconds = time.monotonic() - started
             entry = {
                 "status": result.status,

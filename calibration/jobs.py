@@ -1,16 +1,18 @@
 """Calibration jobs started from the gateway, run in a separate process.
 
-The admin endpoint never calibrates inside a request worker: it starts
-``python -m calibration.jobs JOB_FILE``, a detached process that runs
-``python -m training calibrate`` in-process and writes the outcome into the job
-file (atomic rename). Any worker can report any job's status because the state
-lives in files, not in the worker that started it. One job per model at a time.
-Jobs record what started them (``trigger``: ``admin`` for the endpoint, ``drift``
-for :mod:`serving.auto_calibration`) and why.
+The admin endpoint never calibrates inside a request worker: it writes the
+run's :class:`~calibration.config.CalibrationConfig` into a job file and starts
+``python -m calibration.jobs JOB_FILE``, a detached process that rebuilds the
+config, calls :func:`calibration.dispatch.calibrate` and writes the outcome into
+the job file (atomic rename). Any worker can report any job's status because
+the state lives in files, not in the worker that started it. One job per model
+at a time. Jobs record what started them (``trigger``: ``admin`` for the
+endpoint, ``drift`` for :mod:`serving.auto_calibration`) and why.
 
-Outcomes follow the calibrator's exit codes: 0 ``published``, 3 ``rejected``
-(the gate refused the candidate), 4 ``insufficient_samples``, anything else
-``failed``.
+Outcomes come from the run itself: ``published`` or ``rejected`` (the gate
+refused the candidate) from the result, ``insufficient_samples`` from
+NotEnoughSamplesError, ``failed`` from any other error. ``exit_code`` records
+what ``python -m training calibrate`` would have exited with.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import secrets
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,25 +33,29 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from calibration import classifier as calibration
-
-OUTCOMES = {
-    calibration.EXIT_PUBLISHED: "published",
-    calibration.EXIT_REJECTED: "rejected",
-    calibration.EXIT_NOT_ENOUGH_SAMPLES: "insufficient_samples",
-}
+from calibration.cli import EXIT_CODES
+from calibration.config import CalibrationConfig
+from calibration.dispatch import calibrate
+from calibration.errors import NotEnoughSamplesError
+from calibration.result import FAILED, INSUFFICIENT_SAMPLES
 
 
 class CalibrationBusy(RuntimeError):
     """A calibration of this model is already running."""
 
+    code = "calibration_busy"
+
 
 class CoolingDown(CalibrationBusy):
     """A calibration of this model started too recently (automatic triggers)."""
 
+    code = "calibration_cooling_down"
+
 
 class UnknownJob(KeyError):
     """No calibration job with that id."""
+
+    code = "unknown_calibration_job"
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -105,36 +112,23 @@ class CalibrationJobs:
         """
         with open(self.dir / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            mine = [job for job in self.jobs() if job["model"] == model]
-            for job in mine:
-                if job["status"] == "running":
-                    raise CalibrationBusy(f"calibration job {job['id']} for {model!r} is running")
-            last = max((float(job["started_at"]) for job in mine), default=None)
-            if cooldown_s > 0 and last is not None and time.time() - last < cooldown_s:
-                raise CoolingDown(
-                    f"the last calibration of {model!r} started {time.time() - last:.0f} s ago"
-                    f" (cool-down {cooldown_s:.0f} s)"
-                )
+            self._refuse_if_busy(model, cooldown_s)
             job_id = f"{int(time.time())}-{secrets.token_hex(4)}"
-            args = [
-                "calibrate",
-                "--model-base",
-                str(self.model_base),
-                "--name",
-                model,
-                "--samples",
-                str(self.samples_dir),
-            ]
-            if prior_strength is not None:
-                args += ["--prior-strength", str(float(prior_strength))]
-            if promote is not None:
-                args += ["--promote", promote]
-            if min_samples is not None:
-                args += ["--min-samples", str(int(min_samples))]
+            asked = {
+                "prior_strength": None if prior_strength is None else float(prior_strength),
+                "promote": promote,
+                "min_samples": None if min_samples is None else int(min_samples),
+            }
+            config = CalibrationConfig(
+                name=model,
+                samples_dir=self.samples_dir,
+                model_base=self.model_base,
+                **{k: v for k, v in asked.items() if v is not None},
+            )
             job = {
                 "id": job_id,
                 "model": model,
-                "args": args,
+                "config": config.to_dict(),
                 "status": "running",
                 "trigger": trigger,
                 "reason": reason,
@@ -144,20 +138,37 @@ class CalibrationJobs:
             }
             path = self.dir / f"{job_id}.json"
             _write_json(path, job)
-            log = open(self.dir / f"{job_id}.log", "wb")  # noqa: SIM115 - handed to the child
+            job["pid"] = self._spawn(path)
+            _write_json(path, job)
+            return job
+
+    def _refuse_if_busy(self, model: str, cooldown_s: float) -> None:
+        """CalibrationBusy while a job of ``model`` runs; CoolingDown within the cool-down."""
+        mine = [job for job in self.jobs() if job["model"] == model]
+        for job in mine:
+            if job["status"] == "running":
+                raise CalibrationBusy(f"calibration job {job['id']} for {model!r} is running")
+        last = max((float(job["started_at"]) for job in mine), default=None)
+        if cooldown_s > 0 and last is not None and time.time() - last < cooldown_s:
+            raise CoolingDown(
+                f"the last calibration of {model!r} started {time.time() - last:.0f} s ago"
+                f" (cool-down {cooldown_s:.0f} s)"
+            )
+
+    def _spawn(self, job_file: Path) -> int:
+        """Start the detached job process for ``job_file``; its output goes to the job's log."""
+        with open(job_file.with_suffix(".log"), "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "calibration.jobs", str(path)],
+                [sys.executable, "-m", "calibration.jobs", str(job_file)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # survives a worker restart; not in the request path
             )
-            log.close()
-            job["pid"] = proc.pid
-            _write_json(path, job)
-            return job
+        return proc.pid
 
     def get(self, job_id: str) -> dict[str, Any]:
+        """The job's state and log tail; UnknownJob when there is no such job."""
         path = self.dir / f"{job_id}.json"
         if "/" in job_id or not path.exists():
             raise UnknownJob(job_id)
@@ -182,6 +193,7 @@ class CalibrationJobs:
         return job
 
     def jobs(self) -> list[dict[str, Any]]:
+        """Every job in the state directory, oldest id first."""
         out = []
         for path in sorted(self.dir.glob("*.json")):
             with contextlib.suppress(OSError, ValueError):
@@ -211,23 +223,27 @@ class CalibrationCollector(Collector):
         yield family
 
 
-def _run(job_file: Path) -> int:
-    """The job process: run the calibrator and record its outcome."""
-    from training.cli import main
-
+def run_job(job_file: Path) -> str:
+    """The job process: run the calibration the job file asks for and record its outcome."""
     job = json.loads(job_file.read_text())
     try:
-        code = int(main(job["args"]))
-    except SystemExit as exc:  # argparse errors
-        code = int(exc.code or 2)
+        result = calibrate(CalibrationConfig.from_dict(job["config"]))
+        print(json.dumps(result.to_dict(), indent=1, default=float))  # the job's log
+        outcome = result.status
+    except NotEnoughSamplesError as exc:
+        print(f"not enough samples: {exc}", file=sys.stderr)
+        outcome = INSUFFICIENT_SAMPLES
     except Exception as exc:  # noqa: BLE001 - recorded as the job's failure
+        # Not only domain errors: whatever ends the run is the job's outcome, with
+        # the traceback in the job's log for whoever reads it.
+        traceback.print_exc()
         print(f"calibration failed: {exc!r}", file=sys.stderr)
-        code = 5
+        outcome = FAILED
     job = json.loads(job_file.read_text())
-    job.update(status=OUTCOMES.get(code, "failed"), exit_code=code, finished_at=time.time())
+    job.update(status=outcome, exit_code=EXIT_CODES[outcome], finished_at=time.time())
     _write_json(job_file, job)
-    return code
+    return outcome
 
 
 if __name__ == "__main__":
-    sys.exit(_run(Path(sys.argv[1])))
+    sys.exit(EXIT_CODES[run_job(Path(sys.argv[1]))])

@@ -212,3 +212,53 @@ def fit_and_evaluate(
         after=calibration_report(eval_logits, eval_labels, t),
         identified=errors and not at_bound(t, bounds),
     )
+
+
+def fit_served_temperature(
+    fit: tuple[np.ndarray, np.ndarray],
+    evaluate: tuple[np.ndarray, np.ndarray],
+    parent_logits: np.ndarray,
+    parent_temperature: float,
+    *,
+    in_sample: bool,
+) -> tuple[float, dict[str, Any], TemperatureFit | None]:
+    """The temperature to export, the card's ``calibration`` entry, and the fit.
+
+    Fits T by NLL on the candidate's ``fit`` logits and reports ECE/NLL on
+    ``evaluate`` at T=1 and at T (and the parent's logits at its own temperature).
+    When the data does not determine T (no labelled fit sample misclassified, so
+    the NLL keeps falling as T -> 0, or a fit at a bound of the search), the fitted
+    T would serve every future error at a probability near 1: the parent's
+    temperature is kept, and the entry says why (the fit is None).
+    """
+    t_fit = fit_and_evaluate(*fit, *evaluate)
+    calibration: dict[str, Any] = {
+        "temperature": t_fit.temperature,
+        "method": "temperature_scaling",
+        "objective": "nll",
+        "fitted_on": t_fit.fitted_on,
+        "evaluated_on": int(len(evaluate[1])),
+        "evaluation": "in_sample" if in_sample else "held_out",
+        "ece_bins": ECE_BINS,
+        "before": t_fit.before.to_dict(),
+        "after": t_fit.after.to_dict(),
+        "parent": calibration_report(parent_logits, evaluate[1], parent_temperature).to_dict(),
+    }
+    if t_fit.identified:
+        return t_fit.temperature, calibration, t_fit
+    errors = int(np.sum(fit[0].argmax(-1) != fit[1]))
+    calibration.update(
+        temperature=parent_temperature,
+        method="inherited",
+        note=f"the temperature is not identified: the NLL on {t_fit.fitted_on} labelled "
+        f"samples ({errors} misclassified) has no minimum inside the search bounds "
+        f"(the search ended at T={t_fit.temperature:.3g}); the parent's temperature is kept",
+        rejected_fit=t_fit.temperature,
+        after=calibration_report(*evaluate, parent_temperature).to_dict(),
+    )
+    return parent_temperature, calibration, None
+
+
+def inherited_calibration(temperature: float, note: str) -> dict[str, Any]:
+    """The card's ``calibration`` entry of a version that keeps its parent's temperature."""
+    return {"temperature": temperature, "method": "inherited", "note": note}

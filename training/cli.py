@@ -130,31 +130,10 @@ def _add_detector(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_calibration(sub: argparse._SubParsersAction) -> None:
-    from calibration import classifier as calibration
+    # The one permitted import of calibration from training: its commands live there.
+    from calibration.cli import add_subcommands
 
-    for name, help_, add, run in [
-        (
-            "calibrate",
-            "calibrate a model on captured traffic and publish the next version",
-            calibration.add_calibrate_arguments,
-            calibration.run_calibrate,
-        ),
-        (
-            "promote",
-            "point a version label at a version",
-            calibration.add_promote_arguments,
-            calibration.run_promote,
-        ),
-        (
-            "rollback",
-            "move the stable label back to the previous stable version",
-            calibration.add_rollback_arguments,
-            calibration.run_rollback,
-        ),
-    ]:
-        p = sub.add_parser(name, help=help_)
-        add(p)
-        p.set_defaults(func=run)
+    add_subcommands(sub)
 
 
 def _add_make_dataset(sub: argparse._SubParsersAction) -> None:

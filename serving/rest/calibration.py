@@ -17,6 +17,7 @@ from typing import Any
 from flask import Blueprint, current_app, g, jsonify, request
 
 from calibration import capture_store
+from calibration.feedback import record_feedback
 from calibration.jobs import CalibrationBusy, UnknownJob
 from serving.errors import BadRequest, Conflict, Gone, NotFound, Unprocessable
 from serving.rest.admin import require_admin
@@ -63,7 +64,7 @@ def feedback():
         if mv:
             allowed = list(svc.catalog.version(model, mv[-1]).class_labels)
     try:
-        result = capture_store.record_feedback(
+        result = record_feedback(
             svc.settings.capture_dir, request_id, labels, model=model, allowed=allowed
         )
     except capture_store.SampleStoreError as exc:

@@ -21,26 +21,24 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from calibration.capture_store import SampleStore, record_feedback
-from calibration.classifier import (
-    AUTO_SOURCE_WEIGHTS,
+from calibration.capture_store import SampleStore
+from calibration.cli import (
     EXIT_ERROR,
     EXIT_NOT_ENOUGH_SAMPLES,
     EXIT_REJECTED,
-    LabelError,
     add_calibrate_arguments,
     add_promote_arguments,
     add_rollback_arguments,
-    calibrate,
-    fit_served_temperature,
-    promote,
-    read_label_history,
-    residual_limits,
-    rollback,
     run_calibrate,
     run_promote,
     run_rollback,
 )
+from calibration.config import CalibrationConfig
+from calibration.dispatch import calibrate
+from calibration.errors import LabelError
+from calibration.feedback import record_feedback
+from calibration.labels import promote, read_label_history, rollback
+from calibration.reestimate import AUTO_SOURCE_WEIGHTS
 from calibration.temperature import expected_calibration_error, softmax
 from contract import bn
 from contract.model_card import KERAS_MODEL_RELPATH, load_model_card
@@ -102,15 +100,17 @@ def calibrated(model_repo, tmp_path_factory):
     capture(root / "samples", spec, pixels, feedback, traffic.class_names)
     config_before = (base / "models.config").read_text()
     result = calibrate(
-        base,
-        NAME,
-        root / "samples",
-        prior_strength=0.0,
-        min_samples=64,
-        min_labelled=32,
-        accuracy_tolerance=0.02,
-        promote="canary",
-        min_fine_tune_labels=64,  # 300 tiny samples: fine-tune on the ~90 labelled fit ones
+        CalibrationConfig(
+            model_base=base,
+            name=NAME,
+            samples_dir=root / "samples",
+            prior_strength=0.0,
+            min_samples=64,
+            min_labelled=32,
+            accuracy_tolerance=0.02,
+            promote="canary",
+            min_fine_tune_labels=64,  # 300 tiny samples: fine-tune on the ~90 labelled fit ones
+        )
     )
     test = load_directory(write_photo_crops(root / "test", 50, seed=11), spec)
     return SimpleNamespace(
@@ -165,7 +165,14 @@ def test_automatic_prior_keeps_the_best_weight_the_reference_set_allows(model_re
     capture(tmp_path / "samples", spec, pixels, list(labels), traffic.class_names)
     # Without fine-tuning, so that the exported candidate is the one the search measured.
     result = calibrate(
-        base, NAME, tmp_path / "samples", prior_strength="auto", min_samples=64, fine_tune_epochs=0
+        CalibrationConfig(
+            model_base=base,
+            name=NAME,
+            samples_dir=tmp_path / "samples",
+            prior_strength="auto",
+            min_samples=64,
+            fine_tune_epochs=0,
+        )
     )
     search = result.prior_search
     assert [t["source_weight"] for t in search] == list(AUTO_SOURCE_WEIGHTS)
@@ -191,43 +198,6 @@ def test_automatic_prior_keeps_the_best_weight_the_reference_set_allows(model_re
     for a, b in zip(m1.weights, m2.weights, strict=True):  # AdaBN alone: only statistics change
         if "moving" not in a.path:
             np.testing.assert_array_equal(a.numpy(), b.numpy())
-
-
-def test_residual_limits_allow_what_the_source_weight_leaves():
-    thresholds = {"a": {"mean_shift": 0.1, "sym_kl": 0.01}}
-    parent = {"a": {"mean_shift": 1.0, "sym_kl": 0.5}}
-    assert residual_limits(thresholds, parent, 0.0) == thresholds
-    limits = residual_limits(thresholds, parent, 0.2)
-    assert limits["a"]["mean_shift"] == pytest.approx(0.1 + 0.2 * 1.0)
-    assert limits["a"]["sym_kl"] == pytest.approx(0.01 + 0.04 * 0.5)  # KL: quadratic
-
-
-def test_a_temperature_the_feedback_does_not_determine_is_not_served():
-    rng = np.random.default_rng(4)
-    y = rng.integers(0, 3, 200)
-    # Confident, correct logits on every labelled sample: NLL falls as T -> 0.
-    separable = 4.0 * np.eye(3)[y] + rng.normal(0.0, 0.3, (200, 3))
-    t, entry, fit = fit_served_temperature(
-        (separable[:120], y[:120]),
-        (separable[120:], y[120:]),
-        separable[120:],
-        1.3,
-        in_sample=False,
-    )
-    assert t == 1.3 and fit is None
-    assert entry["method"] == "inherited" and entry["temperature"] == 1.3
-    assert entry["rejected_fit"] < 0.2  # the search ran towards T -> 0
-    assert "not identified" in entry["note"] and "0 misclassified" in entry["note"]
-    assert entry["after"]["temperature"] == 1.3  # the report is of what is served
-    # With errors among them the fitted T is served.
-    noisy = separable.copy()
-    flip = rng.random(200) < 0.1
-    noisy[flip] = np.roll(noisy[flip], 1, axis=1)
-    t, entry, fit = fit_served_temperature(
-        (noisy[:120], y[:120]), (noisy[120:], y[120:]), noisy[120:], 1.3, in_sample=False
-    )
-    assert fit is not None and fit.identified and t == fit.temperature != 1.3
-    assert entry["method"] == "temperature_scaling" and entry["after"]["temperature"] == t
 
 
 def test_published_version_has_lineage_temperature_and_label(calibrated):
@@ -353,7 +323,15 @@ def test_gate_rejects_noise_images_and_changes_nothing(model_repo, tmp_path):
     )
     capture(tmp_path / "samples", spec, noise)
     config = (base / "models.config").read_bytes()
-    result = calibrate(base, NAME, tmp_path / "samples", min_samples=64)
+    result = calibrate(
+        CalibrationConfig(
+            model_base=base,
+            name=NAME,
+            samples_dir=tmp_path / "samples",
+            prior_strength=0.0,
+            min_samples=64,
+        )
+    )
     assert result.status == "rejected" and result.reasons
     failed = {c.name for c in result.checks if c.gating and not c.passed}
     assert "accuracy_reference" in failed

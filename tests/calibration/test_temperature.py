@@ -12,6 +12,7 @@ from calibration.temperature import (
     calibration_report,
     expected_calibration_error,
     fit_and_evaluate,
+    fit_served_temperature,
     fit_temperature,
     nll,
     softmax,
@@ -113,3 +114,31 @@ def test_report_at_a_temperature():
 def test_unusable_input_is_a_typed_error(logits, labels):
     with pytest.raises(TemperatureFitError):
         fit_temperature(logits, labels)
+
+
+def test_a_temperature_the_feedback_does_not_determine_is_not_served():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, 200)
+    # Confident, correct logits on every labelled sample: NLL falls as T -> 0.
+    separable = 4.0 * np.eye(3)[y] + rng.normal(0.0, 0.3, (200, 3))
+    t, entry, fit = fit_served_temperature(
+        (separable[:120], y[:120]),
+        (separable[120:], y[120:]),
+        separable[120:],
+        1.3,
+        in_sample=False,
+    )
+    assert t == 1.3 and fit is None
+    assert entry["method"] == "inherited" and entry["temperature"] == 1.3
+    assert entry["rejected_fit"] < 0.2  # the search ran towards T -> 0
+    assert "not identified" in entry["note"] and "0 misclassified" in entry["note"]
+    assert entry["after"]["temperature"] == 1.3  # the report is of what is served
+    # With errors among them the fitted T is served.
+    noisy = separable.copy()
+    flip = rng.random(200) < 0.1
+    noisy[flip] = np.roll(noisy[flip], 1, axis=1)
+    t, entry, fit = fit_served_temperature(
+        (noisy[:120], y[:120]), (noisy[120:], y[120:]), noisy[120:], 1.3, in_sample=False
+    )
+    assert fit is not None and fit.identified and t == fit.temperature != 1.3
+    assert entry["method"] == "temperature_scaling" and entry["after"]["temperature"] == t

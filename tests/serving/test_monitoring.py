@@ -351,7 +351,7 @@ def test_promotion_and_rollback_under_load_fail_no_request(mutable_repo, images)
     """The calibration path's label moves under live traffic: a candidate appears as
     ``canary``, is promoted to ``stable``, then rolled back; no request fails and every
     request is answered by the version its label pointed at."""
-    from calibration.classifier import promote, rollback
+    from calibration.labels import promote, rollback
 
     app = create_app(settings_for("embedded", mutable_repo, poll_interval_s=0.2))
     name = tiny_models.CLASSIFIER

@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 
-from calibration.detector import _as_ground_truth, confident_score
+from calibration.detector_gate import _as_ground_truth, confident_score
 from contract.preprocessing import PreprocessSpec, preprocess_pixels
 from training.detection.data import load_coco, write_synthetic_coco
 from training.detection.reference import (

@@ -15,7 +15,9 @@ from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
 from calibration.capture_store import SampleStore
-from calibration.classifier import add_calibrate_arguments, calibrate, run_calibrate
+from calibration.cli import add_calibrate_arguments, run_calibrate
+from calibration.config import CalibrationConfig
+from calibration.dispatch import calibrate
 from contract.model_card import load_model_card
 from contract.preprocessing import PreprocessSpec, preprocess_pixels
 from contract.repository import ModelRepository
@@ -178,7 +180,14 @@ def test_calibration_on_its_own_domain_publishes_a_detector_with_a_reference_set
     spec = PreprocessSpec.from_dict(card["preprocessing"])
     traffic = load_coco(write_synthetic_coco(tmp_path / "traffic", 128, seed=7, config=EASY))
     _capture_traffic(tmp_path / "samples", spec, traffic.load_images())
-    result = calibrate(base, "tiny_detector", tmp_path / "samples", prior_strength="auto")
+    result = calibrate(
+        CalibrationConfig(
+            model_base=base,
+            name="tiny_detector",
+            samples_dir=tmp_path / "samples",
+            prior_strength="auto",
+        )
+    )
     checks = {c.name: c for c in result.checks}
     assert result.status == "published", result.reasons
     assert result.version == 2 and result.labels_moved == {"canary": 2}
@@ -219,7 +228,14 @@ def test_calibration_of_a_detector_on_noise_images_is_rejected(trained, tmp_path
         tmp_path / "samples", spec, rng.integers(0, 256, (96, 120, 130, 3), dtype=np.uint8)
     )
     config = (base / "models.config").read_bytes()
-    result = calibrate(base, "tiny_detector", tmp_path / "samples", prior_strength="auto")
+    result = calibrate(
+        CalibrationConfig(
+            model_base=base,
+            name="tiny_detector",
+            samples_dir=tmp_path / "samples",
+            prior_strength="auto",
+        )
+    )
     assert result.status == "rejected" and result.reasons
     failed = {c.name for c in result.checks if c.gating and not c.passed}
     # The mix that keeps the reference mAP finds no objects in noise; a mix that

@@ -1,0 +1,90 @@
+"""What a calibration run is asked to do: one frozen :class:`CalibrationConfig`.
+
+The command line parses into it (:mod:`calibration.cli`), and a calibration job
+records it as JSON in its job file and rebuilds it in the child process
+(:mod:`calibration.jobs`), so both run exactly the same request. Its defaults
+are the command line's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+#: Version labels a published candidate may be pointed at.
+PROMOTE_LABELS = ("canary", "stable")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Every option of a calibration run (flags of ``python -m training calibrate`` and more).
+
+    ``model_base`` is the model repository, ``samples_dir`` the capture store
+    root (samples of ``name`` are in ``<samples_dir>/<name>``). Paths are kept
+    as strings so that :meth:`to_dict` is JSON as it is. Options after
+    ``seed`` have no command-line flag. Classifier-only options (labels,
+    fine-tuning, temperature) do not apply to detectors.
+    """
+
+    name: str
+    samples_dir: str
+    model_base: str = "models"
+    #: Source statistics as N pseudo-images (0: the samples alone); "auto" searches.
+    prior_strength: float | Literal["auto"] = "auto"
+    min_samples: int = 64
+    min_labelled: int = 32
+    max_samples: int = 2048
+    accuracy_tolerance: float = 0.02
+    max_class_share: float = 0.75
+    promote: str = "canary"
+    fine_tune_epochs: int = 4
+    fine_tune_learning_rate: float = 3e-4
+    min_fine_tune_labels: int = 96
+    seed: int = 0
+    holdout_fraction: float = 0.25
+    min_accuracy_lift: float = 0.1
+    parity_threshold: float | None = None
+    batch_size: int = 64
+    fine_tune_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        # Paths arrive as Path objects from Python callers; JSON needs strings.
+        object.__setattr__(self, "model_base", os.fspath(self.model_base))
+        object.__setattr__(self, "samples_dir", os.fspath(self.samples_dir))
+
+    def validate(self) -> None:
+        """Raise ValueError for options no calibration can run with.
+
+        Not done at construction: a job records whatever it was asked, and the
+        run itself fails on a bad option (the job's outcome says so).
+        """
+        if self.promote not in PROMOTE_LABELS:
+            raise ValueError(f"promote must be one of {PROMOTE_LABELS}, got {self.promote!r}")
+        strength = self.prior_strength
+        if strength != "auto" and (isinstance(strength, str) or strength < 0):
+            raise ValueError(f"prior_strength must be >= 0 or 'auto', got {strength!r}")
+        if self.min_samples < 1 or self.min_labelled < 1 or not 0 <= self.holdout_fraction < 1:
+            raise ValueError("min_samples >= 1, min_labelled >= 1, 0 <= holdout < 1")
+        if (
+            self.fine_tune_epochs < 0
+            or self.fine_tune_learning_rate <= 0
+            or not 0 < self.fine_tune_fraction <= 1
+        ):
+            raise ValueError(
+                "fine_tune_epochs >= 0, fine_tune_learning_rate > 0, 0 < fraction <= 1"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as a JSON-ready dict (:meth:`from_dict` rebuilds the config)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CalibrationConfig:
+        """The config :meth:`to_dict` wrote; unknown keys are an error, not ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown calibration options {unknown}")
+        return cls(**values)

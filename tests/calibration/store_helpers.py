@@ -1,0 +1,24 @@
+"""Helpers shared by the capture-store and feedback tests."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+
+MODEL = "tiny_classifier"
+
+
+def image_batch(n: int = 1, value: float = 0.0, size: int = 8) -> np.ndarray:
+    """``n`` constant model inputs of ``size`` x ``size`` x 3."""
+    return np.full((n, size, size, 3), value, np.float32)
+
+
+def join_or_fail(proc: mp.Process, timeout: float = 60.0) -> None:
+    """Wait for ``proc``; kill it and fail the test if it does not finish in time."""
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5)
+        pytest.fail(f"process {proc.pid} did not finish in {timeout} s")
