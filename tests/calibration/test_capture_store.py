@@ -20,7 +20,7 @@ from calibration.capture_store import (
 )
 from calibration.feedback import record_feedback
 from calibration.samples import iter_samples, load_samples
-from tests.calibration.store_helpers import MODEL, image_batch, join_or_fail
+from tests.helpers.capture_store import MODEL, image_batch, join_or_fail
 
 
 def _shard_bytes(root: Path, model: str = MODEL) -> list[int]:

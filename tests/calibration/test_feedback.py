@@ -14,7 +14,7 @@ from calibration.capture_store import (
 )
 from calibration.feedback import record_feedback
 from calibration.samples import iter_samples, load_samples
-from tests.calibration.store_helpers import MODEL, image_batch, join_or_fail
+from tests.helpers.capture_store import MODEL, image_batch, join_or_fail
 
 
 def _feedback_racer(root: str, label: str, ready, go, out) -> None:
