@@ -58,7 +58,7 @@ from calibration.config import CalibrationConfig  # noqa: E402
 from calibration.dispatch import calibrate  # noqa: E402
 from calibration.feedback import record_feedback  # noqa: E402
 from calibration.temperature import expected_calibration_error  # noqa: E402
-from contract.model_card import load_model_card  # noqa: E402
+from contract.model_card import read_model_card  # noqa: E402
 from contract.preprocessing import PreprocessSpec, preprocess_pixels  # noqa: E402
 from contract.repository import ModelRepository  # noqa: E402
 from training import synthetic  # noqa: E402
@@ -255,10 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     parent_dir = repo.version_dir(args.name, parent)
-    card = load_model_card(parent_dir)
-    spec = PreprocessSpec.from_dict(card["preprocessing"])
-    classes = list(card["labels"])
-    imbalance = float(card["lineage"].get("parameters", {}).get("synthetic_imbalance", 1.0))
+    card = read_model_card(parent_dir)
+    spec = card.preprocess_spec
+    classes = list(card.labels)
+    imbalance = float(card.lineage.parameters.get("synthetic_imbalance", 1.0))
     prior: float | str = (
         args.prior_strength if args.prior_strength == "auto" else float(args.prior_strength)
     )

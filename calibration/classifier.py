@@ -151,10 +151,10 @@ def calibrate_classifier(config: CalibrationConfig, parent: StableParent) -> Cal
     CalibrationError when the version ships no reference set; a rejected
     candidate is not an exception (the result's status says so).
     """
-    spec = PreprocessSpec.from_dict(parent.card["preprocessing"])
+    spec = parent.card.preprocess_spec
     ref_path, ref_bytes = parent.reference_set(REFERENCE_SET)
     reference = load_reference_set(ref_path, spec)
-    traffic = load_traffic(config, spec, list(parent.card["labels"]))
+    traffic = load_traffic(config, spec, list(parent.card.labels))
     model = load_keras_model(parent.dir)
     before = measure_parent(model, parent, traffic, reference, config)
     # Everything about the parent is measured: the same model becomes the candidate
@@ -181,7 +181,7 @@ def calibrate_classifier(config: CalibrationConfig, parent: StableParent) -> Cal
         model=model,
         task="classification",
         spec=spec,
-        labels=list(parent.card["labels"]),
+        labels=list(parent.card.labels),
         postprocess=classifier_postprocess(temperature),
         card_fields=candidate_card_fields(
             parent.card,
@@ -384,7 +384,7 @@ def gate(
 
     ``drift`` is the parent's drift alarm and the candidate's source weight.
     """
-    checks = [class_balance_check(judged, list(parent.card["labels"]), config)]
+    checks = [class_balance_check(judged, list(parent.card.labels), config)]
     traffic_checks, acc_traffic = traffic_accuracy_checks(judged, traffic.n_labelled, config)
     checks += traffic_checks
     checks.append(reference_accuracy_check(judged, config.accuracy_tolerance))

@@ -26,6 +26,7 @@ import numpy as np
 from calibration.config import CalibrationConfig
 from calibration.gate import GateCheck, largest_share, says
 from contract import bn
+from contract.model_card import ModelCard
 
 #: The parity threshold when neither the config nor the parent's card gives one.
 DEFAULT_PARITY_THRESHOLD = 0.02
@@ -186,12 +187,14 @@ def reference_accuracy_check(judged: Judged, tolerance: float) -> GateCheck:
     )
 
 
-def parity_threshold(card: dict[str, Any], config: CalibrationConfig) -> float:
+def parity_threshold(card: ModelCard, config: CalibrationConfig) -> float:
     """The largest inference/training-mode gap: the config's, else the parent card's."""
     if config.parity_threshold is not None:
         return config.parity_threshold
-    parity = card.get("metrics", {}).get("parity", {})
-    return float(parity.get("threshold", DEFAULT_PARITY_THRESHOLD))
+    parity = card.metrics.parity
+    if parity is None or parity.threshold is None:
+        return DEFAULT_PARITY_THRESHOLD
+    return float(parity.threshold)
 
 
 def parity_check(

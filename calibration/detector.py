@@ -34,6 +34,7 @@ from calibration.detector_gate import (
     confident_score,
     mode_agreement,
 )
+from calibration.errors import CalibrationError
 from calibration.gate import GateCheck, ParentDrift, drift_check, parent_drift, traffic_drifts
 from calibration.model_io import StableParent, load_keras_model
 from calibration.publish import (
@@ -46,7 +47,8 @@ from calibration.reestimate import Reestimation, reestimate_statistics, search_p
 from calibration.result import CalibrationResult
 from calibration.temperature import inherited_calibration
 from calibration.traffic import TrafficSplit, load_enough_samples, samples_summary, split_samples
-from contract.preprocessing import PreprocessSpec
+from contract.json_sections import thaw
+from contract.model_card import ModelCard
 from training.detection.anchors import AnchorConfig, generate_anchors
 from training.detection.evaluate import DetectionMetrics, predict
 from training.detection.postprocess import NmsConfig, make_postprocess
@@ -70,19 +72,22 @@ class DetectorParent:
     drift: ParentDrift
 
 
-def postprocess_from_card(card: dict[str, Any]) -> Callable:
+def postprocess_from_card(card: ModelCard) -> Callable:
     """The exported graph's decode + NMS, rebuilt from the card's ``detection`` section."""
-    det = card["detection"]
-    spec = PreprocessSpec.from_dict(card["preprocessing"])
-    anchors = generate_anchors(AnchorConfig.from_dict(det["anchors"]), spec.height, spec.width)
-    nms_fields = {k: det["nms"][k] for k in NmsConfig.__dataclass_fields__ if k in det["nms"]}
-    return make_postprocess(anchors, NmsConfig(**nms_fields), det["box_variances"])
+    det = card.detection
+    if det is None:
+        raise CalibrationError(f"the card of {card.name} version {card.version} has no detection")
+    spec = card.preprocess_spec
+    anchors = generate_anchors(AnchorConfig.from_dict(thaw(det.anchors)), spec.height, spec.width)
+    nms = thaw(det.nms)
+    nms_fields = {k: nms[k] for k in NmsConfig.__dataclass_fields__ if k in nms}
+    return make_postprocess(anchors, NmsConfig(**nms_fields), thaw(det.box_variances))
 
 
 def calibrate_detector(config: CalibrationConfig, parent: StableParent) -> CalibrationResult:
     """Calibrate the ``stable`` detector ``parent`` on captured samples (module docstring)."""
-    spec = PreprocessSpec.from_dict(parent.card["preprocessing"])
-    labels = list(parent.card["labels"])
+    spec = parent.card.preprocess_spec
+    labels = list(parent.card.labels)
     hint = "; export it again with this release to calibrate it"
     ref_path, ref_bytes = parent.reference_set(REFERENCE_SET, hint)
     ref = load_reference_set(ref_path, spec, labels)
@@ -236,7 +241,7 @@ def gate(
     checks = [
         detector_gate.class_balance_check(
             before.traffic_classes,
-            list(parent.card["labels"]),
+            list(parent.card.labels),
             before.confident,
             config.max_class_share,
         ),

@@ -27,7 +27,7 @@ def calibrate(config: CalibrationConfig) -> CalibrationResult:
     """
     config.validate()
     parent = load_stable_parent(config.model_base, config.name)
-    task = parent.card["task"]
+    task = parent.card.task
     if task == "classification":
         return calibrate_classifier(config, parent)
     if task == "detection":

@@ -18,6 +18,7 @@ import numpy as np
 
 from calibration.model_io import probe_moments
 from contract import bn, drift_scores
+from contract.model_card import ModelCard
 
 #: Parent accuracy on labelled traffic this far below its reference-set accuracy
 #: counts as a domain shift (as drift above the alarm threshold does).
@@ -204,20 +205,20 @@ def drift_check(
     )
 
 
-def staleness_check(card: dict[str, Any]) -> GateCheck | None:
+def staleness_check(card: ModelCard) -> GateCheck | None:
     """``statistics_converged`` from the exported card's staleness metric (None: not measured)."""
-    stale = card.get("metrics", {}).get("staleness")
+    stale = card.metrics.staleness
     if stale is None:
         return None
     return GateCheck(
         "statistics_converged",
-        bool(stale["passed"]),
+        bool(stale.passed),
         True,
         says(
-            bool(stale["passed"]),
+            bool(stale.passed),
             "the statistics do not describe the samples they were estimated on",
-            "; ".join(stale["failures"])
+            "; ".join(stale.failures)
             or "the fit samples score below the candidate's alarm thresholds",
         ),
-        {"failures": stale["failures"], "images": stale["images"]},
+        {"failures": list(stale.failures), "images": stale.images},
     )

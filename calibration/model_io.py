@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import keras
 import numpy as np
@@ -13,7 +12,7 @@ import tensorflow as tf
 
 from calibration.errors import CalibrationError
 from contract import bn
-from contract.model_card import KERAS_MODEL_RELPATH, load_model_card
+from contract.model_card import KERAS_MODEL_RELPATH, ModelCard, read_model_card
 from contract.repository import ModelRepository
 
 
@@ -25,21 +24,22 @@ class StableParent:
     name: str
     version: int
     dir: Path
-    card: dict[str, Any]
+    card: ModelCard
 
     @property
     def probe_names(self) -> list[str]:
         """The BN probe layers the card's drift references are kept for."""
-        return [p["name"] for p in self.card["bn_reference"]["probes"]]
+        return list(self.card.bn_reference.probe_names)
 
     @property
     def temperature(self) -> float:
         """The temperature the parent serves."""
-        return float(self.card["calibration"].get("temperature", 1.0))
+        return float(self.card.calibration.temperature)
 
     def reference_set(self, default_file: str, hint: str = "") -> tuple[Path, bytes]:
         """Path and bytes of the reference set the version ships; CalibrationError if none."""
-        file = self.card.get("reference_set", {}).get("file", default_file)
+        shipped = self.card.reference_set
+        file = shipped.file if shipped is not None and shipped.file else default_file
         path = self.dir / "assets.extra" / file
         if not path.exists():
             raise CalibrationError(
@@ -55,7 +55,7 @@ def load_stable_parent(model_base: str | os.PathLike[str], name: str) -> StableP
     if version is None:
         raise CalibrationError(f"{name} has no version labelled 'stable' in {repo.config_path}")
     version_dir = repo.version_dir(name, version)
-    return StableParent(repo, name, int(version), version_dir, load_model_card(version_dir))
+    return StableParent(repo, name, int(version), version_dir, read_model_card(version_dir))
 
 
 def load_keras_model(version_dir: Path) -> keras.Model:

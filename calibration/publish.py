@@ -27,7 +27,7 @@ from calibration.temperature import TemperatureFit
 from calibration.traffic import TrafficSplit
 from contract import drift_scores
 from contract.export import ExportResult, export_model, pixel_statistics
-from contract.model_card import REQUIRED, write_model_card
+from contract.model_card import REQUIRED, ModelCard, write_model_card
 from contract.preprocessing import PreprocessSpec
 
 #: Card keys ``export_model`` writes itself; everything else is carried from the parent.
@@ -87,7 +87,7 @@ class Publication:
 
 
 def candidate_card_fields(
-    card: dict[str, Any],
+    card: ModelCard,
     *,
     metrics: dict[str, Any],
     x_fit: np.ndarray,
@@ -96,7 +96,7 @@ def candidate_card_fields(
 ) -> dict[str, Any]:
     """The candidate card's fields: the parent's (those the export does not own) and the new."""
     return {
-        **{k: v for k, v in card.items() if k not in EXPORT_OWNED},
+        **{k: v for k, v in card.to_json().items() if k not in EXPORT_OWNED},
         "metrics": metrics,
         "bn_reference": {"pixel_stats": pixel_statistics(x_fit)},
         "calibration": calibration,
@@ -149,7 +149,7 @@ def export_and_publish(
     private = parent.repo.base / parent.name / f".calibrate-{secrets.token_hex(6)}"
     try:
         exported = _export_privately(private, parent, candidate, x, split)
-        stale = staleness_check(exported.card)
+        stale = staleness_check(exported.model_card)
         if stale is not None:
             checks.append(stale)
         return _publish_or_reject(parent, exported, checks, promote)
@@ -166,8 +166,8 @@ def _export_privately(
 ) -> ExportResult:
     """The candidate exported under ``private`` with drift thresholds and staleness measured."""
     drift_x = x[split.held] if len(x[split.held]) >= MIN_DRIFT_IMAGES else x
-    drift = parent.card["bn_reference"].get("drift", {})
-    window = int(drift.get("window", drift_scores.DEFAULT_WINDOW))
+    drift = parent.card.bn_reference.drift
+    window = drift.window if drift is not None and drift.window else drift_scores.DEFAULT_WINDOW
     return export_model(
         candidate.model,
         model_base=private,
