@@ -9,7 +9,7 @@ import time
 import pytest
 
 from calibration.jobs import CalibrationBusy, CalibrationJobs, CoolingDown
-from serving.auto_calibration import in_alarm
+from serving.observers.auto_trigger import in_alarm
 
 THRESHOLDS = {"block1": {"mean_shift": 1.0, "sym_kl": 0.5}, "block2": {"mean_shift": 2.0}}
 

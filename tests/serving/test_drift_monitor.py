@@ -12,7 +12,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from contract import drift_scores
-from serving.drift import DriftCollector, DriftMonitor, PredictionMix
+from serving.observers.drift import DriftCollector, DriftMonitor
+from serving.observers.prediction_mix import PredictionMix
 
 CHANNELS = 6
 

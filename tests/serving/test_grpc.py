@@ -9,8 +9,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from serving.api.grpc.server import GrpcGateway
+from serving.api.grpc.servicer import SERVICE_NAME
 from serving.backends import create_backend
-from serving.grpc_server import SERVICE_NAME, GrpcGateway
 from serving.proto import imgserve_pb2, imgserve_pb2_grpc
 from serving.service import InferenceService
 from tests.serving.conftest import settings_for

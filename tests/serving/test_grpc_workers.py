@@ -1,4 +1,4 @@
-"""``python -m serving.grpc_server --workers 2``: a supervisor and two real server processes.
+"""``python -m serving.api.grpc --workers 2``: a supervisor and two real server processes.
 
 One 2-worker server for the module (model loading per worker is the cost); its tests
 run in file order and the last of them stops it. Which worker answered a call is read
@@ -27,8 +27,8 @@ import requests
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from serving.grpc_server import SERVICE_NAME
-from serving.grpc_supervisor import ExitWindow, answered, heartbeat_interval
+from serving.api.grpc.servicer import SERVICE_NAME
+from serving.api.grpc.supervisor import ExitWindow, answered, heartbeat_interval
 from serving.proto import imgserve_pb2, imgserve_pb2_grpc
 from tests.serving.conftest import children_of, free_port, wait_for
 from tests.serving.test_metrics import parse, promtool_check, value
@@ -77,7 +77,7 @@ def supervisor(model_base: Path, log: Path, port: int, metrics_port: int, **env:
         "IMGSERVE_GRPC_METRICS_BIND": f"127.0.0.1:{metrics_port}",
         **env,
     }
-    return start([PYTHON, "-m", "serving.grpc_server", "--workers", "2"], settings, log)
+    return start([PYTHON, "-m", "serving.api.grpc", "--workers", "2"], settings, log)
 
 
 def classify_on_new_connection(port: int, image: bytes) -> imgserve_pb2.ClassifyResponse:
@@ -341,7 +341,7 @@ def test_a_bad_worker_count_is_a_usage_error(tmp_path):
         ([], {"IMGSERVE_GRPC_WORKERS": "-2"}),
     ):
         done = subprocess.run(
-            [PYTHON, "-m", "serving.grpc_server", *argv],
+            [PYTHON, "-m", "serving.api.grpc", *argv],
             env={**env, **extra},
             capture_output=True,
             text=True,

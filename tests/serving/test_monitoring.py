@@ -18,7 +18,7 @@ from PIL import Image
 
 from contract.model_card import MODEL_CARD_RELPATH
 from serving.app import create_app
-from serving.auto_calibration import in_alarm
+from serving.observers.auto_trigger import in_alarm
 from tests.deploy import promql
 from tests.deploy.test_deploy_monitoring import _dashboard, _dashboard_queries, _rules
 from tests.serving import tiny_models

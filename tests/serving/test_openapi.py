@@ -7,7 +7,7 @@ import re
 import yaml
 from openapi_spec_validator import validate
 
-from serving.rest.ops import OPENAPI_PATH
+from serving.api.rest.ops import OPENAPI_PATH
 
 
 def test_document_is_valid_openapi():

@@ -209,7 +209,7 @@ def test_grpc_server_process(serving_repo, tmp_path, images):
     port, metrics_port = free_port(), free_port()
     log = tmp_path / "grpc.log"
     proc = start(
-        [PYTHON, "-m", "serving.grpc_server"],
+        [PYTHON, "-m", "serving.api.grpc"],
         {
             "IMGSERVE_MODEL_BASE": str(serving_repo),
             "IMGSERVE_GRPC_BIND": f"127.0.0.1:{port}",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, g, jsonify
 
-from serving.rest.inference import service
+from serving.api.rest.inference import service
 
 bp = Blueprint("models", __name__)
 

@@ -1,6 +1,6 @@
 """The service layer: classify and detect, knowing nothing of HTTP or gRPC.
 
-Both protocol layers (``serving.rest`` and ``serving.grpc_server``) turn their
+Both protocol layers (``serving.api.rest`` and ``serving.api.grpc``) turn their
 requests into a list of encoded images and :class:`PredictOptions`, call
 :meth:`InferenceService.classify` or :meth:`InferenceService.detect`, and render
 the result or the :class:`serving.errors.ServingError` they get. One request runs:
@@ -21,16 +21,12 @@ label moves to them, retired versions finish the requests they already hold.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
-import re
-import secrets
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +35,6 @@ from serving.backends.base import AVAILABLE, Backend
 from serving.batching import BatcherClosed, BatcherHooks, DynamicBatcher
 from serving.catalog import CLASSIFICATION, DETECTION, Catalog, ModelVersion, RepositorySnapshot
 from serving.errors import (
-    BackendError,
     BadRequest,
     InvalidParameter,
     LabelNotFound,
@@ -50,139 +45,18 @@ from serving.errors import (
     from_image_error,
 )
 from serving.metrics import GatewayMetrics
+from serving.service.postprocess import classifications, detections
+from serving.service.types import (
+    ClassifyResult,
+    DetectResult,
+    ModelRef,
+    PredictionEvent,
+    PredictionObserver,
+    PredictOptions,
+)
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TOP_K = 5
-DEFAULT_MAX_DETECTIONS = 100
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-
-
-class _RequestIds:
-    """Fresh request ids: 16 random hex digits per process, then a counter.
-
-    Unique across workers and restarts like a UUID4 (64 random bits per process
-    start), but a counter step instead of a ``urandom`` call per request.
-    """
-
-    def __init__(self) -> None:
-        self._pid = 0
-        self._prefix = ""
-        self._counter = itertools.count()
-
-    def __call__(self) -> str:
-        if self._pid != os.getpid():  # first use, or a forked child: a prefix of its own
-            self._prefix, self._pid = secrets.token_hex(8), os.getpid()
-        return f"{self._prefix}{next(self._counter):016x}"
-
-
-_new_request_id = _RequestIds()
-
-
-def request_id_from(candidate: str | None) -> str:
-    """The client's request id when it is a safe token, else a fresh one (32 hex digits)."""
-    if candidate and _REQUEST_ID.match(candidate):
-        return candidate
-    return _new_request_id()
-
-
-# -- options and results -------------------------------------------------------------
-@dataclass(frozen=True)
-class PredictOptions:
-    """What the client asked for besides the images (the same for REST and gRPC)."""
-
-    model: str | None = None
-    version: int | None = None
-    label: str | None = None
-    top_k: int | None = None
-    score_threshold: float | None = None
-    max_detections: int | None = None
-    timeout_s: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.version is not None and self.label:
-            raise InvalidParameter("give either 'version' or 'label', not both")
-        if self.version is not None and self.version < 1:
-            raise InvalidParameter("'version' must be a positive integer")
-        if self.top_k is not None and self.top_k < 1:
-            raise InvalidParameter("'top_k' must be >= 1")
-        if self.score_threshold is not None and not 0.0 <= self.score_threshold <= 1.0:
-            raise InvalidParameter("'score_threshold' must be between 0 and 1")
-        if self.max_detections is not None and self.max_detections < 1:
-            raise InvalidParameter("'max_detections' must be >= 1")
-        if self.timeout_s is not None and not self.timeout_s > 0:
-            raise InvalidParameter("the request timeout must be > 0 seconds")
-
-
-@dataclass(frozen=True)
-class LabelScore:
-    label: str
-    index: int
-    score: float
-
-
-@dataclass(frozen=True)
-class Detection:
-    """One detected object; ``box`` is (ymin, xmin, ymax, xmax) in original image pixels."""
-
-    label: str
-    index: int
-    score: float
-    box: tuple[float, float, float, float]
-
-
-@dataclass(frozen=True)
-class ImageDetections:
-    width: int
-    height: int
-    detections: list[Detection]
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """The version that answered, and the version labels pointing at it."""
-
-    name: str
-    version: int
-    labels: list[str]
-
-
-@dataclass(frozen=True)
-class ClassifyResult:
-    request_id: str
-    model: ModelRef
-    predictions: list[list[LabelScore]]
-
-
-@dataclass(frozen=True)
-class DetectResult:
-    request_id: str
-    model: ModelRef
-    detections: list[ImageDetections]
-
-
-@dataclass(frozen=True)
-class PredictionEvent:
-    """What one request produced, for observers (drift statistics, traffic capture).
-
-    ``inputs`` are the preprocessed images [n, H, W, 3]; ``outputs`` every
-    signature output for these images, [n, ...] (``bn_input_mean``,
-    ``bn_input_sqmean`` among them); ``result`` the response.
-    """
-
-    request_id: str
-    task: str
-    model: ModelVersion
-    inputs: np.ndarray
-    outputs: Mapping[str, np.ndarray]
-    result: ClassifyResult | DetectResult
-
-
-class PredictionObserver(Protocol):
-    """Receives every successful prediction; must be quick and must not raise."""
-
-    def on_prediction(self, event: PredictionEvent) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -376,12 +250,14 @@ class InferenceService:
         ref = ModelRef(mv.name, mv.version, state.labels_of(mv.name, mv.version))
         result: ClassifyResult | DetectResult
         if task == CLASSIFICATION:
-            result = ClassifyResult(
-                request_id, ref, self._classifications(mv, batch.outputs, options)
-            )
+            result = ClassifyResult(request_id, ref, classifications(mv, batch.outputs, options))
         else:
             result = DetectResult(
-                request_id, ref, self._detections(mv, batch.outputs, geometries, options)
+                request_id,
+                ref,
+                detections(
+                    mv, batch.outputs, geometries, options, self.settings.detection_score_threshold
+                ),
             )
         timing.add("postprocess", time.perf_counter() - t0)
         for stage, seconds in timing.stages.items():
@@ -506,63 +382,6 @@ class InferenceService:
                 self._batchers[key] = batcher
         return batcher
 
-    # -- postprocessing ----------------------------------------------------------------
-    def _classifications(
-        self, mv: ModelVersion, outputs: Mapping[str, np.ndarray], options: PredictOptions
-    ) -> list[list[LabelScore]]:
-        probs = _output(outputs, "probabilities", mv)
-        labels = mv.class_labels
-        if probs.ndim != 2 or probs.shape[1] != len(labels):
-            raise BackendError(
-                f"{mv.name}/{mv.version}: probabilities shape {probs.shape} does not match "
-                f"{len(labels)} labels in the model card"
-            )
-        k = min(options.top_k or DEFAULT_TOP_K, len(labels))
-        threshold = options.score_threshold or 0.0
-        out = []
-        for row in probs:
-            order = np.argsort(-row, kind="stable")[:k]
-            out.append(
-                [LabelScore(labels[i], int(i), float(row[i])) for i in order if row[i] >= threshold]
-            )
-        return out
-
-    def _detections(
-        self,
-        mv: ModelVersion,
-        outputs: Mapping[str, np.ndarray],
-        geometries: list[Any],
-        options: PredictOptions,
-    ) -> list[ImageDetections]:
-        boxes = _output(outputs, "detection_boxes", mv)
-        scores = _output(outputs, "detection_scores", mv)
-        classes = _output(outputs, "detection_classes", mv)
-        counts = _output(outputs, "num_detections", mv)
-        labels = mv.class_labels
-        detection = mv.card.get("detection", {})
-        card_limit = detection.get("max_detections") or detection.get("nms", {}).get(
-            "max_detections"
-        )
-        limit = options.max_detections or card_limit or DEFAULT_MAX_DETECTIONS
-        threshold = (
-            options.score_threshold
-            if options.score_threshold is not None
-            else self.settings.detection_score_threshold
-        )
-        out = []
-        for i, geometry in enumerate(geometries):
-            n = min(int(counts[i]), boxes.shape[1])
-            s = scores[i, :n]
-            keep = [j for j in np.argsort(-s, kind="stable") if s[j] >= threshold][:limit]
-            pixel = geometry.boxes_to_original(boxes[i, keep]) if keep else np.zeros((0, 4))
-            found = []
-            for j, box in zip(keep, pixel, strict=True):
-                index = int(round(float(classes[i, j])))
-                name = labels[index] if 0 <= index < len(labels) else str(index)
-                found.append(Detection(name, index, float(s[j]), tuple(float(c) for c in box)))
-            out.append(ImageDetections(geometry.original_width, geometry.original_height, found))
-        return out
-
     # -- models and health -------------------------------------------------------------
     def versions_in_service(self) -> list[tuple[str, int, list[str]]]:
         """(model, version, labels) for every version serving now (metrics, listings)."""
@@ -635,12 +454,3 @@ class InferenceService:
         if reasons:
             details["reasons"] = reasons
         return not reasons, details
-
-
-def _output(outputs: Mapping[str, np.ndarray], key: str, mv: ModelVersion) -> np.ndarray:
-    try:
-        return np.asarray(outputs[key])
-    except KeyError:
-        raise BackendError(
-            f"{mv.name}/{mv.version} did not return {key!r} (got {sorted(outputs)})"
-        ) from None

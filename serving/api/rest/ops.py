@@ -13,10 +13,10 @@ from typing import Any
 import yaml
 from flask import Blueprint, Response, jsonify
 
+from serving.api.rest.inference import service
 from serving.errors import ServiceUnavailable
-from serving.rest.inference import service
 
-OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
+OPENAPI_PATH = Path(__file__).resolve().parent / "openapi.yaml"
 
 bp = Blueprint("ops", __name__)
 

@@ -18,9 +18,9 @@ from flask import Blueprint, current_app, g, jsonify, request
 
 from calibration import capture_store
 from calibration.jobs import CalibrationBusy, UnknownJob
+from serving.api.rest.admin import require_admin
+from serving.api.rest.inference import service
 from serving.errors import BadRequest, Conflict, Gone, NotFound, Unprocessable
-from serving.rest.admin import require_admin
-from serving.rest.inference import service
 
 bp = Blueprint("calibration", __name__)
 

@@ -3,7 +3,7 @@
 Off unless ``IMGSERVE_AUTO_CALIBRATE_AFTER_S`` is above zero. Each worker runs
 one checking thread (started with its first prediction, like drift folding)
 that every ``check_interval_s`` reads the drift scores pooled over all workers
-(:meth:`serving.drift.DriftMonitor.scores`) for the version each
+(:meth:`serving.observers.drift.DriftMonitor.scores`) for the version each
 classifier and detector serves by default. A version is *in alarm* when its
 count window holds at least the images its reference thresholds were computed
 for (the model card's drift window: a smaller window is noisier than the
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from calibration.jobs import CalibrationBusy, CalibrationJobs
-from serving.drift import DriftMonitor, WorkerLoop
+from serving.observers.drift import DriftMonitor, WorkerLoop
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import time
 
 from flask import Flask, Response, g, request
 
-from serving.rest import admin, calibration, inference, models, ops, problems
+from serving.api.rest import admin, calibration, inference, models, ops, problems
 from serving.service import request_id_from
 
 REQUEST_ID_HEADER = "X-Request-ID"

@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify, request
 
-from serving.rest.payload import parse_predict_request
+from serving.api.rest.payload import parse_predict_request
 from serving.service import ClassifyResult, DetectResult, InferenceService, ModelRef
 
 bp = Blueprint("inference", __name__)

@@ -1,10 +1,10 @@
 """Several gRPC server processes on one port, the way gunicorn runs the HTTP gateway's workers.
 
-``python -m serving.grpc_server --workers N`` (or ``IMGSERVE_GRPC_WORKERS=N``) with N > 1
+``python -m serving.api.grpc --workers N`` (or ``IMGSERVE_GRPC_WORKERS=N``) with N > 1
 makes the process started a supervisor of N workers:
 
 - The supervisor imports no TensorFlow and creates no gRPC server or channel (neither
-  survives a fork). Its workers are fresh interpreters, ``python -m serving.grpc_server
+  survives a fork). Its workers are fresh interpreters, ``python -m serving.api.grpc
   --worker-of PID``, each with its own service layer, backend, and TensorFlow pools sized
   as one of N processes (:meth:`Settings.grpc_process_settings`).
 - Every worker listens on ``IMGSERVE_GRPC_BIND`` with SO_REUSEPORT; the kernel spreads
@@ -183,7 +183,7 @@ class Supervisor:
         cmd = [
             sys.executable,
             "-m",
-            "serving.grpc_server",
+            "serving.api.grpc",
             "--worker-of",
             str(os.getpid()),
             "--ready-fd",

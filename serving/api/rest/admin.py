@@ -10,8 +10,8 @@ import hmac
 
 from flask import Blueprint, jsonify, request
 
+from serving.api.rest.inference import service
 from serving.errors import NotFound, Unauthorized
-from serving.rest.inference import service
 
 bp = Blueprint("admin", __name__)
 
