@@ -51,6 +51,8 @@ from typing import Any
 
 import numpy as np
 
+from contract.errors import DomainError
+
 SHARDS = "shards"
 INDEX = "index"
 FEEDBACK = "feedback"
@@ -65,25 +67,22 @@ _STALE_TMP_SECONDS = 3600.0
 Label = str | int
 
 
-class SampleStoreError(Exception):
-    """Base class of capture-store errors; ``status`` is the HTTP status it maps to."""
+class SampleStoreError(DomainError):
+    """Base class of capture-store errors."""
 
-    status = 500
-    code = "sample_store_error"
+    code, title = "sample_store_error", "Capture store error"
 
 
 class InvalidFeedbackError(SampleStoreError, ValueError):
     """Feedback that cannot be recorded as given (bad id, labels or count)."""
 
-    status = 422
-    code = "invalid_feedback"
+    code, title = "invalid_feedback", "Invalid feedback"
 
 
 class UnknownRequestError(SampleStoreError, KeyError):
     """No captured sample has this request id (never sampled, or forgotten)."""
 
-    status = 404
-    code = "unknown_request_id"
+    code, title = "unknown_request_id", "Unknown request id"
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
@@ -92,15 +91,13 @@ class UnknownRequestError(SampleStoreError, KeyError):
 class ExpiredRequestError(SampleStoreError):
     """The request was captured, but its sample has been dropped (size cap or age)."""
 
-    status = 410
-    code = "expired_request_id"
+    code, title = "expired_request_id", "Expired request id"
 
 
 class FeedbackConflictError(SampleStoreError):
     """Feedback for this request id was already recorded with different labels."""
 
-    status = 409
-    code = "feedback_conflict"
+    code, title = "feedback_conflict", "Feedback conflict"
 
 
 @dataclass(frozen=True)

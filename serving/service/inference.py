@@ -3,7 +3,7 @@
 Both protocol layers (``serving.api.rest`` and ``serving.api.grpc``) turn their
 requests into a list of encoded images and :class:`PredictOptions`, call
 :meth:`InferenceService.classify` or :meth:`InferenceService.detect`, and render
-the result or the :class:`serving.errors.ServingError` they get. One request runs:
+the result or the error they get by :mod:`serving.api.errors`. One request runs:
 
 1. select the model version (name, version or label; the default label otherwise),
 2. decode and preprocess each image with ``contract.preprocessing``, configured by
@@ -36,13 +36,13 @@ from serving.batching import BatcherClosed, BatcherHooks, DynamicBatcher
 from serving.catalog import CLASSIFICATION, DETECTION, Catalog, ModelVersion, RepositorySnapshot
 from serving.errors import (
     BadRequest,
+    ImageRejected,
     InvalidParameter,
     LabelNotFound,
     ModelNotFound,
     ServiceUnavailable,
     TooManyImages,
     VersionNotFound,
-    from_image_error,
 )
 from serving.metrics import GatewayMetrics
 from serving.service.postprocess import classifications, detections
@@ -289,7 +289,7 @@ class InferenceService:
                     exif_orientation=spec.exif_orientation,
                 )
             except ImageError as exc:
-                raise from_image_error(exc, i if len(images) > 1 else None) from exc
+                raise ImageRejected(exc, i if len(images) > 1 else None) from exc
             t1 = time.perf_counter()
             # The decoded image itself (no pixel array in between), written into the batch.
             _, geometry = preprocess_pixels(decoded.image, spec, out=inputs[i])

@@ -1,4 +1,4 @@
-"""The gateway's gRPC server: ``python -m serving.api.grpc`` (``IMGSERVE_GRPC_BIND``, :9000).
+"""One gRPC server process of the gateway (started by ``python -m serving.api.grpc``).
 
 ``imgserve.v1.ImageService`` (``serving/proto/imgserve.proto``, answered by
 :mod:`serving.api.grpc.servicer`) over the same service layer as the REST API,
@@ -7,14 +7,12 @@ loaded) and server reflection. The process exposes its Prometheus metrics on
 ``IMGSERVE_GRPC_METRICS_BIND`` (same names as the REST gateway; ``endpoint`` is
 the gRPC method).
 
-``--workers N`` / ``IMGSERVE_GRPC_WORKERS`` (default: as many as the HTTP gateway's
-workers): with N > 1 this process supervises N server processes on the same port
-(``serving/api/grpc/supervisor.py``); with 1 it is the server itself.
+Importing this module loads TensorFlow (service layer, backends, observers): the
+supervisor of several server processes never imports it.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -31,9 +29,12 @@ from grpc_reflection.v1alpha import reflection  # noqa: E402
 from prometheus_client import CollectorRegistry, make_wsgi_app, start_http_server  # noqa: E402
 
 from serving.api.grpc.servicer import SERVICE_NAME, ImageServicer  # noqa: E402
+from serving.api.grpc.supervisor import Heartbeat, report_ready  # noqa: E402
+from serving.backends import create_backend  # noqa: E402
+from serving.observers.wiring import attach  # noqa: E402
 from serving.proto import imgserve_pb2_grpc  # noqa: E402
 from serving.service import InferenceService  # noqa: E402
-from serving.settings import Settings, SettingsError, split_host_port  # noqa: E402
+from serving.settings import Settings, split_host_port  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -137,63 +138,26 @@ def start_metrics_server(
     threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the gRPC gateway until SIGTERM/SIGINT: one server process, or a supervisor of N."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bind", help="host:port (default IMGSERVE_GRPC_BIND)")
-    parser.add_argument(
-        "--workers",
-        type=int,
-        help="server processes on the same port (default IMGSERVE_GRPC_WORKERS; "
-        "0: as many as the HTTP gateway's workers)",
-    )
-    # Set by the supervisor for its workers (serving/api/grpc/supervisor.py).
-    parser.add_argument("--worker-of", type=int, metavar="PID", help=argparse.SUPPRESS)
-    parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--heartbeat-s", type=float, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    overrides: dict[str, object] = {}
-    if args.bind:
-        split_host_port(args.bind, "--bind")
-        overrides["grpc_bind"] = args.bind
-    if args.workers is not None:
-        if args.workers < 0:
-            parser.error("--workers must be >= 0")
-        overrides["grpc_workers"] = args.workers
-    try:
-        settings = Settings.from_env(**overrides)
-    except SettingsError as exc:
-        parser.error(str(exc))  # exit 2 with the message, not a traceback
-    worker = args.worker_of is not None
-    count = settings.grpc_worker_count()
-    # Several processes write to one log: each line says which (as gunicorn's do).
-    pid = " [%(process)d]" if worker or count > 1 else ""
-    logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s %(levelname)s{pid} %(name)s: %(message)s"
-    )
-    if worker:
-        from serving.api.grpc.supervisor import exit_with_supervisor
+def serve(
+    settings: Settings,
+    *,
+    reuse_port: bool = False,
+    ready_fd: int | None = None,
+    heartbeat_s: float | None = None,
+) -> int:
+    """Run one gRPC server process until SIGTERM/SIGINT.
 
-        exit_with_supervisor(args.worker_of)
-    elif count > 1:
-        # No TensorFlow, no gRPC server or channel in this process: it only supervises.
-        from serving.api.grpc.supervisor import Supervisor
-
-        return Supervisor(settings, count).run()
-    # The TensorFlow pools size for this process's share of the cores (all of them
-    # when it is the only one).
-    settings = settings.grpc_process_settings()
-    from serving.backends import create_backend
-    from serving.observers.wiring import attach
-
+    ``reuse_port``: a supervisor's worker, sharing the gRPC and metrics ports with
+    its siblings; ``ready_fd``: the pipe to report readiness and heartbeats on.
+    """
     service = InferenceService(settings, create_backend(settings)).start()
     attach(service, settings)
     if settings.grpc_metrics_bind:
         start_metrics_server(
-            service.metrics.scrape_registry(), settings.grpc_metrics_bind, reuse_port=worker
+            service.metrics.scrape_registry(), settings.grpc_metrics_bind, reuse_port=reuse_port
         )
     gateway = GrpcGateway(
-        service, settings.grpc_bind, max_workers=settings.grpc_max_workers, reuse_port=worker
+        service, settings.grpc_bind, max_workers=settings.grpc_max_workers, reuse_port=reuse_port
     ).start()
     log.info(
         "gRPC gateway on %s (port %d), backend %s",
@@ -209,15 +173,13 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
-    if args.ready_fd is not None:
-        from serving.api.grpc.supervisor import Heartbeat, report_ready
-
-        report_ready(args.ready_fd)
-        if gateway.own_address and args.heartbeat_s:
+    if ready_fd is not None:
+        report_ready(ready_fd)
+        if gateway.own_address and heartbeat_s:
             Heartbeat(
-                args.ready_fd,
+                ready_fd,
                 gateway.own_address,
-                args.heartbeat_s,
+                heartbeat_s,
                 lambda: gateway.servicer.finished,
             ).start(done)
     done.wait()

@@ -13,13 +13,13 @@ from typing import Any, TypeVar
 
 import grpc
 
+from serving.api import errors
 from serving.api.grpc.codec import (
     classify_message,
     detect_message,
     model_message,
     options_from_message,
 )
-from serving.errors import ServingError
 from serving.proto import imgserve_pb2, imgserve_pb2_grpc
 from serving.service import InferenceService, PredictOptions, request_id_from
 
@@ -92,22 +92,31 @@ class ImageServicer(imgserve_pb2_grpc.ImageServiceServicer):
                 outcome["request_id"] = rid
                 try:
                     response = body(outcome)
-                except ServingError as exc:
-                    outcome["code"] = exc.status
+                except Exception as exc:
+                    if errors.resolve(exc) is None:
+                        # A gateway bug: report it without a traceback to the client.
+                        log.exception("unhandled error in %s (request id %s)", method, rid)
+                        outcome["code"] = 500
+                        context.abort(
+                            grpc.StatusCode.INTERNAL, f"internal error (request id {rid})"
+                        )
+                    outcome["code"] = errors.http_status(exc)
                     _abort(context, exc, rid)
-                except Exception:  # a gateway bug: report it without a traceback to the client
-                    log.exception("unhandled error in %s (request id %s)", method, rid)
-                    outcome["code"] = 500
-                    context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid})")
                 outcome["code"] = 200
                 return response
         finally:
             self.finished += 1
 
 
-def _abort(context: grpc.ServicerContext, exc: ServingError, rid: str) -> None:
-    trailing = [("http-status", str(exc.status)), ("problem-code", exc.code), (REQUEST_ID_KEY, rid)]
-    if exc.retry_after is not None:
-        trailing.append(("retry-after", str(max(1, round(exc.retry_after)))))
+def _abort(context: grpc.ServicerContext, exc: Exception, rid: str) -> None:
+    """End the call with the error table's code for ``exc``, its detail and trailers."""
+    trailing = [
+        ("http-status", str(errors.http_status(exc))),
+        ("problem-code", errors.problem_code(exc)),
+        (REQUEST_ID_KEY, rid),
+    ]
+    retry_after = errors.retry_after(exc)
+    if retry_after is not None:
+        trailing.append(("retry-after", retry_after))
     context.set_trailing_metadata(tuple(trailing))
-    context.abort(exc.grpc_code, exc.detail)
+    context.abort(errors.grpc_code(exc), errors.detail(exc))

@@ -17,19 +17,12 @@ from typing import Any
 from flask import Blueprint, current_app, g, jsonify, request
 
 from calibration import capture_store
-from calibration.jobs import CalibrationBusy, UnknownJob
+from calibration.jobs import UnknownJob
 from serving.api.rest.admin import require_admin
 from serving.api.rest.inference import service
-from serving.errors import BadRequest, Conflict, Gone, NotFound, Unprocessable
+from serving.errors import BadRequest, NotFound
 
 bp = Blueprint("calibration", __name__)
-
-_FEEDBACK_ERRORS = {
-    capture_store.UnknownRequestError: NotFound,
-    capture_store.ExpiredRequestError: Gone,
-    capture_store.FeedbackConflictError: Conflict,
-    capture_store.InvalidFeedbackError: Unprocessable,
-}
 
 
 def _json_body() -> dict[str, Any]:
@@ -62,15 +55,11 @@ def feedback():
         mv = svc.catalog.repository.versions(model)
         if mv:
             allowed = list(svc.catalog.version(model, mv[-1]).class_labels)
-    try:
-        result = capture_store.record_feedback(
-            svc.settings.capture_dir, request_id, labels, model=model, allowed=allowed
-        )
-    except capture_store.SampleStoreError as exc:
-        for typ, err in _FEEDBACK_ERRORS.items():
-            if isinstance(exc, typ):
-                raise err(str(exc)) from exc
-        raise Unprocessable(str(exc)) from exc
+    # Capture-store errors (unknown, expired, conflicting, invalid) leave as they are:
+    # the error table gives each its status.
+    result = capture_store.record_feedback(
+        svc.settings.capture_dir, request_id, labels, model=model, allowed=allowed
+    )
     payload = {
         "request_id": result.request_id,
         "model": result.model,
@@ -99,12 +88,10 @@ def start_calibration():
         min_samples = None if body.get("min_samples") is None else int(body["min_samples"])
     except (TypeError, ValueError) as exc:
         raise BadRequest("'prior_strength' and 'min_samples' must be numbers") from exc
-    try:
-        job = _monitoring().jobs.start(
-            model, prior_strength=prior, promote=promote, min_samples=min_samples
-        )
-    except CalibrationBusy as exc:
-        raise Conflict(str(exc)) from exc
+    # CalibrationBusy (one is running) is a 409 by the error table.
+    job = _monitoring().jobs.start(
+        model, prior_strength=prior, promote=promote, min_samples=min_samples
+    )
     return jsonify(job), 202
 
 
@@ -119,5 +106,5 @@ def calibration_status(job_id: str):
     require_admin()
     try:
         return jsonify(_monitoring().jobs.get(job_id))
-    except UnknownJob as exc:
+    except UnknownJob as exc:  # a KeyError's text is the bare quoted id: say what is missing
         raise NotFound(f"no calibration job {job_id!r}") from exc
