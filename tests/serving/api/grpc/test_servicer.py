@@ -14,7 +14,7 @@ from serving.api.grpc.servicer import SERVICE_NAME
 from serving.backends import create_backend
 from serving.proto import imgserve_pb2, imgserve_pb2_grpc
 from serving.service import InferenceService
-from tests.serving.conftest import settings_for
+from tests.helpers.gateway import settings_for
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +214,7 @@ def test_full_queue_is_resource_exhausted_with_retry_after(serving_repo, healthy
 
 
 def test_grpc_metrics_use_the_same_names(gateway, stub, images):
-    from tests.serving.test_metrics import parse, value
+    from tests.helpers.metrics_text import parse, value
 
     stub.Classify(imgserve_pb2.ClassifyRequest(images=[images["png"]]), timeout=10)
     text = gateway.service.metrics.render()[0].decode()

@@ -30,9 +30,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from serving.api.grpc.servicer import SERVICE_NAME
 from serving.api.grpc.supervisor import ExitWindow, answered, heartbeat_interval
 from serving.proto import imgserve_pb2, imgserve_pb2_grpc
-from tests.serving.conftest import children_of, free_port, wait_for
-from tests.serving.test_metrics import parse, promtool_check, value
-from tests.serving.test_server import PYTHON, start, stop
+from tests.helpers.metrics_text import parse, promtool_check, value
+from tests.helpers.servers import PYTHON, children_of, free_port, start, stop, wait_for
 
 pytestmark = pytest.mark.slow
 CLASSIFY = f"/{SERVICE_NAME}/Classify"

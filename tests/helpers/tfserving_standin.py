@@ -21,7 +21,7 @@ It reads ``models.config`` (version policy, version labels) like
 
 Also runnable for local experiments and benchmarks::
 
-    python tests/serving/tfserving_standin.py --model-base models --grpc-port 8500 --rest-port 8501
+    python -m tests.helpers.tfserving_standin --model-base models --grpc-port 8500 --rest-port 8501
 """
 
 from __future__ import annotations

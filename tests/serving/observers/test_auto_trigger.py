@@ -1,5 +1,5 @@
 """Automatic calibration: the alarm rule and the cool-down (the end-to-end run is in
-``test_monitoring.py``)."""
+``test_wiring.py``)."""
 
 from __future__ import annotations
 

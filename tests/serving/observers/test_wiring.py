@@ -20,11 +20,10 @@ from contract.model_card import MODEL_CARD_RELPATH
 from serving.app import create_app
 from serving.observers.auto_trigger import in_alarm
 from tests.deploy import promql
-from tests.deploy.test_deploy_monitoring import _dashboard, _dashboard_queries, _rules
-from tests.serving import tiny_models
-from tests.serving.conftest import free_port, settings_for, wait_for
-from tests.serving.test_metrics import parse, value
-from tests.serving.test_server import gunicorn, stop
+from tests.helpers import dashboards, tiny_models
+from tests.helpers.gateway import settings_for
+from tests.helpers.metrics_text import parse, value
+from tests.helpers.servers import free_port, gunicorn, stop, wait_for
 from training.classifier import REFERENCE_SET
 
 TOKEN = "test-admin-token"
@@ -272,7 +271,7 @@ def test_prometheus_reads_the_drift_alarm_after_shifted_traffic(serving_repo, tm
     """Real gunicorn scraped by a real Prometheus: clean, then noise traffic.
 
     One worker, so every request lands in the same window (pooling across workers,
-    where an idle worker's older window also counts, is tested in test_drift_monitor).
+    where an idle worker's older window also counts, is tested in observers/test_drift.py).
     """
     repo = tmp_path / "models"
     shutil.copytree(serving_repo, repo, ignore=shutil.ignore_patterns(".lock"))
@@ -335,9 +334,9 @@ def test_prometheus_reads_the_drift_alarm_after_shifted_traffic(serving_repo, tm
                 f"{fam_name}_sum",
             }
         used = set()
-        for rule in _rules():
+        for rule in dashboards.rules():
             used |= promql.metric_names(rule["expr"])
-        for _, expr in _dashboard_queries(_dashboard()):
+        for _, expr in dashboards.dashboard_queries(dashboards.dashboard()):
             used |= promql.metric_names(expr)
         missing = sorted(n for n in used - promql.EXTERNAL_METRICS if n not in exported)
         assert not missing, f"rules/dashboard use metrics the gateway does not export: {missing}"

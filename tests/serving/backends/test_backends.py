@@ -19,10 +19,11 @@ import tensorflow as tf
 from contract.preprocessing import PreprocessSpec, preprocess_bytes
 from contract.repository import ModelRepository
 from serving.app import create_app
-from tests.serving import tiny_models
-from tests.serving.conftest import free_port, settings_for, wait_for
-from tests.serving.test_inputs import Capture, assert_problem
-from tests.serving.tfserving_standin import TFServingStandIn
+from tests.helpers import tiny_models
+from tests.helpers.gateway import settings_for
+from tests.helpers.problems import Capture, assert_problem
+from tests.helpers.servers import free_port, wait_for
+from tests.helpers.tfserving_standin import TFServingStandIn
 
 REMOTE = ("tfserving-grpc", "tfserving-rest")
 

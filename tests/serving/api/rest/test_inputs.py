@@ -15,11 +15,10 @@ from PIL import Image
 
 from contract.preprocessing import PreprocessSpec
 from serving.app import create_app
+from tests.helpers.gateway import settings_for
 from tests.helpers.photos import exif_rotated_jpeg
-from tests.serving.conftest import settings_for
+from tests.helpers.problems import Capture, assert_problem
 from training.data import load_directory, normalized_batches
-
-PROBLEM = "application/problem+json"
 
 
 def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
@@ -44,16 +43,6 @@ def png_of(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-class Capture:
-    """An observer keeping the preprocessed tensors the gateway fed the model."""
-
-    def __init__(self) -> None:
-        self.events = []
-
-    def on_prediction(self, event) -> None:
-        self.events.append(event)
-
-
 @pytest.fixture(scope="module")
 def strict_app(serving_repo: Path):
     """Small limits, and multi-frame images refused."""
@@ -73,18 +62,6 @@ def strict_app(serving_repo: Path):
 def raw(client, data: bytes, content_type: str | None = "image/png", path="/v1/classify", **kw):
     headers = {"Content-Type": content_type} if content_type else {}
     return client.post(path, data=data, headers=headers, **kw)
-
-
-def assert_problem(response, status: int, code: str | None = None) -> dict:
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.mimetype == PROBLEM
-    doc = response.get_json(force=True)
-    assert doc["status"] == status and doc["title"] and doc["detail"]
-    assert "Traceback" not in response.get_data(as_text=True)
-    assert doc["request_id"] == response.headers["X-Request-ID"]
-    if code:
-        assert doc["code"] == code
-    return doc
 
 
 # -- the bad-input table -----------------------------------------------------------------
