@@ -33,6 +33,7 @@ def _model_ref(ref: Any) -> imgserve_pb2.ModelRef:
 
 
 def classify_message(result: ClassifyResult) -> imgserve_pb2.ClassifyResponse:
+    """The ClassifyResponse for a service-layer :class:`ClassifyResult`."""
     return imgserve_pb2.ClassifyResponse(
         request_id=result.request_id,
         model=_model_ref(result.model),
@@ -49,6 +50,7 @@ def classify_message(result: ClassifyResult) -> imgserve_pb2.ClassifyResponse:
 
 
 def detect_message(result: DetectResult) -> imgserve_pb2.DetectResponse:
+    """The DetectResponse for a :class:`DetectResult` (boxes in original image pixels)."""
     return imgserve_pb2.DetectResponse(
         request_id=result.request_id,
         model=_model_ref(result.model),
@@ -74,6 +76,7 @@ def detect_message(result: DetectResult) -> imgserve_pb2.DetectResponse:
 
 
 def model_message(model: dict[str, Any]) -> imgserve_pb2.ModelInfo:
+    """The ModelInfo for one model as the service describes it (cards as JSON text)."""
     return imgserve_pb2.ModelInfo(
         name=model["name"],
         task=model["task"] or "",
