@@ -15,9 +15,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import threading
+from typing import Any
 
-from serving.api.grpc.supervisor import Supervisor, exit_with_supervisor
+from serving.api.grpc.supervisor import Heartbeat, Supervisor, exit_with_supervisor, report_ready
 from serving.settings import Settings, SettingsError, split_host_port
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,16 +68,39 @@ def main(argv: list[str] | None = None) -> int:
         return Supervisor(settings, count).run()
     # Imported here, not above: the server module loads TensorFlow, and a supervisor
     # holds none (its workers are fresh interpreters that load their own).
-    from serving.api.grpc.server import serve
+    from serving.api.grpc.server import start_gateway
 
     # The TensorFlow pools size for this process's share of the cores (all of them
     # when it is the only one).
-    return serve(
-        settings.grpc_process_settings(),
-        reuse_port=worker,
-        ready_fd=args.ready_fd,
-        heartbeat_s=args.heartbeat_s,
+    settings = settings.grpc_process_settings()
+    gateway = start_gateway(settings, reuse_port=worker)
+    log.info(
+        "gRPC gateway on %s (port %d), backend %s",
+        settings.grpc_bind,
+        gateway.port,
+        settings.backend,
     )
+    done = threading.Event()
+
+    def shutdown(signum: int, frame: Any) -> None:
+        log.info("signal %d: shutting down", signum)
+        done.set()
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    if args.ready_fd is not None:
+        report_ready(args.ready_fd)
+        if gateway.own_address and args.heartbeat_s:
+            Heartbeat(
+                args.ready_fd,
+                gateway.own_address,
+                args.heartbeat_s,
+                lambda: gateway.servicer.finished,
+            ).start(done)
+    done.wait()
+    gateway.stop()
+    gateway.service.close()
+    return 0
 
 
 if __name__ == "__main__":

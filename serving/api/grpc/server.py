@@ -13,9 +13,7 @@ supervisor of several server processes never imports it.
 
 from __future__ import annotations
 
-import logging
 import os
-import signal
 import socket
 import threading
 from concurrent import futures
@@ -29,14 +27,11 @@ from grpc_reflection.v1alpha import reflection  # noqa: E402
 from prometheus_client import CollectorRegistry, make_wsgi_app, start_http_server  # noqa: E402
 
 from serving.api.grpc.servicer import SERVICE_NAME, ImageServicer  # noqa: E402
-from serving.api.grpc.supervisor import Heartbeat, report_ready  # noqa: E402
 from serving.backends import create_backend  # noqa: E402
 from serving.observers.wiring import attach  # noqa: E402
 from serving.proto import imgserve_pb2_grpc  # noqa: E402
 from serving.service import InferenceService  # noqa: E402
 from serving.settings import Settings, split_host_port  # noqa: E402
-
-log = logging.getLogger(__name__)
 
 
 class GrpcGateway:
@@ -138,17 +133,11 @@ def start_metrics_server(
     threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
 
 
-def serve(
-    settings: Settings,
-    *,
-    reuse_port: bool = False,
-    ready_fd: int | None = None,
-    heartbeat_s: float | None = None,
-) -> int:
-    """Run one gRPC server process until SIGTERM/SIGINT.
+def start_gateway(settings: Settings, *, reuse_port: bool = False) -> GrpcGateway:
+    """The service (backend, observers, metrics endpoint) and its gRPC server, started.
 
     ``reuse_port``: a supervisor's worker, sharing the gRPC and metrics ports with
-    its siblings; ``ready_fd``: the pipe to report readiness and heartbeats on.
+    its siblings. Stop it with :meth:`GrpcGateway.stop`, then close ``gateway.service``.
     """
     service = InferenceService(settings, create_backend(settings)).start()
     attach(service, settings)
@@ -156,33 +145,6 @@ def serve(
         start_metrics_server(
             service.metrics.scrape_registry(), settings.grpc_metrics_bind, reuse_port=reuse_port
         )
-    gateway = GrpcGateway(
+    return GrpcGateway(
         service, settings.grpc_bind, max_workers=settings.grpc_max_workers, reuse_port=reuse_port
     ).start()
-    log.info(
-        "gRPC gateway on %s (port %d), backend %s",
-        settings.grpc_bind,
-        gateway.port,
-        settings.backend,
-    )
-    done = threading.Event()
-
-    def shutdown(signum: int, frame: Any) -> None:
-        log.info("signal %d: shutting down", signum)
-        done.set()
-
-    signal.signal(signal.SIGTERM, shutdown)
-    signal.signal(signal.SIGINT, shutdown)
-    if ready_fd is not None:
-        report_ready(ready_fd)
-        if gateway.own_address and heartbeat_s:
-            Heartbeat(
-                ready_fd,
-                gateway.own_address,
-                heartbeat_s,
-                lambda: gateway.servicer.finished,
-            ).start(done)
-    done.wait()
-    gateway.stop()
-    service.close()
-    return 0
