@@ -6,7 +6,7 @@
 #   docker build --target trainer -t imgserve-trainer:0.1.0 .   # python -m training (train, calibrate)
 #
 # The gateway target starts gunicorn (HTTP :8080, /metrics on the same port). The gRPC
-# server is the same image with another command (`python -m serving.grpc_server`,
+# server is the same image with another command (`python -m serving.api.grpc`,
 # :9000, its own /metrics on :9001); Kubernetes runs the two as two containers of one
 # pod (see k8s/base/gateway.yaml), so each has its own probes, restarts and logs.
 #

@@ -6,7 +6,7 @@
 2. HTTP: the gateway under gunicorn (embedded backend, default settings) on
    loopback; closed-loop clients post one encoded image per request at several
    concurrencies.
-3. gRPC: ``python -m serving.grpc_server`` on loopback with its default worker count
+3. gRPC: ``python -m serving.api.grpc`` on loopback with its default worker count
    (``IMGSERVE_GRPC_WORKERS``: as many processes as the HTTP gateway's workers), the
    same load; each client thread has a channel (a connection) of its own, as each HTTP
    client has its socket: the workers share the port, and the kernel spreads connections.
@@ -166,7 +166,7 @@ def drift_cost(fn, single, card: ModelCard, calls: int = 3000) -> float:
 
     from prometheus_client import CollectorRegistry
 
-    from serving import drift as serving_drift
+    from serving.observers import drift as serving_drift
 
     outputs = {k: v.numpy() for k, v in fn(single).items()}
     # The gateway's ModelVersion holds the card's JSON dict.
@@ -445,7 +445,7 @@ def start_server(
     else:
         env["IMGSERVE_GRPC_BIND"] = f"127.0.0.1:{port}"
         env["IMGSERVE_GRPC_METRICS_BIND"] = f"127.0.0.1:{metrics_port}"
-        cmd = [sys.executable, "-m", "serving.grpc_server"]
+        cmd = [sys.executable, "-m", "serving.api.grpc"]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 

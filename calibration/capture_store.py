@@ -21,8 +21,9 @@ a repeat of the same label is a no-op and a different one is a conflict.
 Size cap: after each write the writer, holding an advisory lock (one evictor at
 a time), sums the shard sizes and deletes the oldest shards until the total is
 under ``max_bytes``; ``max_age_seconds`` drops old
-shards too. A request id whose shard was dropped is *expired* (feedback answers
-410) for ``forget_after_seconds``, then unknown (404) like an id never captured.
+shards too. A request id whose shard was dropped is *expired* (feedback raises
+:class:`ExpiredRequestError`) for ``forget_after_seconds``, then unknown
+(:class:`UnknownRequestError`) like an id never captured.
 
 A shard holds one sampled request (all its images): ``inputs`` (float32 model
 input, exactly what the model saw), ``request_id``, ``model``, ``version``,
@@ -54,6 +55,8 @@ from typing import Any
 
 import numpy as np
 
+from contract.errors import DomainError
+
 SHARDS = "shards"
 INDEX = "index"
 FEEDBACK = "feedback"
@@ -68,25 +71,22 @@ _STALE_TMP_SECONDS = 3600.0
 Label = str | int
 
 
-class SampleStoreError(Exception):
-    """Base class of capture-store errors; ``status`` is the HTTP status it maps to."""
+class SampleStoreError(DomainError):
+    """Base class of capture-store errors."""
 
-    status = 500
-    code = "sample_store_error"
+    code, title = "sample_store_error", "Capture store error"
 
 
 class InvalidFeedbackError(SampleStoreError, ValueError):
     """Feedback that cannot be recorded as given (bad id, labels or count)."""
 
-    status = 422
-    code = "invalid_feedback"
+    code, title = "invalid_feedback", "Invalid feedback"
 
 
 class UnknownRequestError(SampleStoreError, KeyError):
     """No captured sample has this request id (never sampled, or forgotten)."""
 
-    status = 404
-    code = "unknown_request_id"
+    code, title = "unknown_request_id", "Unknown request id"
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
@@ -95,15 +95,13 @@ class UnknownRequestError(SampleStoreError, KeyError):
 class ExpiredRequestError(SampleStoreError):
     """The request was captured, but its sample has been dropped (size cap or age)."""
 
-    status = 410
-    code = "expired_request_id"
+    code, title = "expired_request_id", "Expired request id"
 
 
 class FeedbackConflictError(SampleStoreError):
     """Feedback for this request id was already recorded with different labels."""
 
-    status = 409
-    code = "feedback_conflict"
+    code, title = "feedback_conflict", "Feedback conflict"
 
 
 def check_model(model: str) -> str:
@@ -254,8 +252,8 @@ class SampleStore:
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         _write_atomic(shards / name, buf.getvalue(), durable=True)
-        # The index entry follows the shard: feedback that arrives in between gets a
-        # 404 for a moment, never a pointer to a shard that does not exist yet.
+        # The index entry follows the shard: feedback that arrives in between finds an
+        # unknown id for a moment, never a pointer to a shard that does not exist yet.
         entry = {
             "request_id": request_id,
             "shard": name,

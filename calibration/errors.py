@@ -7,8 +7,10 @@ HTTP statuses) by class or by the stable ``code`` string.
 
 from __future__ import annotations
 
+from contract.errors import DomainError
 
-class CalibrationError(RuntimeError):
+
+class CalibrationError(DomainError, RuntimeError):
     """Calibration cannot run as asked (no stable version, unsupported model, bad input)."""
 
     code = "calibration_error"

@@ -84,11 +84,11 @@ def record_feedback(
     ``model`` narrows the search (otherwise every model in the store is looked
     at); ``allowed`` are the valid class names (an int label must index them).
 
-    Raises :class:`UnknownRequestError` (404) for an id that was never captured
-    or has been forgotten, :class:`ExpiredRequestError` (410) when its sample
-    was dropped, :class:`InvalidFeedbackError` (422) for malformed labels or a
+    Raises :class:`UnknownRequestError` for an id that was never captured
+    or has been forgotten, :class:`ExpiredRequestError` when its sample
+    was dropped, :class:`InvalidFeedbackError` for malformed labels or a
     label count that does not match the captured images, and
-    :class:`FeedbackConflictError` (409) when different labels were recorded
+    :class:`FeedbackConflictError` when different labels were recorded
     before. The same labels twice is not an error (``created`` is False).
     """
     check_request_id(request_id)

@@ -7,7 +7,7 @@ config, calls :func:`calibration.dispatch.calibrate` and writes the outcome into
 the job file (atomic rename). Any worker can report any job's status because
 the state lives in files, not in the worker that started it. One job per model
 at a time. Jobs record what started them (``trigger``: ``admin`` for the
-endpoint, ``drift`` for :mod:`serving.auto_calibration`) and why.
+endpoint, ``drift`` for :mod:`serving.observers.auto_trigger`) and why.
 
 Outcomes come from the run itself: ``published`` or ``rejected`` (the gate
 refused the candidate) from the result, ``insufficient_samples`` from
@@ -38,9 +38,10 @@ from calibration.config import CalibrationConfig
 from calibration.dispatch import calibrate
 from calibration.errors import NotEnoughSamplesError
 from calibration.result import FAILED, INSUFFICIENT_SAMPLES
+from contract.errors import DomainError
 
 
-class CalibrationBusy(RuntimeError):
+class CalibrationBusy(DomainError, RuntimeError):
     """A calibration of this model is already running."""
 
     code = "calibration_busy"
@@ -52,7 +53,7 @@ class CoolingDown(CalibrationBusy):
     code = "calibration_cooling_down"
 
 
-class UnknownJob(KeyError):
+class UnknownJob(DomainError, KeyError):
     """No calibration job with that id."""
 
     code = "unknown_calibration_job"

@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from contract.errors import DomainError
+
 # A truncated file is an error, never silently half-grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -60,32 +62,28 @@ _RESAMPLE = {
 }
 
 
-class ImageError(ValueError):
-    """Base class of image input errors; ``status`` is the HTTP status it maps to."""
+class ImageError(DomainError, ValueError):
+    """Base class of image input errors."""
 
-    status = 400
-    code = "invalid_image"
+    code, title = "invalid_image", "Invalid image"
 
 
 class ImageDecodeError(ImageError):
     """The bytes are not a decodable image (not an image, truncated, corrupt)."""
 
-    status = 400
-    code = "undecodable_image"
+    code, title = "undecodable_image", "Image could not be decoded"
 
 
 class ImageTooLargeError(ImageError):
     """The image has more pixels than allowed (decompression-bomb guard)."""
 
-    status = 413
-    code = "image_too_large"
+    code, title = "image_too_large", "Image too large"
 
 
 class UnusableImageError(ImageError):
     """Decodable, but not usable as model input (e.g. refused multi-frame, zero size)."""
 
-    status = 422
-    code = "unusable_image"
+    code, title = "unusable_image", "Image cannot be used"
 
 
 @dataclass(frozen=True)
@@ -198,9 +196,9 @@ def decode_image(
 ) -> DecodedImage:
     """Decode image bytes to RGB uint8 by the module's rule (see module docstring).
 
-    Raises :class:`ImageDecodeError` (400) for bytes that are not an image or are
-    truncated, :class:`ImageTooLargeError` (413) above ``max_pixels``, and
-    :class:`UnusableImageError` (422) for refused multi-frame or empty images.
+    Raises :class:`ImageDecodeError` for bytes that are not an image or are
+    truncated, :class:`ImageTooLargeError` above ``max_pixels``, and
+    :class:`UnusableImageError` for refused multi-frame or empty images.
     """
     if not data:
         raise ImageDecodeError("empty image body")

@@ -18,8 +18,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from flask import Flask  # noqa: E402
 
-from serving import monitoring, rest  # noqa: E402
+from serving.api import rest  # noqa: E402
 from serving.backends import create_backend  # noqa: E402
+from serving.observers.wiring import attach  # noqa: E402
 from serving.service import InferenceService  # noqa: E402
 from serving.settings import Settings  # noqa: E402
 
@@ -47,6 +48,6 @@ def create_app(
     if service is None:
         service = InferenceService(settings, create_backend(settings)).start()
     app.extensions["imgserve"] = service
-    app.extensions["imgserve.monitoring"] = monitoring.attach(service, settings)
+    app.extensions["imgserve.monitoring"] = attach(service, settings)
     rest.init_app(app)
     return app

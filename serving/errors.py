@@ -1,48 +1,25 @@
-"""The gateway's error model: exceptions that carry their HTTP status.
+"""The gateway's own errors: what went wrong, with the detail a client sees.
 
-Every failure the gateway reports is a :class:`ServingError` subclass. The REST
-layer renders it as ``application/problem+json`` (RFC 9457) and the gRPC layer
-maps the same status through :data:`GRPC_STATUS`, so one table decides whose
-fault a failure is:
-
-====  ==========================  =========================================
-HTTP  gRPC                        meaning
-====  ==========================  =========================================
-400   INVALID_ARGUMENT            undecodable/truncated image, bad parameter
-401   UNAUTHENTICATED             admin endpoint without a valid token
-404   NOT_FOUND                   unknown model, version, label or route
-405   UNIMPLEMENTED               method not allowed on the route
-413   INVALID_ARGUMENT            body, pixel count or image count too large
-415   INVALID_ARGUMENT            unsupported media type
-422   INVALID_ARGUMENT            decodable but unusable image
-429   RESOURCE_EXHAUSTED          batching queue full (with Retry-After)
-500   INTERNAL                    a gateway bug (never for client input)
-502   UNAVAILABLE / INTERNAL      backend unreachable / backend error
-503   UNAVAILABLE                 not ready, shutting down, queue deadline
-504   DEADLINE_EXCEEDED           backend did not answer within the deadline
-====  ==========================  =========================================
+Every failure the gateway itself reports is a :class:`ServingError` subclass with
+a stable ``code`` and a ``title``; an instance adds the ``detail``, an optional
+``retry_after`` (seconds) and ``extra`` members for the problem document. Which
+HTTP status and gRPC code each class (and each domain error of ``contract`` and
+``calibration``) is reported with is decided in one place, the table in
+:mod:`serving.api.errors`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import grpc
-
 from contract.preprocessing import ImageError
-
-PROBLEM_JSON = "application/problem+json"
-#: Base of the ``type`` URI of each problem; the fragment is the error code.
-PROBLEM_TYPE_BASE = "https://imgserve.dev/problems/"
 
 
 class ServingError(Exception):
-    """A failure with a status: ``status`` (HTTP), ``code`` (stable, machine-readable), ``title``."""
+    """A gateway failure: ``code`` (stable, machine-readable), ``title``, and a ``detail``."""
 
-    status = 500
     code = "internal_error"
     title = "Internal error"
-    grpc_code = grpc.StatusCode.INTERNAL
 
     def __init__(
         self,
@@ -56,44 +33,37 @@ class ServingError(Exception):
         self.retry_after = retry_after
         self.extra = dict(extra or {})
 
-    def to_problem(self, instance: str | None = None, request_id: str | None = None) -> dict:
-        """The RFC 9457 problem document for this error."""
-        doc: dict[str, Any] = {
-            "type": PROBLEM_TYPE_BASE + self.code,
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-            "code": self.code,
-        }
-        if instance:
-            doc["instance"] = instance
-        if request_id:
-            doc["request_id"] = request_id
-        doc.update(self.extra)
-        return doc
-
 
 class BadRequest(ServingError):
-    status, code, title = 400, "bad_request", "Bad request"
-    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    code, title = "bad_request", "Bad request"
 
 
 class InvalidParameter(BadRequest):
     code, title = "invalid_parameter", "Invalid parameter"
 
 
-class UndecodableImage(BadRequest):
-    code, title = "undecodable_image", "Image could not be decoded"
+class ImageRejected(ServingError):
+    """An image of the request failed preprocessing; it is reported as that image error.
+
+    ``error`` is the :class:`contract.preprocessing.ImageError`: the error table
+    resolves this exception by the image error's class (its status, code and
+    title), while the detail and ``image_index`` say which image of a batch it was.
+    """
+
+    def __init__(self, error: ImageError, index: int | None = None) -> None:
+        where = f"image {index}: " if index is not None else ""
+        extra = {"image_index": index} if index is not None else None
+        super().__init__(f"{where}{error}", extra=extra)
+        self.error = error
+        self.code, self.title = error.code, error.title
 
 
 class Unauthorized(ServingError):
-    status, code, title = 401, "unauthorized", "Unauthorized"
-    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    code, title = "unauthorized", "Unauthorized"
 
 
 class NotFound(ServingError):
-    status, code, title = 404, "not_found", "Not found"
-    grpc_code = grpc.StatusCode.NOT_FOUND
+    code, title = "not_found", "Not found"
 
 
 class ModelNotFound(NotFound):
@@ -109,17 +79,19 @@ class LabelNotFound(NotFound):
 
 
 class MethodNotAllowed(ServingError):
-    status, code, title = 405, "method_not_allowed", "Method not allowed"
-    grpc_code = grpc.StatusCode.UNIMPLEMENTED
+    code, title = "method_not_allowed", "Method not allowed"
+
+
+class Conflict(ServingError):
+    code, title = "conflict", "Conflict"
+
+
+class Gone(ServingError):
+    code, title = "gone", "Gone"
 
 
 class PayloadTooLarge(ServingError):
-    status, code, title = 413, "payload_too_large", "Payload too large"
-    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class ImageTooLarge(PayloadTooLarge):
-    code, title = "image_too_large", "Image too large"
+    code, title = "payload_too_large", "Payload too large"
 
 
 class TooManyImages(PayloadTooLarge):
@@ -127,41 +99,35 @@ class TooManyImages(PayloadTooLarge):
 
 
 class UnsupportedMediaType(ServingError):
-    status, code, title = 415, "unsupported_media_type", "Unsupported media type"
-    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    code, title = "unsupported_media_type", "Unsupported media type"
 
 
-class UnusableImage(ServingError):
-    status, code, title = 422, "unusable_image", "Image cannot be used"
-    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+class Unprocessable(ServingError):
+    code, title = "unprocessable", "Unprocessable content"
 
 
 class Overloaded(ServingError):
     """The batching queue is full: the request was shed before any work was done."""
 
-    status, code, title = 429, "overloaded", "Too many requests"
-    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code, title = "overloaded", "Too many requests"
 
 
 class BackendError(ServingError):
     """The model backend answered with an error the gateway cannot blame on the client."""
 
-    status, code, title = 502, "backend_error", "Backend error"
-    grpc_code = grpc.StatusCode.INTERNAL
+    code, title = "backend_error", "Backend error"
 
 
 class BackendUnavailable(BackendError):
     """The model backend could not be reached."""
 
     code, title = "backend_unavailable", "Backend unavailable"
-    grpc_code = grpc.StatusCode.UNAVAILABLE
 
 
 class ServiceUnavailable(ServingError):
     """Not ready (no model loaded, backend down at start-up) or shedding load."""
 
-    status, code, title = 503, "unavailable", "Service unavailable"
-    grpc_code = grpc.StatusCode.UNAVAILABLE
+    code, title = "unavailable", "Service unavailable"
 
 
 class QueueTimeout(ServiceUnavailable):
@@ -171,40 +137,4 @@ class QueueTimeout(ServiceUnavailable):
 
 
 class BackendTimeout(ServingError):
-    status, code, title = 504, "backend_timeout", "Backend deadline exceeded"
-    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-_IMAGE_ERRORS: dict[int, type[ServingError]] = {
-    400: UndecodableImage,
-    413: ImageTooLarge,
-    422: UnusableImage,
-}
-
-
-def from_image_error(exc: ImageError, index: int | None = None) -> ServingError:
-    """Map a ``contract.preprocessing`` image error to the gateway error with the same status."""
-    cls = _IMAGE_ERRORS.get(exc.status, BadRequest)
-    where = f"image {index}: " if index is not None else ""
-    extra = {"image_index": index} if index is not None else None
-    return cls(f"{where}{exc}", extra=extra)
-
-
-def grpc_status_of(error: ServingError) -> grpc.StatusCode:
-    """The gRPC status code a :class:`ServingError` is reported with."""
-    return error.grpc_code
-
-
-class Conflict(ServingError):
-    status, code, title = 409, "conflict", "Conflict"
-    grpc_code = grpc.StatusCode.ALREADY_EXISTS
-
-
-class Gone(ServingError):
-    status, code, title = 410, "gone", "Gone"
-    grpc_code = grpc.StatusCode.NOT_FOUND
-
-
-class Unprocessable(ServingError):
-    status, code, title = 422, "unprocessable", "Unprocessable content"
-    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    code, title = "backend_timeout", "Backend deadline exceeded"

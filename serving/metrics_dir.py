@@ -1,7 +1,7 @@
 """The Prometheus multiprocess directory of a server that runs several worker processes.
 
 gunicorn's master (``serving/gunicorn.conf.py``) and the gRPC supervisor
-(``serving/grpc_supervisor.py``) do the same four things with it:
+(``serving/api/grpc/supervisor.py``) do the same four things with it:
 
 - use ``PROMETHEUS_MULTIPROC_DIR`` when it is set, else make a private directory
   (on tmpfs when there is one) and put it in the environment, for the workers;

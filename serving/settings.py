@@ -44,7 +44,7 @@ class Settings:
     """HTTP listen address (host:port) of the gunicorn-served REST API."""
 
     grpc_bind: str = "127.0.0.1:9000"
-    """Listen address (host:port) of ``python -m serving.grpc_server``."""
+    """Listen address (host:port) of ``python -m serving.api.grpc``."""
 
     grpc_metrics_bind: str = "127.0.0.1:9001"
     """Where the gRPC server process exposes its own ``/metrics`` (empty: not exposed)."""

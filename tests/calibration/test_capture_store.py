@@ -164,7 +164,7 @@ def test_size_cap_drops_the_oldest_shards_first(tmp_path):
     assert kept == [f"r{i:02d}" for i in range(7, 12)]
     with pytest.raises(ExpiredRequestError) as info:
         record_feedback(tmp_path / "s", "r00", ["x"])
-    assert info.value.status == 410
+    assert info.value.code == "expired_request_id"
     assert record_feedback(tmp_path / "s", "r11", ["x"]).created
 
 
@@ -177,7 +177,7 @@ def test_expired_ids_are_forgotten_after_a_while(tmp_path):
     store.enforce_limits(MODEL)  # the forget step runs with eviction
     with pytest.raises(UnknownRequestError) as info:
         record_feedback(tmp_path, "first", ["x"])
-    assert info.value.status == 404
+    assert info.value.code == "unknown_request_id"
     assert not list((tmp_path / MODEL / samples.INDEX).rglob("*.json"))
 
 

@@ -75,16 +75,16 @@ def test_feedback_errors_are_typed(tmp_path):
     record_feedback(tmp_path, "one", ["cat"])
     with pytest.raises(FeedbackConflictError) as conflict:
         record_feedback(tmp_path, "one", ["dog"])
-    assert conflict.value.status == 409 and "cat" in str(conflict.value)
+    assert conflict.value.code == "feedback_conflict" and "cat" in str(conflict.value)
     with pytest.raises(UnknownRequestError) as unknown:
         record_feedback(tmp_path, "never-seen", ["cat"])
-    assert unknown.value.status == 404 and "never-seen" in str(unknown.value)
+    assert unknown.value.code == "unknown_request_id" and "never-seen" in str(unknown.value)
     with pytest.raises(UnknownRequestError):
         record_feedback(tmp_path, "one", ["cat"], model="other_model")
     for bad in ([], ["a", "b"], [None], [True], [-1], [""]):
         with pytest.raises(InvalidFeedbackError) as invalid:
             record_feedback(tmp_path, "one", bad)
-        assert invalid.value.status == 422
+        assert invalid.value.code == "invalid_feedback"
     with pytest.raises(InvalidFeedbackError, match="unknown label"):
         record_feedback(tmp_path, "one", ["cow"], allowed=["cat", "dog"])
     with pytest.raises(InvalidFeedbackError, match="out of range"):

@@ -162,7 +162,7 @@ def test_gateway_target_prepares_metrics_dir_and_ports(instructions):
 def test_entrypoints_name_code_that_exists():
     assert (REPO_ROOT / "serving/gunicorn.conf.py").is_file()
     assert "def create_app" in (REPO_ROOT / "serving/app.py").read_text()
-    assert (REPO_ROOT / "serving/grpc_server.py").is_file()  # the gRPC container's command
+    assert (REPO_ROOT / "serving/api/grpc/__main__.py").is_file()  # the gRPC container's command
     assert (REPO_ROOT / "training/__main__.py").is_file()
 
 

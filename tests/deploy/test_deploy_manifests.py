@@ -201,7 +201,7 @@ def test_gateway_probes_and_ports(overlay):
     assert {p["name"]: p["containerPort"] for p in http["ports"]} == {"http": 8080}
     assert "command" not in http  # the image's entrypoint: gunicorn -c serving/gunicorn.conf.py
     grpc = km.container(spec, "grpc")
-    assert grpc["command"] == ["python", "-m", "serving.grpc_server"]
+    assert grpc["command"] == ["python", "-m", "serving.api.grpc"]
     assert grpc["readinessProbe"]["grpc"]["port"] == 9000
     assert "tcpSocket" in grpc["livenessProbe"]  # alive even while TF Serving is down
     assert {p["name"]: p["containerPort"] for p in grpc["ports"]} == {

@@ -6,64 +6,21 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from tests.deploy import promql
 from tests.deploy.tools import REPO_ROOT, find_tool, run_tool
-
-MONITORING = REPO_ROOT / "monitoring"
-RULES = MONITORING / "alerts.yml"
-RULE_TESTS = MONITORING / "alerts_test.yml"
-DASHBOARD = MONITORING / "dashboards" / "imgserve.json"
-
-
-def _rules() -> list[dict[str, Any]]:
-    return [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
-
-
-def _dashboard() -> dict[str, Any]:
-    return json.loads(DASHBOARD.read_text())
-
-
-def _panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
-    for panel in dashboard["panels"]:
-        out.append(panel)
-        out.extend(panel.get("panels", []))  # collapsed rows hold their panels
-    return out
-
-
-def _dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
-    """(where, PromQL) for every panel target and annotation of the dashboard."""
-    queries = []
-    for panel in _panels(dashboard):
-        for target in panel.get("targets", []):
-            queries.append((f"panel {panel['title']!r}", target["expr"]))
-    for annotation in dashboard["annotations"]["list"]:
-        if "expr" in annotation:
-            queries.append((f"annotation {annotation['name']!r}", annotation["expr"]))
-    return queries
-
-
-def _as_plain_promql(expr: str) -> str:
-    """A Grafana query with its template variables replaced, so Prometheus tools accept it."""
-    expr = (
-        expr.replace("$__rate_interval", "5m")
-        .replace("$__interval", "1m")
-        .replace("$__range", "1h")
-    )
-    return re.sub(r"\$\{?(\w+)\}?", ".*", expr)
-
+from tests.helpers import dashboards
+from tests.helpers.dashboards import DASHBOARD, RULE_TESTS, RULES
 
 # -- rules ------------------------------------------------------------------------------
 
 
-def test_promtool_check_rules():
+def test_promtool_checkrules():
     result = run_tool([find_tool("promtool"), "check", "rules", str(RULES)])
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"SUCCESS: {len(_rules())} rules found" in result.stdout
+    assert f"SUCCESS: {len(dashboards.rules())} rules found" in result.stdout
 
 
 def test_promtool_rule_unit_tests_pass():
@@ -91,13 +48,13 @@ def test_every_alert_is_tested_firing_and_quiet():
     for case in tests["tests"]:
         for check in case.get("alert_rule_test", []):
             (fires if check.get("exp_alerts") else quiet).add(check["alertname"])
-    alerts = {r["alert"] for r in _rules() if "alert" in r}
+    alerts = {r["alert"] for r in dashboards.rules() if "alert" in r}
     assert alerts == fires, f"alerts never seen firing: {alerts - fires}"
     assert alerts == quiet, f"alerts never checked quiet: {alerts - quiet}"
 
 
 def test_alerts_are_actionable():
-    for rule in _rules():
+    for rule in dashboards.rules():
         assert re.fullmatch(r"Imgserve[A-Z]\w+", rule["alert"]), rule["alert"]
         assert rule["labels"]["severity"] in {"info", "warning", "critical"}
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
@@ -107,12 +64,12 @@ def test_alerts_are_actionable():
 
 
 def test_dashboard_structure():
-    dashboard = _dashboard()
+    dashboard = dashboards.dashboard()
     assert dashboard["uid"] and dashboard["title"] and dashboard["schemaVersion"] >= 36
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    panels = _panels(dashboard)
+    panels = dashboards.panels(dashboard)
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     cells: set[tuple[int, int]] = set()
@@ -133,7 +90,7 @@ def test_dashboard_structure():
 
 
 def test_dashboard_covers_what_operators_need():
-    titles = " | ".join(p["title"].lower() for p in _panels(_dashboard()))
+    titles = " | ".join(p["title"].lower() for p in dashboards.panels(dashboards.dashboard()))
     for topic in (
         "requests per second",
         "status code",
@@ -151,13 +108,13 @@ def test_dashboard_covers_what_operators_need():
 
 def test_every_dashboard_query_parses(tmp_path):
     """promtool parses each query (as a recording rule), template variables filled in."""
-    queries = _dashboard_queries(_dashboard())
+    queries = dashboards.dashboard_queries(dashboards.dashboard())
     rules = {
         "groups": [
             {
                 "name": "dashboard",
                 "rules": [
-                    {"record": f"dashboard:query_{i}", "expr": _as_plain_promql(expr)}
+                    {"record": f"dashboard:query_{i}", "expr": dashboards.as_plain_promql(expr)}
                     for i, (_, expr) in enumerate(queries)
                 ],
             }
@@ -212,10 +169,10 @@ def test_rules_and_dashboard_use_only_known_metrics():
     } <= exported
     known = exported | promql.PLANNED_GATEWAY_METRICS | promql.EXTERNAL_METRICS
     used: dict[str, str] = {}
-    for rule in _rules():
+    for rule in dashboards.rules():
         for name in promql.metric_names(rule["expr"]):
             used.setdefault(name, f"rule {rule['alert']}")
-    for where, expr in _dashboard_queries(_dashboard()):
+    for where, expr in dashboards.dashboard_queries(dashboards.dashboard()):
         for name in promql.metric_names(expr):
             used.setdefault(name, where)
     unknown = {name: where for name, where in used.items() if promql.base_name(name) not in known}
@@ -227,7 +184,7 @@ def test_rules_and_dashboard_use_only_known_metrics():
     # Every gateway metric the design names appears somewhere on the dashboard.
     dashboard_names = {
         promql.base_name(n)
-        for _, e in _dashboard_queries(_dashboard())
+        for _, e in dashboards.dashboard_queries(dashboards.dashboard())
         for n in promql.metric_names(e)
     }
     for name in (exported - {"imgserve_model_version_info"}) | promql.PLANNED_GATEWAY_METRICS:
@@ -238,5 +195,5 @@ def test_dashboard_file_is_the_configmap_source():
     # The ConfigMap is generated from this file; keep it plain, stable JSON.
     text = DASHBOARD.read_text()
     assert text.endswith("\n")
-    assert json.loads(text) == _dashboard()
+    assert json.loads(text) == dashboards.dashboard()
     assert Path(REPO_ROOT / "k8s/base/generated/imgserve-dashboard.json").read_text() == text

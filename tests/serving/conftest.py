@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,42 +18,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from contract.repository import ModelRepository  # noqa: E402
 from serving.app import create_app  # noqa: E402
-from serving.settings import Settings  # noqa: E402
-from tests.serving import tiny_models  # noqa: E402
-from tests.serving.tfserving_standin import TFServingStandIn  # noqa: E402
+from tests.helpers import tiny_models  # noqa: E402
+from tests.helpers.gateway import settings_for  # noqa: E402
+from tests.helpers.tfserving_standin import TFServingStandIn  # noqa: E402
 
 BACKENDS = ("embedded", "tfserving-grpc", "tfserving-rest")
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def children_of(pid: int) -> set[int]:
-    """The live (not zombie) child processes of ``pid``, read from ``/proc``."""
-    children = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
-        except (OSError, IndexError, ValueError):
-            continue  # exited while we looked
-        if int(ppid) == pid and state != "Z":
-            children.add(int(stat.parent.name))
-    return children
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
-    """Poll ``predicate`` every 50 ms until it holds (True) or ``timeout`` passes (False)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture(scope="session")
@@ -91,18 +58,6 @@ def healthy_standin(standin: TFServingStandIn) -> Iterator[TFServingStandIn]:
     yield standin
     standin.delay_s = 0.0
     standin.fail = None
-
-
-def settings_for(
-    backend: str, model_base: Path, standin: TFServingStandIn | None = None, **kw
-) -> Settings:
-    """Gateway settings for ``backend`` on ``model_base`` (polling off unless asked)."""
-    extra = {}
-    if standin is not None:
-        extra = {"tfserving_grpc": standin.grpc_address, "tfserving_rest": standin.rest_url}
-    values = {"model_base": str(model_base), "backend": backend, "poll_interval_s": 3600.0, **extra}
-    values.update(kw)
-    return Settings.from_env(environ={}, **values)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

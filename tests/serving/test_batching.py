@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from serving.api.errors import http_status
 from serving.batching import BatcherClosed, BatcherHooks, DynamicBatcher
 from serving.errors import BackendError, BackendTimeout, Overloaded, QueueTimeout
 
@@ -124,7 +125,7 @@ def test_full_queue_sheds_with_retry_after():
         time.sleep(0.01)
     with pytest.raises(Overloaded) as info:
         b.run(np.ones((1, 1)), deadline=far())
-    assert info.value.status == 429 and info.value.retry_after is not None
+    assert http_status(info.value) == 429 and info.value.retry_after is not None
     gate.set()
     for t in threads:
         t.join(5)
@@ -148,7 +149,7 @@ def test_deadline_in_queue_is_503_and_skips_the_forward_pass():
         time.sleep(0.005)
     with pytest.raises(QueueTimeout) as info:
         b.run(np.ones((1, 1)), deadline=time.monotonic() + 0.1)
-    assert info.value.status == 503
+    assert http_status(info.value) == 503
     gate.set()
     first.join(5)
     time.sleep(0.05)

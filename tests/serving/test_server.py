@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -17,61 +15,11 @@ import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.proto import imgserve_pb2, imgserve_pb2_grpc
-from tests.serving import tiny_models
-from tests.serving.conftest import children_of, free_port
-from tests.serving.test_metrics import parse, promtool_check, value
+from tests.helpers import tiny_models
+from tests.helpers.metrics_text import parse, promtool_check, value
+from tests.helpers.servers import PYTHON, children_of, free_port, gunicorn, start, stop
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
-PYTHON = sys.executable
-GUNICORN = str(Path(PYTHON).parent / "gunicorn")
-
-
-def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSERVE_")}
-    full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    full_env.update(env)
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=full_env, stdout=log.open("w"), stderr=subprocess.STDOUT
-    )
-
-
-def stop(proc: subprocess.Popen, timeout: float = 40) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-        raise
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited early:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(url, timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.25)
-    raise AssertionError(f"not ready after {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-def gunicorn(model_base: Path, tmp: Path, **env: str) -> tuple[subprocess.Popen, str, Path]:
-    port = free_port()
-    log = tmp / f"gunicorn-{port}.log"
-    settings = {"IMGSERVE_MODEL_BASE": str(model_base), "IMGSERVE_BIND": f"127.0.0.1:{port}"}
-    settings.update({f"IMGSERVE_{k.upper()}": v for k, v in env.items()})
-    proc = start(
-        [GUNICORN, "-c", "serving/gunicorn.conf.py", "serving.app:create_app()"], settings, log
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url + "/readyz", proc, log)
-    return proc, url, log
 
 
 @pytest.fixture(scope="module")
@@ -204,12 +152,12 @@ def test_graceful_shutdown(serving_repo, tmp_path, images):
 def test_grpc_server_process(serving_repo, tmp_path, images):
     """One process (IMGSERVE_GRPC_WORKERS=1): the server itself, no supervisor.
 
-    Several workers: tests/serving/test_grpc_workers.py.
+    Several workers: tests/serving/api/grpc/test_supervisor.py.
     """
     port, metrics_port = free_port(), free_port()
     log = tmp_path / "grpc.log"
     proc = start(
-        [PYTHON, "-m", "serving.grpc_server"],
+        [PYTHON, "-m", "serving.api.grpc"],
         {
             "IMGSERVE_MODEL_BASE": str(serving_repo),
             "IMGSERVE_GRPC_BIND": f"127.0.0.1:{port}",

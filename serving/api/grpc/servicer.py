@@ -1,0 +1,122 @@
+"""``imgserve.v1.ImageService``: request messages -> service layer -> response messages.
+
+Errors leave with the status code of :mod:`serving.api.errors` and trailing
+metadata ``http-status``, ``problem-code``, ``x-request-id`` and, for 429/503,
+``retry-after``; a gateway bug is INTERNAL with the request id and no traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from serving.api import errors
+from serving.api.grpc.codec import (
+    classify_message,
+    detect_message,
+    model_message,
+    options_from_message,
+)
+from serving.proto import imgserve_pb2, imgserve_pb2_grpc
+from serving.service import InferenceService, PredictOptions, request_id_from
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = imgserve_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
+REQUEST_ID_KEY = "x-request-id"
+T = TypeVar("T")
+
+
+class ImageServicer(imgserve_pb2_grpc.ImageServiceServicer):
+    """``imgserve.v1.ImageService``: request messages -> service layer -> response messages."""
+
+    def __init__(self, service: InferenceService) -> None:
+        self.service = service
+        #: Calls finished, however they ended: the progress a worker's heartbeat looks
+        #: at. Increments from several threads may race; it only has to change.
+        self.finished = 0
+
+    def Classify(self, request: imgserve_pb2.ClassifyRequest, context: grpc.ServicerContext):
+        def run(rid: str, options: PredictOptions) -> imgserve_pb2.ClassifyResponse:
+            return classify_message(self.service.classify(list(request.images), options, rid))
+
+        return self._predict("Classify", "classification", request, context, run)
+
+    def Detect(self, request: imgserve_pb2.DetectRequest, context: grpc.ServicerContext):
+        def run(rid: str, options: PredictOptions) -> imgserve_pb2.DetectResponse:
+            return detect_message(self.service.detect(list(request.images), options, rid))
+
+        return self._predict("Detect", "detection", request, context, run)
+
+    def ListModels(self, request: imgserve_pb2.ListModelsRequest, context: grpc.ServicerContext):
+        def run(outcome: dict[str, Any]) -> imgserve_pb2.ListModelsResponse:
+            models = self.service.list_models()
+            return imgserve_pb2.ListModelsResponse(models=[model_message(m) for m in models])
+
+        return self._call("ListModels", context, run)
+
+    def GetModel(self, request: imgserve_pb2.GetModelRequest, context: grpc.ServicerContext):
+        def run(outcome: dict[str, Any]) -> imgserve_pb2.ModelInfo:
+            outcome["model"] = self.service.known_model(request.name)
+            return model_message(self.service.describe_model(request.name))
+
+        return self._call("GetModel", context, run)
+
+    # -- plumbing ------------------------------------------------------------------
+    def _predict(
+        self,
+        method: str,
+        task: str,
+        request: Any,
+        context: grpc.ServicerContext,
+        run: Callable[[str, PredictOptions], T],
+    ) -> T:
+        def call(outcome: dict[str, Any]) -> T:
+            options = options_from_message(request, task, context.time_remaining())
+            outcome["model"] = self.service.known_model(self.service.model_for(task, options))
+            return run(outcome["request_id"], options)
+
+        return self._call(method, context, call)
+
+    def _call(
+        self, method: str, context: grpc.ServicerContext, body: Callable[[dict[str, Any]], T]
+    ) -> T:
+        metadata = dict(context.invocation_metadata() or ())
+        rid = request_id_from(metadata.get(REQUEST_ID_KEY))
+        context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
+        try:
+            with self.service.metrics.track(f"/{SERVICE_NAME}/{method}") as outcome:
+                outcome["request_id"] = rid
+                try:
+                    response = body(outcome)
+                except Exception as exc:
+                    if errors.resolve(exc) is None:
+                        # A gateway bug: report it without a traceback to the client.
+                        log.exception("unhandled error in %s (request id %s)", method, rid)
+                        outcome["code"] = 500
+                        context.abort(
+                            grpc.StatusCode.INTERNAL, f"internal error (request id {rid})"
+                        )
+                    outcome["code"] = errors.http_status(exc)
+                    _abort(context, exc, rid)
+                outcome["code"] = 200
+                return response
+        finally:
+            self.finished += 1
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception, rid: str) -> None:
+    """End the call with the error table's code for ``exc``, its detail and trailers."""
+    trailing = [
+        ("http-status", str(errors.http_status(exc))),
+        ("problem-code", errors.problem_code(exc)),
+        (REQUEST_ID_KEY, rid),
+    ]
+    retry_after = errors.retry_after(exc)
+    if retry_after is not None:
+        trailing.append(("retry-after", retry_after))
+    context.set_trailing_metadata(tuple(trailing))
+    context.abort(errors.grpc_code(exc), errors.detail(exc))

@@ -1,0 +1,110 @@
+"""Feedback and calibration: ``POST /v1/feedback`` and the calibration admin endpoints.
+
+- ``POST /v1/feedback`` ``{"request_id": ..., "labels": [...], "model": optional}``:
+  joins true labels (class names or indices, one per image of the request) to a
+  captured request. 201 recorded, 200 the same labels again; 404 unknown id,
+  410 expired sample, 409 different labels recorded before, 422 bad labels.
+- ``POST /v1/admin/calibrations`` ``{"model": ..., "prior_strength": N,
+  "promote": "canary"|"stable", "min_samples": N}`` (admin token): starts a
+  calibration job in a separate process; 202 with the job, 409 if one runs.
+- ``GET /v1/admin/calibrations[/<id>]`` (admin token): job status and log tail.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app, g, jsonify, request
+
+from calibration.feedback import record_feedback
+from calibration.jobs import UnknownJob
+from serving.api.rest.admin import require_admin
+from serving.api.rest.inference import service
+from serving.errors import BadRequest, NotFound
+
+bp = Blueprint("calibration", __name__)
+
+
+def _json_body() -> dict[str, Any]:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object (Content-Type: application/json)")
+    return body
+
+
+def _monitoring():
+    return current_app.extensions["imgserve.monitoring"]
+
+
+@bp.post("/v1/feedback")
+def feedback():
+    svc = service()
+    if not svc.settings.capture_dir:
+        raise NotFound("feedback is disabled: no capture store (IMGSERVE_CAPTURE_DIR)")
+    body = _json_body()
+    request_id, labels, model = body.get("request_id"), body.get("labels"), body.get("model")
+    if not isinstance(request_id, str) or not request_id:
+        raise BadRequest("'request_id' (string) is required")
+    if labels is None:
+        raise BadRequest("'labels' is required: one class name or index per image")
+    allowed = None
+    if model is not None:
+        if not isinstance(model, str):
+            raise BadRequest("'model' must be a string")
+        g.metric_model = svc.known_model(model)
+        mv = svc.catalog.repository.versions(model)
+        if mv:
+            allowed = list(svc.catalog.version(model, mv[-1]).class_labels)
+    # Capture-store errors (unknown, expired, conflicting, invalid) leave as they are:
+    # the error table gives each its status.
+    result = record_feedback(
+        svc.settings.capture_dir, request_id, labels, model=model, allowed=allowed
+    )
+    payload = {
+        "request_id": result.request_id,
+        "model": result.model,
+        "labels": list(result.labels),
+        "created": result.created,
+    }
+    return jsonify(payload), 201 if result.created else 200
+
+
+@bp.post("/v1/admin/calibrations")
+def start_calibration():
+    require_admin()
+    body = _json_body()
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' (string) is required")
+    svc = service()
+    g.metric_model = svc.known_model(model)
+    if not svc.catalog.repository.versions(model):
+        raise NotFound(f"no model {model!r} in the repository")
+    promote = body.get("promote")
+    if promote not in (None, "canary", "stable"):
+        raise BadRequest("'promote' must be 'canary' or 'stable'")
+    try:
+        prior = None if body.get("prior_strength") is None else float(body["prior_strength"])
+        min_samples = None if body.get("min_samples") is None else int(body["min_samples"])
+    except (TypeError, ValueError) as exc:
+        raise BadRequest("'prior_strength' and 'min_samples' must be numbers") from exc
+    # CalibrationBusy (one is running) is a 409 by the error table.
+    job = _monitoring().jobs.start(
+        model, prior_strength=prior, promote=promote, min_samples=min_samples
+    )
+    return jsonify(job), 202
+
+
+@bp.get("/v1/admin/calibrations")
+def list_calibrations():
+    require_admin()
+    return jsonify({"jobs": _monitoring().jobs.jobs()})
+
+
+@bp.get("/v1/admin/calibrations/<job_id>")
+def calibration_status(job_id: str):
+    require_admin()
+    try:
+        return jsonify(_monitoring().jobs.get(job_id))
+    except UnknownJob as exc:  # a KeyError's text is the bare quoted id: say what is missing
+        raise NotFound(f"no calibration job {job_id!r}") from exc

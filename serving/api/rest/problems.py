@@ -1,0 +1,40 @@
+"""Every error leaves the REST API as ``application/problem+json``.
+
+One handler renders every exception the error table (:mod:`serving.api.errors`)
+knows: the gateway's own errors, the domain errors of ``contract`` and
+``calibration``, and Werkzeug's HTTP errors (unknown route, wrong method, body
+over ``MAX_CONTENT_LENGTH``, broken multipart). Anything else is a gateway bug,
+logged with its traceback and answered as a 500 without one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, g, json, request
+from werkzeug.exceptions import MethodNotAllowed
+
+from serving.api import errors
+from serving.errors import ServingError
+
+log = logging.getLogger(__name__)
+
+
+def problem_response(exc: Exception) -> Response:
+    """Render ``exc`` as a problem document with its status, Retry-After and Allow headers."""
+    if errors.resolve(exc) is None:
+        log.exception("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+        exc = ServingError(f"internal error (request id {getattr(g, 'request_id', '')})")
+    doc = errors.problem(exc, instance=request.path, request_id=getattr(g, "request_id", None))
+    response = Response(json.dumps(doc), status=doc["status"], mimetype=errors.PROBLEM_JSON)
+    retry_after = errors.retry_after(exc)
+    if retry_after is not None:
+        response.headers["Retry-After"] = retry_after
+    if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+        response.headers["Allow"] = ", ".join(exc.valid_methods)
+    return response
+
+
+def init_app(app: Flask) -> None:
+    """Register the problem+json handler for every exception."""
+    app.register_error_handler(Exception, problem_response)

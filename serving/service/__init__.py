@@ -1,0 +1,33 @@
+"""The service layer: classify and detect over one backend, knowing nothing of HTTP or gRPC.
+
+``types`` holds what the protocol layers pass in and get back, ``request_ids`` the
+request id rule they share, ``inference`` the :class:`InferenceService` itself.
+"""
+
+from serving.service.inference import InferenceService
+from serving.service.request_ids import request_id_from
+from serving.service.types import (
+    ClassifyResult,
+    Detection,
+    DetectResult,
+    ImageDetections,
+    LabelScore,
+    ModelRef,
+    PredictionEvent,
+    PredictionObserver,
+    PredictOptions,
+)
+
+__all__ = [
+    "ClassifyResult",
+    "DetectResult",
+    "Detection",
+    "ImageDetections",
+    "InferenceService",
+    "LabelScore",
+    "ModelRef",
+    "PredictOptions",
+    "PredictionEvent",
+    "PredictionObserver",
+    "request_id_from",
+]

@@ -1,0 +1,1 @@
+"""Tests of the protocol layers (``serving/api/``)."""

@@ -1,0 +1,1 @@
+"""Tests of the gRPC API (``serving/api/grpc/``)."""
