@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from contract.model_card import ModelCardError, load_model_card
+from contract.model_card import ModelCard, ModelCardError, read_model_card
 from contract.preprocessing import PreprocessSpec
 from contract.repository import ModelRepository
 
@@ -34,24 +34,24 @@ class ModelVersion:
     name: str
     version: int
     path: Path
-    card: Mapping[str, Any]
+    card: ModelCard
     spec: PreprocessSpec
 
     @property
     def task(self) -> str:
-        return str(self.card["task"])
+        return self.card.task
 
     @property
     def class_labels(self) -> list[str]:
-        return list(self.card["labels"])
+        return list(self.card.labels)
 
     @property
     def signature_name(self) -> str:
-        return str(self.card.get("signature", {}).get("name", "serving_default"))
+        return self.card.signature.name
 
     @property
     def input_name(self) -> str:
-        return str(self.card.get("input", {}).get("tensor", "images"))
+        return self.card.input.tensor
 
 
 @dataclass(frozen=True)
@@ -135,13 +135,13 @@ class Catalog:
         cached = self._cards.get(path)
         if cached and cached[0] == mtime:
             return cached[1]
-        card = load_model_card(path)
-        spec = PreprocessSpec.from_dict(card["preprocessing"])
-        if card["name"] != name or int(card["version"]) != version:
+        card = read_model_card(path)
+        spec = card.preprocess_spec
+        if card.name != name or int(card.version) != version:
             # A copied directory whose card describes another version would answer
             # with the wrong labels; refuse it.
             raise ModelCardError(
-                f"card says {card['name']}/{card['version']}, directory is {name}/{version}"
+                f"card says {card.name}/{card.version}, directory is {name}/{version}"
             )
         mv = ModelVersion(name, version, path, card, spec)
         self._cards[path] = (mtime, mv)

@@ -53,7 +53,7 @@ class SignatureSpec:
 
 def check_signature(mv: ModelVersion, served: SignatureSpec) -> str:
     """'' when TF Serving's signature fits the model card, else the reason it does not."""
-    card_sig = mv.card.get("signature", {})
+    card_outputs = mv.card.signature.outputs
     inp = served.inputs.get(mv.input_name)
     if inp is None:
         return f"input {mv.input_name!r} missing (served inputs {sorted(served.inputs)})"
@@ -62,7 +62,7 @@ def check_signature(mv: ModelVersion, served: SignatureSpec) -> str:
     expected_shape = (-1, mv.spec.height, mv.spec.width, 3)
     if inp.shape is not None and inp.shape != expected_shape:
         return f"input shape {list(inp.shape)} does not fit the card's {list(expected_shape)}"
-    needed = set(REQUIRED_OUTPUTS.get(mv.task, ())) | set(card_sig.get("outputs", {}))
+    needed = set(REQUIRED_OUTPUTS.get(mv.task, ())) | set(card_outputs)
     missing = sorted(needed - set(served.outputs))
     if missing:
         return f"outputs {missing} missing (served outputs {sorted(served.outputs)})"

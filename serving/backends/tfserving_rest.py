@@ -58,8 +58,8 @@ class RestServable(Servable):
         super().__init__(mv)
         self._backend = backend
         self._url = f"{backend.base_url}/v1/models/{mv.name}/versions/{mv.version}:predict"
-        outputs = mv.card.get("signature", {}).get("outputs", {})
-        self._dtypes = {k: _DTYPES.get(v.get("dtype"), np.float32) for k, v in outputs.items()}
+        outputs = mv.card.signature.outputs
+        self._dtypes = {k: _DTYPES.get(v.dtype, np.float32) for k, v in outputs.items()}
 
     def predict(
         self, images: np.ndarray, *, timeout: float, request_ids: Sequence[str] = ()

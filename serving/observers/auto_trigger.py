@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from calibration.jobs import CalibrationBusy, CalibrationJobs
+from contract.model_card import bn_reference_of
 from serving.observers.drift import DriftMonitor, WorkerLoop
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,9 @@ class DriftTrigger:
         for model, version in self._served().items():
             key = (model, version)
             entry = scores.get(key, {})
-            card = self.monitor.card(*key) or {}
-            window = int(card.get("bn_reference", {}).get("drift", {}).get("window", 0))
+            card = self.monitor.card(*key)
+            drift = bn_reference_of(card).drift if card is not None else None
+            window = int(drift.window or 0) if drift is not None else 0
             if not in_alarm(entry, max(window, 1)):
                 self._alarm_since.pop(key, None)
                 continue

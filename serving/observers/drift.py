@@ -59,6 +59,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from contract import drift_scores
+from contract.model_card import ModelCard, bn_reference_of
 from serving.observers.prediction_mix import PredictionMix
 
 log = logging.getLogger(__name__)
@@ -312,7 +313,7 @@ class DriftMonitor:
         result: dict[tuple[str, int], dict[str, Any]] = {}
         for key, s in self.pooled().items():
             card = self._card(key)
-            if card is None or not card.get("bn_reference", {}).get("probes"):
+            if card is None or not bn_reference_of(card).probes:
                 continue
             probes = drift_scores.probe_references(card)
             n = int(s["n"])
@@ -326,11 +327,11 @@ class DriftMonitor:
             result[key] = entry
         return result
 
-    def card(self, model: str, version: int) -> Mapping[str, Any] | None:
+    def card(self, model: str, version: int) -> ModelCard | None:
         """The model card of a version (cached), or None if unknown."""
         return self._card((model, int(version)))
 
-    def _card(self, key: tuple[str, int]) -> Mapping[str, Any] | None:
+    def _card(self, key: tuple[str, int]) -> ModelCard | None:
         with self._lock:
             card = self._cards.get(key)
         if card is None and self.card_lookup is not None:
@@ -418,8 +419,9 @@ class DriftCollector(Collector):
             if "pixel_mean" in entry:
                 for ch, value in zip(CHANNELS, entry["pixel_mean"], strict=True):
                     pixel.add_metric([model, v, ch], float(value))
-            card = self.monitor._card((model, version)) or {}
-            ref = card.get("bn_reference", {}).get("pixel_stats", {}).get("mean")
+            card = self.monitor.card(model, version)
+            stats = bn_reference_of(card).pixel_stats if card is not None else None
+            ref = stats.mean if stats is not None else None
             if ref:
                 for ch, value in zip(CHANNELS, ref, strict=True):
                     pixel_ref.add_metric([model, v, ch], float(value))

@@ -7,6 +7,8 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from contract.model_card import ModelCard
+
 
 class TemperatureCollector(Collector):
     """``imgserve_model_temperature{model,version}``: the calibration temperature in service."""
@@ -23,14 +25,14 @@ class TemperatureCollector(Collector):
         for model, version, _ in self.service.versions_in_service():
             card = model_card(self.service, model, version)
             if card is not None:
-                t = float(card.get("calibration", {}).get("temperature", 1.0))
+                t = float(card.calibration.temperature)
                 family.add_metric([model, str(version)], t)
         yield family
 
 
-def model_card(service: Any, model: str, version: int) -> dict | None:
+def model_card(service: Any, model: str, version: int) -> ModelCard | None:
     """The model card of a version in service, or None when it has left the catalog."""
     try:
-        return dict(service.catalog.version(model, version).card)
+        return service.catalog.version(model, version).card
     except Exception:  # a version that vanished between listing and reading
         return None

@@ -419,7 +419,7 @@ class InferenceService:
             if error:
                 item["error"] = error
             if cards and v in entry.versions:
-                item["model_card"] = dict(entry.versions[v].card)
+                item["model_card"] = entry.versions[v].card.to_json()
             versions.append(item)
         default = state.labels.get(name, {}).get(self.settings.default_label)
         if default not in live:

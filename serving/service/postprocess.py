@@ -50,8 +50,12 @@ def detections(
     classes = _output(outputs, "detection_classes", mv)
     counts = _output(outputs, "num_detections", mv)
     labels = mv.class_labels
-    detection = mv.card.get("detection", {})
-    card_limit = detection.get("max_detections") or detection.get("nms", {}).get("max_detections")
+    detection = mv.card.detection
+    card_limit = (
+        (detection.max_detections or detection.nms.get("max_detections"))
+        if detection is not None
+        else None
+    )
     limit = options.max_detections or card_limit or DEFAULT_MAX_DETECTIONS
     threshold = (
         options.score_threshold if options.score_threshold is not None else default_threshold

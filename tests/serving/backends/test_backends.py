@@ -186,7 +186,7 @@ def test_observers_get_the_probe_statistics(backend_app, images):
     finally:
         service.remove_observer(capture)
     (event,) = capture.events
-    total = event.model.card["bn_reference"]["total_channels"]
+    total = event.model.card.bn_reference.total_channels
     assert event.outputs["bn_input_mean"].shape == (2, total)
     assert event.outputs["bn_input_sqmean"].shape == (2, total)
     # E[x^2] >= E[x]^2 per channel: real statistics, not placeholders.
