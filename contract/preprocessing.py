@@ -11,8 +11,15 @@ Decoding rule (``decode_image``), applied in this order:
    any pixel is decoded (decompression bombs), as :class:`ImageTooLargeError`.
 2. Multi-frame images (animated GIF/WebP/PNG, multi-page TIFF) use their first
    frame, or are refused as :class:`UnusableImageError` when the caller asks.
-3. EXIF orientation is applied (phone photos are stored sideways).
-4. Colour is converted to 8-bit RGB by one rule:
+3. Photo-sized decoding, only when the spec sets ``decode_oversample`` (a factor
+   ``f``) and ``decode_image`` is given the spec: a JPEG is decoded downscaled in
+   the DCT domain (``Image.draft``, by 1/2, 1/4 or 1/8) to the smallest size that
+   keeps every side at least ``f`` times the resize output, before the exact resize.
+   Other formats decode in full and the resize first shrinks by an integer factor
+   (Pillow's ``reducing_gap=f``) the same way. Cards without the field (every
+   version exported before it) decode in full, bit for bit as before.
+4. EXIF orientation is applied (phone photos are stored sideways), after the draft.
+5. Colour is converted to 8-bit RGB by one rule:
    - 16-bit and 32-bit integer grey (``I;16*``, ``I``) is scaled to 0..255 by
      the type's full range (value * 255 / 65535 for 16-bit), never clipped;
      float grey (``F``) is taken as 0..1 when its maximum is <= 1, else 0..255;
@@ -26,7 +33,8 @@ Decoding rule (``decode_image``), applied in this order:
 Resize: ``spec.resize_method`` is a Pillow filter (antialiased when shrinking);
 ``spec.geometry`` is ``stretch`` (to H x W, aspect ratio not kept) or
 ``letterbox`` (scaled to fit, centred, padded with ``spec.pad_value``). The
-geometry is returned so detections can be mapped back to original pixels.
+geometry is returned so detections can be mapped back to original pixels; it
+always refers to the original (upright) image, also after a drafted decode.
 
 Normalise: ``x * spec.scale + spec.offset`` per channel, in float32. For
 MobileNetV2 the default maps 0..255 to -1..1 (``scale=1/127.5, offset=-1``).
@@ -37,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import math
 import struct
 import warnings
 from dataclasses import dataclass, field
@@ -108,6 +117,10 @@ class PreprocessSpec:
     dtype: str = "float32"
     decode_rule: str = "first-frame; exif-transpose; 16-bit scaled by 255/65535; alpha over background; cmyk via Pillow; grey replicated"
     version: int = 1
+    #: Photo-sized decoding: decode (JPEG draft) and pre-shrink (``reducing_gap``) only
+    #: down to this factor above the resize output. None (cards written before the
+    #: field existed) keeps the full decode.
+    decode_oversample: float | None = None
 
     def __post_init__(self) -> None:
         if self.height < 1 or self.width < 1:
@@ -120,11 +133,26 @@ class PreprocessSpec:
             raise ValueError("geometry must be 'stretch' or 'letterbox'")
         if self.dtype != "float32":
             raise ValueError("only float32 model input is supported")
+        if self.decode_oversample is not None and not self.decode_oversample >= 1.0:
+            # Below 1 the decoded image would be smaller than the model input.
+            raise ValueError(f"decode_oversample must be >= 1, got {self.decode_oversample}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The card's ``preprocessing`` object (``decode_oversample`` only when set, so a
+        spec read from an older card writes that card's mapping back unchanged)."""
         d = dataclasses.asdict(self)
         d["alpha_background"] = list(self.alpha_background)
+        if self.decode_oversample is None:
+            del d["decode_oversample"]
         return d
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) the resize produces from an upright ``width x height`` image:
+        the input size for stretch, the scaled-to-fit size for letterbox."""
+        if self.geometry == "stretch":
+            return self.width, self.height
+        s = min(self.height / height, self.width / width)
+        return max(1, round(width * s)), max(1, round(height * s))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
@@ -179,6 +207,14 @@ class DecodedImage:
     frames: int = 1
     exif_rotated: bool = False
     notes: list[str] = field(default_factory=list)
+    #: (width, height) of the full image, upright; differs from ``image.size`` after a
+    #: drafted decode. Geometry refers to it. None: the image's own size.
+    original_size: tuple[int, int] | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the full upright image, whatever size was decoded."""
+        return self.original_size or self.image.size
 
     @functools.cached_property
     def pixels(self) -> np.ndarray:
@@ -193,8 +229,13 @@ def decode_image(
     multi_frame: str = "first",
     alpha_background: tuple[int, int, int] = (255, 255, 255),
     exif_orientation: bool = True,
+    spec: PreprocessSpec | None = None,
 ) -> DecodedImage:
     """Decode image bytes to RGB uint8 by the module's rule (see module docstring).
+
+    ``spec``: decode for this model input; its ``alpha_background`` and
+    ``exif_orientation`` replace those arguments, and its ``decode_oversample``
+    (when set) lets a JPEG decode downscaled. Without it the image decodes in full.
 
     Raises :class:`ImageDecodeError` for bytes that are not an image or are
     truncated, :class:`ImageTooLargeError` above ``max_pixels``, and
@@ -202,6 +243,8 @@ def decode_image(
     """
     if not data:
         raise ImageDecodeError("empty image body")
+    if spec is not None:
+        alpha_background, exif_orientation = spec.alpha_background, spec.exif_orientation
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -219,13 +262,16 @@ def decode_image(
             img.seek(0)
             fmt = img.format
             original_mode = img.mode
+            orientation = img.getexif().get(0x0112, 1) if exif_orientation else 1
+            # Orientations 5-8 swap the axes: the upright image is height x width.
+            upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+            if spec is not None and spec.decode_oversample is not None:
+                _draft(img, spec, upright, swapped=upright != (width, height))
             img.load()
             rotated = False
-            if exif_orientation:
-                orientation = img.getexif().get(0x0112, 1)
-                if orientation not in (1, None):
-                    img = ImageOps.exif_transpose(img)
-                    rotated = True
+            if orientation not in (1, None):  # 1 when exif_orientation is off
+                img = ImageOps.exif_transpose(img)
+                rotated = True
             rgb = _to_rgb(img, alpha_background)
     except ImageError:
         raise
@@ -237,7 +283,23 @@ def decode_image(
         raise ImageDecodeError(f"image could not be decoded: {exc}") from exc
     if rgb.mode != "RGB":
         raise UnusableImageError(f"decoded to unexpected mode {rgb.mode}")
-    return DecodedImage(rgb, fmt, original_mode, frames, rotated)
+    original = upright if rgb.size != upright else None
+    return DecodedImage(rgb, fmt, original_mode, frames, rotated, original_size=original)
+
+
+def _draft(
+    img: Image.Image, spec: PreprocessSpec, upright: tuple[int, int], *, swapped: bool
+) -> None:
+    """Ask a JPEG for a DCT-domain downscale that stays ``decode_oversample`` x above the
+    resize output on each side (a no-op for other formats). Before ``load()``."""
+    out_w, out_h = spec.output_size(*upright)
+    f = float(spec.decode_oversample or 1.0)
+    want = (math.ceil(out_w * f), math.ceil(out_h * f))
+    if swapped:  # draft works on the stored (sideways) pixels
+        want = (want[1], want[0])
+    # Pillow picks the largest 1/2^k scale whose result is still >= ``want`` on both sides;
+    # keeping the mode keeps the colour conversion the full decode would do.
+    img.draft(img.mode, want)
 
 
 def _scale_to_uint8(arr: np.ndarray, full_range: float) -> np.ndarray:
@@ -286,10 +348,15 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
 
 
 def resize(
-    pixels: np.ndarray | Image.Image, spec: PreprocessSpec
+    pixels: np.ndarray | Image.Image | DecodedImage, spec: PreprocessSpec
 ) -> tuple[np.ndarray, ImageGeometry]:
-    """Resize RGB uint8 ``(h, w, 3)`` (or an RGB image: the same pixels, one copy fewer)
-    to the spec's input size; returns uint8 and geometry."""
+    """Resize RGB uint8 ``(h, w, 3)`` (or an RGB image: the same pixels, one copy fewer;
+    or a :class:`DecodedImage`, possibly decoded downscaled) to the spec's input size;
+    returns uint8 and geometry (in the original image's pixels)."""
+    original: tuple[int, int] | None = None
+    if isinstance(pixels, DecodedImage):
+        original = pixels.original_size
+        pixels = pixels.image
     if isinstance(pixels, Image.Image):
         if pixels.mode != "RGB":
             raise ValueError(f"resize takes RGB images, not {pixels.mode}")
@@ -298,15 +365,21 @@ def resize(
     else:
         h, w = pixels.shape[:2]
         img = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
+    decoded_hw = (h, w)
+    if original is not None:
+        w, h = original  # the layout and geometry belong to the full image
     th, tw = spec.height, spec.width
     method = _RESAMPLE[spec.resize_method]
+    # None keeps Pillow's plain resize (and today's pixels) for specs without the field.
+    gap = spec.decode_oversample
     if spec.geometry == "stretch":
-        out = np.asarray(img.resize((tw, th), method) if (h, w) != (th, tw) else img)
+        out = np.asarray(
+            img.resize((tw, th), method, reducing_gap=gap) if decoded_hw != (th, tw) else img
+        )
         geom = ImageGeometry(h, w, th / h, tw / w, 0.0, 0.0, th, tw)
         return out, geom
-    s = min(th / h, tw / w)
-    nh, nw = max(1, round(h * s)), max(1, round(w * s))
-    resized = img.resize((nw, nh), method) if (nh, nw) != (h, w) else img
+    nw, nh = spec.output_size(w, h)
+    resized = img.resize((nw, nh), method, reducing_gap=gap) if (nh, nw) != decoded_hw else img
     top, left = (th - nh) // 2, (tw - nw) // 2
     canvas = Image.new("RGB", (tw, th), (spec.pad_value,) * 3)
     canvas.paste(resized, (left, top))
@@ -335,9 +408,12 @@ def denormalize(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 
 def preprocess_pixels(
-    pixels: np.ndarray | Image.Image, spec: PreprocessSpec, out: np.ndarray | None = None
+    pixels: np.ndarray | Image.Image | DecodedImage,
+    spec: PreprocessSpec,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, ImageGeometry]:
-    """Decoded RGB uint8 (or the RGB image) -> (model input float32 (H, W, 3), geometry)."""
+    """Decoded RGB uint8 (or the RGB image, or the :class:`DecodedImage`) ->
+    (model input float32 (H, W, 3), geometry)."""
     resized, geom = resize(pixels, spec)
     return normalize(resized, spec, out), geom
 
@@ -350,11 +426,5 @@ def preprocess_bytes(
     multi_frame: str = "first",
 ) -> tuple[np.ndarray, ImageGeometry]:
     """Image bytes -> (model input float32 (H, W, 3), geometry): the whole pipeline."""
-    decoded = decode_image(
-        data,
-        max_pixels=max_pixels,
-        multi_frame=multi_frame,
-        alpha_background=spec.alpha_background,
-        exif_orientation=spec.exif_orientation,
-    )
-    return preprocess_pixels(decoded.pixels, spec)
+    decoded = decode_image(data, max_pixels=max_pixels, multi_frame=multi_frame, spec=spec)
+    return preprocess_pixels(decoded, spec)

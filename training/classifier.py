@@ -108,6 +108,7 @@ class ClassifierConfig:
             width=self.image_size,
             resize_method=self.resize_method,
             geometry=self.geometry,
+            decode_oversample=2.0,  # photo-sized decoding (contract.preprocessing)
         )
 
 

@@ -87,16 +87,11 @@ def load_directory(
             data = path.read_bytes()
             digest.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
             try:
-                decoded = decode_image(
-                    data,
-                    max_pixels=max_pixels,
-                    alpha_background=spec.alpha_background,
-                    exif_orientation=spec.exif_orientation,
-                )
+                decoded = decode_image(data, max_pixels=max_pixels, spec=spec)
             except ImageError as exc:
                 skipped.append((rel, str(exc)))
                 continue
-            pixels.append(resize(decoded.pixels, spec)[0])
+            pixels.append(resize(decoded, spec)[0])
             labels.append(label)
             keys.append(rel)
     if not pixels:

@@ -285,14 +285,13 @@ class InferenceService:
                     data,
                     max_pixels=self.settings.max_image_pixels,
                     multi_frame=self.settings.multi_frame,
-                    alpha_background=spec.alpha_background,
-                    exif_orientation=spec.exif_orientation,
+                    spec=spec,
                 )
             except ImageError as exc:
                 raise ImageRejected(exc, i if len(images) > 1 else None) from exc
             t1 = time.perf_counter()
             # The decoded image itself (no pixel array in between), written into the batch.
-            _, geometry = preprocess_pixels(decoded.image, spec, out=inputs[i])
+            _, geometry = preprocess_pixels(decoded, spec, out=inputs[i])
             geometries.append(geometry)
             timing.add("decode", t1 - t0)
             timing.add("preprocess", time.perf_counter() - t1)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +24,8 @@ from contract.preprocessing import (
     preprocess_pixels,
     resize,
 )
-from tests.helpers.photos import exif_rotated_jpeg, photo
+from tests.helpers.photos import exif_rotated_jpeg, photo, photo_sized, photo_sized_image_bytes
+from training.data import load_directory, normalized_batches
 
 
 @pytest.mark.parametrize(
@@ -208,3 +212,136 @@ def test_spec_round_trips_through_the_model_card_dict():
         PreprocessSpec.from_dict({**spec.to_dict(), "mystery": 1})
     with pytest.raises(ValueError):
         PreprocessSpec(96, 96, resize_method="magic")
+
+
+# -- photo-sized decoding (``decode_oversample``) ------------------------------------------
+CARD_DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, bytes]:
+    return photo_sized_image_bytes()
+
+
+def _today(data: bytes, spec: PreprocessSpec) -> tuple[np.ndarray, object]:
+    """The decode path as it was before ``decode_oversample``: full decode, pixel array."""
+    spec = dataclasses.replace(spec, decode_oversample=None)
+    decoded = decode_image(
+        data, alpha_background=spec.alpha_background, exif_orientation=spec.exif_orientation
+    )
+    return preprocess_pixels(decoded.pixels, spec)
+
+
+@pytest.mark.parametrize("card", ["model_card_v1_classifier.json", "model_card_v1_detector.json"])
+def test_cards_without_the_field_keep_the_full_decode_bit_for_bit(card, photos, images):
+    stored = json.loads((CARD_DATA / card).read_text())["preprocessing"]
+    assert "decode_oversample" not in stored
+    spec = PreprocessSpec.from_dict(stored)
+    assert spec.decode_oversample is None
+    assert spec.to_dict() == stored  # written back unchanged
+    for name, data in {
+        **photos,
+        "jpeg": images["jpeg"],
+        "exif": images["exif_rotated_jpeg"],
+    }.items():
+        decoded = decode_image(data, spec=spec)
+        assert decoded.original_size is None, name  # nothing was drafted
+        want, want_geom = _today(data, spec)
+        got, geom = preprocess_bytes(data, spec)
+        np.testing.assert_array_equal(got, want, err_msg=name)
+        assert geom == want_geom
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "geometry", "scale"),
+    [
+        (96, 64, "stretch", 8),
+        (96, 64, "letterbox", 8),
+        (224, 224, "stretch", 4),
+        (96, 1000, "stretch", 1),  # wide output on a sideways photo: the swap matters
+    ],
+)
+def test_a_12mp_jpeg_decodes_drafted_but_at_least_the_factor_above_the_output(
+    photos, height, width, geometry, scale
+):
+    data = photos["jpeg_12mp_exif"]
+    spec = PreprocessSpec(height, width, geometry=geometry, decode_oversample=2.0)
+    decoded = decode_image(data, spec=spec)
+    # Stored 4032x3024 sideways; upright 3024x4032, which the geometry refers to.
+    assert decoded.size == (3024, 4032) and decoded.exif_rotated
+    w, h = decoded.image.size
+    out_w, out_h = spec.output_size(3024, 4032)
+    assert w >= 2 * out_w and h >= 2 * out_h
+    # The smallest such scale (JPEG offers 1/2, 1/4, 1/8): one more halving would fall
+    # below the factor, or there is none.
+    assert (w, h) == (-(-3024 // scale), -(-4032 // scale))
+    assert scale == 8 or w // 2 < 2 * out_w or h // 2 < 2 * out_h
+    full, full_geom = _today(data, spec)
+    fast, geom = preprocess_pixels(decoded, spec)
+    assert geom == full_geom  # geometry is in original pixels either way
+    diff = np.abs(fast - full) * 127.5  # in 0..255 pixel units
+    assert diff.mean() < 1.5 and diff.max() < 24
+
+
+def test_exif_orientation_is_applied_after_the_draft(photos):
+    """A wrongly-oriented (or wrongly-sized) draft would fail against the upright photo."""
+    spec = PreprocessSpec(48, 36, decode_oversample=2.0)
+    upright = photo_sized("astronaut.png", 3024, 4032)
+    want = np.asarray(upright.resize((36, 48), Image.Resampling.BILINEAR), np.float64)
+    x, _ = preprocess_bytes(photos["jpeg_12mp_exif"], spec)
+    got = (x.astype(np.float64) + 1.0) * 127.5
+    assert np.abs(got - want).mean() < 3
+    for turned in (np.rot90(want, 2), np.fliplr(want)):
+        assert np.abs(got - turned).mean() > 15
+
+
+@pytest.mark.parametrize("key", ["png_1920x1080", "tiff_16bit"])
+def test_large_non_jpeg_images_use_the_reducing_resize(photos, key):
+    spec = PreprocessSpec(96, 96, decode_oversample=2.0)
+    decoded = decode_image(photos[key], spec=spec)
+    assert decoded.original_size is None  # no draft outside JPEG: decoded in full
+    got, _ = preprocess_pixels(decoded, spec)
+    reduced = decoded.image.resize((96, 96), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    np.testing.assert_array_equal(got, normalize(np.asarray(reduced), spec))
+    full, _ = _today(photos[key], spec)
+    assert not np.array_equal(got, full)  # the factor took effect
+    assert (np.abs(got - full) * 127.5).mean() < 1.5
+
+
+def test_letterbox_boxes_map_back_to_the_original_after_a_draft(photos):
+    spec = PreprocessSpec(64, 64, geometry="letterbox", pad_value=0, decode_oversample=2.0)
+    x, geom = preprocess_bytes(photos["jpeg_12mp_exif"], spec)
+    # Upright 3024x4032 scaled by 64/4032 -> 48x64, centred with 8 columns of padding.
+    assert (x[:, :8] == -1.0).all() and (x[:, 56:] == -1.0).all()
+    box = geom.boxes_to_original(np.array([[0.0, 8 / 64, 1.0, 56 / 64]]))
+    np.testing.assert_allclose(box, [[0, 0, 4032, 3024]], atol=1e-6)
+
+
+def test_decode_oversample_is_validated_and_round_trips():
+    spec = PreprocessSpec(96, 96, decode_oversample=2.0)
+    assert spec.to_dict()["decode_oversample"] == 2.0
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="decode_oversample"):
+        PreprocessSpec(96, 96, decode_oversample=0.5)
+
+
+@pytest.mark.parametrize("geometry", ["stretch", "letterbox"])
+def test_photo_sized_parity_of_the_training_input_path_and_the_gateway_steps(
+    photos, tmp_path, geometry
+):
+    """``training.data.load_directory`` against the steps the gateway's service runs
+    (``decode_image(spec=...)``, then ``preprocess_pixels`` of the decoded image into a
+    batch row): identical tensors for a 12 MP EXIF JPEG, a 1920x1080 PNG, a 16-bit TIFF."""
+    spec = PreprocessSpec(96, 80, geometry=geometry, decode_oversample=2.0)
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+    for name, data in photos.items():
+        ext = Image.open(io.BytesIO(data)).format.lower()
+        (tmp_path / "a" / f"{name}.{ext}").write_bytes(data)
+    (tmp_path / "b" / "x.jpeg").write_bytes(photos["jpeg_12mp_exif"])
+    training_set = load_directory(tmp_path, spec)
+    trained = next(normalized_batches(training_set.pixels, spec, 100))
+    batch = np.empty((len(photos), 96, 80, 3), np.float32)
+    for i, data in enumerate(photos.values()):
+        preprocess_pixels(decode_image(data, spec=spec), spec, out=batch[i])
+    np.testing.assert_array_equal(trained[: len(photos)], batch)

@@ -4,6 +4,7 @@ dataset cut from them."""
 
 from __future__ import annotations
 
+import functools
 import io
 from pathlib import Path
 
@@ -93,3 +94,27 @@ def write_photo_crops(root: Path, per_class: int, *, seed: int = 0, size: int = 
             crop = Image.fromarray(img[y : y + s, x : x + s])
             crop.save(d / f"{i:04d}.png")
     return root
+
+
+def photo_sized(name: str, width: int, height: int) -> Image.Image:
+    """A bundled photograph scaled up to a phone/camera size, with sensor-like noise
+    (a plain upscale is too smooth to show what a downscaled decode loses)."""
+    big = photo(name).convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+    noise = np.random.default_rng(0).integers(-10, 11, (height, width, 3), dtype=np.int16)
+    return Image.fromarray(np.clip(np.asarray(big) + noise, 0, 255).astype(np.uint8))
+
+
+@functools.cache
+def photo_sized_image_bytes() -> dict[str, bytes]:
+    """The photo-sized inputs users send: a 12 MP phone JPEG stored sideways with an EXIF
+    orientation tag (upright 3024x4032), a 1920x1080 PNG and a 16-bit grey TIFF."""
+    upright = photo_sized("astronaut.png", 3024, 4032)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated 90° counter-clockwise, displayed upright
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    grey = np.asarray(photo_sized("camera.png", 1600, 1200).convert("L"), np.uint16)
+    return {
+        "jpeg_12mp_exif": _encode(stored, "JPEG", quality=90, exif=exif),
+        "png_1920x1080": _encode(photo_sized("coffee.png", 1920, 1080), "PNG"),
+        "tiff_16bit": _encode(Image.fromarray(grey * 257), "TIFF"),
+    }
