@@ -16,7 +16,7 @@ from PIL import Image
 from contract.preprocessing import PreprocessSpec
 from serving.app import create_app
 from tests.helpers.gateway import settings_for
-from tests.helpers.photos import exif_rotated_jpeg
+from tests.helpers.photos import exif_rotated_jpeg, photo_sized_image_bytes
 from tests.helpers.problems import Capture, assert_problem
 from training.data import load_directory, normalized_batches
 
@@ -206,15 +206,19 @@ def test_request_id_is_echoed_or_generated(client, images):
 # -- parity: the training input path and the gateway give identical tensors -----------------
 @pytest.mark.parametrize("model", ["tiny_classifier", "tiny_detector"])
 def test_preprocessing_parity_with_the_training_input_path(embedded_app, images, tmp_path, model):
-    """Every decode path (JPEG, PNG, grey, palette, RGBA, 16-bit, CMYK, EXIF, multi-frame ...).
+    """Every decode path (JPEG, PNG, grey, palette, RGBA, 16-bit, CMYK, EXIF, multi-frame ...),
+    and photo-sized inputs (12 MP EXIF-rotated JPEG, 1920x1080 PNG, 16-bit TIFF).
 
     Training path: files in class folders -> ``training.data.load_directory`` ->
     ``normalized_batches``. Gateway path: the same bytes over HTTP; the tensor the
-    model received is captured by a prediction observer.
+    model received is captured by a prediction observer. The classifier is a fresh
+    export (photo-sized decoding on); the detector's card predates the field (full decode).
     """
     service = embedded_app.extensions["imgserve"]
     card = service.describe_model(model)["versions"][0]["model_card"]
     spec = PreprocessSpec.from_dict(card["preprocessing"])
+    assert spec.decode_oversample == (2.0 if model == "tiny_classifier" else None)
+    images = {**images, **photo_sized_image_bytes()}
     root = tmp_path / "data"
     for name, data in images.items():
         (root / "a").mkdir(parents=True, exist_ok=True)
