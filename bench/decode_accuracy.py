@@ -60,14 +60,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = train_classifier(cfg, export=False)["model"]
     images, labels = synthetic.generate(args.held_out, seed=12345)
     jpegs = [photo_jpeg(img, args.side) for img in images]
-    result = {}
+    result, preds = {}, []
     for name, oversample in (("full decode", None), ("decode_oversample 2", 2.0)):
         spec = dataclasses.replace(cfg.spec, decode_oversample=oversample)
         x = np.stack([preprocess_bytes(j, spec)[0] for j in jpegs])
         pred = model.predict(x, batch_size=64, verbose=0).argmax(axis=-1)
         result[name] = float((pred == labels).mean() * 100)
+        preds.append(pred)
         print(f"{name:>20}: held-out accuracy {result[name]:.2f} % ({len(labels)} JPEGs)")
+    changed = int((preds[0] != preds[1]).sum())
     print(f"difference: {result['decode_oversample 2'] - result['full decode']:+.2f} points")
+    print(f"predictions that changed: {changed} of {len(labels)}")
     return result
 
 
