@@ -339,13 +339,25 @@ def train_classifier(cfg: ClassifierConfig, *, export: bool = True) -> dict[str,
     epochs_run = len(history["train"])
 
     val_x = normalize(val.pixels, spec)
-    before = bn.classification_parity(model, val_x, val.labels, threshold=cfg.max_parity_gap)
+
+    def parity_now() -> bn.ParityReport:
+        # Training batch size, shuffled: the training-mode pass sees batches like training's.
+        return bn.classification_parity(
+            model,
+            val_x,
+            val.labels,
+            threshold=cfg.max_parity_gap,
+            batch_size=cfg.batch_size,
+            shuffle_seed=cfg.seed,
+        )
+
+    before = parity_now()
     if cfg.precise_bn:
         # Only BN layers that trained with batch statistics get new moving statistics;
         # frozen ones were used (and trained around) with the statistics they have.
         trainable_bn = [lyr for lyr in bn.bn_layers(model) if lyr.trainable]
         bn.precise_bn(model, normalized_batches(train.pixels, spec, 128), layers=trainable_bn)
-    parity = bn.classification_parity(model, val_x, val.labels, threshold=cfg.max_parity_gap)
+    parity = parity_now()
 
     logits = bn.predict_in_mode(model, val_x, training=False)
     pred = logits.argmax(-1)

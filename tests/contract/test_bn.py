@@ -118,6 +118,42 @@ def test_parity_fails_a_constant_inference_mode_whatever_the_gap():
     assert bn.classification_parity(model, x, np.zeros(48, int), threshold=1.0).passed
 
 
+def _one_feature_classifier(spread: float) -> keras.Model:
+    """Input -> BN -> nearest-centroid logits: the class is the raw feature's level,
+    which a batch of one class normalises away (its batch mean is that level)."""
+    inp = keras.Input((1,))
+    norm = keras.layers.BatchNormalization(center=False, scale=False)
+    z = norm(inp)
+    centroids = (np.arange(3) - 1.0) / spread  # classes 0, 1, 2 after standardising
+    dense = keras.layers.Dense(3)
+    model = keras.Model(inp, dense(z))
+    dense.set_weights([centroids[None, :].astype(np.float32), -(centroids**2) / 2])
+    norm.moving_mean.assign([1.0])
+    norm.moving_variance.assign([spread**2])
+    return model
+
+
+def test_parity_batches_are_iid_whatever_the_order_of_the_held_out_set():
+    """Class-sorted held-out data (the order class folders load in) gives the same
+    training-mode figure as a shuffled copy; read in that order, batch statistics
+    of one-class batches would erase the class and training mode would score ~1/3."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 96)  # sorted by class, like load_directory's output
+    x = (y + rng.normal(0, 0.1, len(y))).astype(np.float32)[:, None]
+    model = _one_feature_classifier(float(np.std(x)))
+    in_order = bn.predict_in_mode(model, x, training=True, batch_size=32).argmax(-1)
+    assert np.mean(in_order == y) < 0.5  # the premise: sorted batches break training mode
+    sorted_report = bn.classification_parity(model, x, y, threshold=0.02, batch_size=32)
+    perm = rng.permutation(len(y))
+    shuffled = bn.classification_parity(
+        model, x[perm], y[perm], threshold=0.02, batch_size=32, shuffle_seed=7
+    )
+    assert sorted_report.inference_metric == pytest.approx(1.0, abs=0.01)
+    assert sorted_report.training_metric > 0.95, sorted_report
+    assert abs(sorted_report.gap - shuffled.gap) < 0.03, (sorted_report, shuffled)
+    assert sorted_report.passed
+
+
 @pytest.mark.slow
 def test_seeds_bug_reproduced_and_fixed(stale_run, tiny_training):
     """Keras defaults (momentum 0.999, no re-estimation) collapse in inference mode and
