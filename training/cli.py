@@ -51,7 +51,17 @@ def _add_classifier(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--patience", type=int, help="early-stopping patience in epochs")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
-    p.add_argument("--val-fraction", type=float)
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        help=f"validation share, for early stopping (default {defaults.val_fraction})",
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        help="test share: the card's held-out accuracy and the parity gate "
+        f"(default {defaults.test_fraction})",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--synthetic-images", type=int)
     p.add_argument("--synthetic-imbalance", type=float, help="largest/smallest class ratio")
@@ -100,12 +110,23 @@ def _run_classifier(args: argparse.Namespace) -> int:
 def _print_summary(summary: dict[str, Any]) -> None:
     shown = {k: v for k, v in summary.items() if k != "model"}
     print("\n== summary ==")
-    print(f"held-out accuracy (inference mode): {summary['accuracy']:.4f}")
+    print(
+        f"held-out accuracy (inference mode): {summary['accuracy']:.4f} "
+        f"(test split, {summary.get('test_images', '?')} images)"
+    )
+    if "validation_accuracy" in summary:
+        print(
+            f"validation accuracy: {summary['validation_accuracy']:.4f} "
+            f"(validation split, {summary['val_images']} images; it chose the restored epoch)"
+        )
     p = summary["parity"]
     print(
-        f"parity: inference {p['inference_mode']:.4f} vs training mode {p['training_mode']:.4f}, "
-        f"gap {100 * p['gap']:.2f} points ({'ok' if p['passed'] else 'FAILED'})"
+        f"parity (test split): inference {p['inference_mode']:.4f} vs training mode "
+        f"{p['training_mode']:.4f}, gap {100 * p['gap']:.2f} points "
+        f"({'ok' if p['passed'] else 'FAILED'})"
     )
+    for warning in summary.get("warnings", []):
+        print(f"warning: {warning}")
     print("per-class accuracy:")
     for cls, acc in summary["per_class_accuracy"].items():
         n = summary["class_counts"].get(cls, 0)

@@ -1,0 +1,57 @@
+"""The classifier run on real class-folder data: the parity gate, the splits, the card."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from contract import bn
+from contract.model_card import KERAS_MODEL_RELPATH, load_model_card
+from contract.preprocessing import normalize
+from training.classifier import PRESETS, ClassifierConfig, data_splits, load_data
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_training):
+    """The session's default tiny run: its config, test split, exported model and card."""
+    base, summary = tiny_training
+    cfg = ClassifierConfig(**{**PRESETS["tiny"], "data": str(base.parent / "photo_crops")})
+    test = data_splits(cfg, load_data(cfg)).test
+    version = base / "tiny_classifier" / "1"
+    model = keras.models.load_model(version / KERAS_MODEL_RELPATH, compile=False)
+    return cfg, test, model, load_model_card(version), summary
+
+
+def test_parity_on_class_sorted_folders_equals_the_gap_on_a_shuffled_copy(tiny_run):
+    cfg, test, model, card, summary = tiny_run
+    assert np.all(np.diff(test.labels) >= 0)  # the premise: folder data is class-sorted
+    x = normalize(test.pixels, cfg.spec)
+    perm = np.random.default_rng(123).permutation(len(x))
+    shuffled = bn.classification_parity(
+        model, x[perm], test.labels[perm], batch_size=cfg.batch_size, shuffle_seed=99
+    )
+    reported = summary["parity"]
+    # Within noise: a different random batching of the same ~45 images (batches of 16;
+    # two batchings of one model differed by 0.08 here).
+    assert abs(reported["training_mode"] - shuffled.training_metric) <= 0.15, (reported, shuffled)
+    assert abs(reported["gap"] - shuffled.gap) <= 0.15, (reported, shuffled)
+    assert reported["inference_mode"] == pytest.approx(shuffled.inference_metric, abs=0.03)
+    # The data does trigger the bug: read in folder order, one-class batches scored 0.35
+    # where shuffled ones scored 0.79; a gate reading in order would fail this test.
+    in_order = bn.predict_in_mode(model, x, training=True, batch_size=cfg.batch_size)
+    assert np.mean(in_order.argmax(-1) == test.labels) < shuffled.training_metric - 0.2
+
+
+def test_card_says_which_split_each_figure_came_from(tiny_run):
+    cfg, test, _, card, summary = tiny_run
+    metrics = card["metrics"]
+    assert metrics["test_images"] == len(test) == summary["test_images"]
+    assert metrics["splits"]["accuracy"] == "test" and metrics["splits"]["parity"] == "test"
+    assert "validation" in metrics["splits"]["validation_accuracy"]
+    assert metrics["val_images"] > 0 and 0 <= metrics["validation_accuracy"] <= 1
+    assert set(summary["test_class_counts"]) == {"astronaut", "chelsea", "coffee"}
+    assert all(n >= 5 for n in summary["test_class_counts"].values())
+    assert summary["warnings"] == []
