@@ -50,7 +50,19 @@ def _add_classifier(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", choices=["cosine", "exponential"])
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--patience", type=int, help="early-stopping patience in epochs")
-    p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
+    p.add_argument(
+        "--augment",
+        help="augmentations of training batches, a comma list of flip, rotate, zoom, "
+        f"contrast, or none (default {defaults.augment}: no flip, which is wrong for "
+        "digits, text and anything with handedness; natural photos: flip,rotate)",
+    )
+    p.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_const",
+        const="none",
+        help="same as --augment none",
+    )
     p.add_argument(
         "--val-fraction",
         type=float,
@@ -95,7 +107,11 @@ def _run_classifier(args: argparse.Namespace) -> int:
     from contract.export import ExportRefused
     from training.classifier import PRESETS, ClassifierConfig, train_classifier
 
-    cfg = _config_from(args, ClassifierConfig, PRESETS)
+    try:
+        cfg = _config_from(args, ClassifierConfig, PRESETS)
+    except ValueError as exc:  # a bad flag value: say which, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         summary = train_classifier(cfg)
     except ExportRefused as exc:

@@ -9,9 +9,43 @@ import pytest
 from contract import bn
 from contract.model_card import KERAS_MODEL_RELPATH, load_model_card
 from contract.preprocessing import normalize
-from training.classifier import PRESETS, ClassifierConfig, data_splits, load_data
+from training.classifier import (
+    PRESETS,
+    ClassifierConfig,
+    augmentation_layers,
+    data_splits,
+    load_data,
+    parse_augment,
+)
+from training.cli import _config_from, build_parser, main
 
-pytestmark = pytest.mark.slow
+
+def _cfg(*flags: str) -> ClassifierConfig:
+    args = build_parser().parse_args(["classifier", "--name", "x", *flags])
+    return _config_from(args, ClassifierConfig, PRESETS)
+
+
+def test_default_augmentation_has_no_flip_and_flags_choose_it():
+    assert "flip" not in ClassifierConfig().augment.split(",")
+    assert _cfg().augment == "rotate,zoom,contrast"
+    assert _cfg("--augment", "rotate, flip").augment == "flip,rotate"  # canonical order
+    assert _cfg("--no-augment").augment == _cfg("--augment", "none").augment == "none"
+    assert parse_augment(True) == ClassifierConfig.augment and parse_augment(False) == "none"
+    spec = ClassifierConfig(image_size=32).spec
+    kinds = [type(x).__name__ for x in augmentation_layers(spec, 0, "flip,contrast")]
+    assert kinds == ["RandomFlip", "RandomContrast"]
+    assert augmentation_layers(spec, 0, "none") == []
+    assert [type(x).__name__ for x in augmentation_layers(spec, 0, _cfg().augment)] == [
+        "RandomRotation",
+        "RandomZoom",
+        "RandomContrast",
+    ]
+
+
+def test_an_unknown_augmentation_is_a_clear_error(capsys):
+    assert main(["classifier", "--name", "x", "--augment", "flip,mirror"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown augmentation(s) ['mirror']" in err and "Traceback" not in err
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +59,7 @@ def tiny_run(tiny_training):
     return cfg, test, model, load_model_card(version), summary
 
 
+@pytest.mark.slow
 def test_parity_on_class_sorted_folders_equals_the_gap_on_a_shuffled_copy(tiny_run):
     cfg, test, model, card, summary = tiny_run
     assert np.all(np.diff(test.labels) >= 0)  # the premise: folder data is class-sorted
@@ -45,6 +80,7 @@ def test_parity_on_class_sorted_folders_equals_the_gap_on_a_shuffled_copy(tiny_r
     assert np.mean(in_order.argmax(-1) == test.labels) < shuffled.training_metric - 0.2
 
 
+@pytest.mark.slow
 def test_card_says_which_split_each_figure_came_from(tiny_run):
     cfg, test, _, card, summary = tiny_run
     metrics = card["metrics"]
@@ -55,3 +91,6 @@ def test_card_says_which_split_each_figure_came_from(tiny_run):
     assert set(summary["test_class_counts"]) == {"astronaut", "chelsea", "coffee"}
     assert all(n >= 5 for n in summary["test_class_counts"].values())
     assert summary["warnings"] == []
+    # The augmentation the run used, in the card and in its parameters.
+    assert card["training"]["augmentation"] == ["rotate", "zoom", "contrast"]
+    assert card["lineage"]["parameters"]["augment"] == cfg.augment == "rotate,zoom,contrast"

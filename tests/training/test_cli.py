@@ -70,6 +70,8 @@ def test_transfer_learning_freezes_then_fine_tunes_the_top_layers(
     out, err = capsys.readouterr()
     assert rc == 0, out + err
     assert "held-out accuracy (inference mode)" in out and "per-class accuracy" in out
+    assert "augmentation: rotate,zoom,contrast" in out  # shown before training starts
+    assert out.index("augmentation:") < out.index("== summary ==")
     model = keras.models.load_model(base / "transfer" / "1" / KERAS_MODEL_RELPATH, compile=False)
     frozen, tuned = source.layers[: len(source.layers) - k], source.layers[len(source.layers) - k :]
     frozen = [layer for layer in frozen if layer.weights]
