@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _add_classifier(sub: argparse._SubParsersAction) -> None:
-    from training.classifier import PRESETS, ClassifierConfig
+    from training.classifier_config import PRESETS, ClassifierConfig, describe_presets
 
     p = sub.add_parser("classifier", help="train and export a MobileNetV2 classifier")
     defaults = ClassifierConfig()
@@ -32,7 +32,10 @@ def _add_classifier(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-base", default="models", help="model repository (default ./models)")
     p.add_argument("--name", required=True, help="model name in the repository")
     p.add_argument(
-        "--preset", choices=sorted(PRESETS), help="named parameter set; flags override it"
+        "--preset",
+        choices=sorted(PRESETS),
+        help="named parameter set; flags override it; the summary names any export "
+        f"gate it loosened. {describe_presets()}",
     )
     p.add_argument("--alpha", type=float, help=f"depth multiplier (default {defaults.alpha})")
     p.add_argument(

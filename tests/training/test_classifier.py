@@ -94,3 +94,27 @@ def test_card_says_which_split_each_figure_came_from(tiny_run):
     # The augmentation the run used, in the card and in its parameters.
     assert card["training"]["augmentation"] == ["rotate", "zoom", "contrast"]
     assert card["lineage"]["parameters"]["augment"] == cfg.augment == "rotate,zoom,contrast"
+
+
+def test_presets_say_what_they_change(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["classifier", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for name, values in PRESETS.items():
+        assert f"{name}: " in help_text
+        for key, value in values.items():
+            assert f"{key}={value}" in help_text, (name, key)
+
+
+def test_the_summary_names_the_gates_a_preset_loosened():
+    from training.classifier_config import loosened_gates
+
+    tiny = _cfg("--preset", "tiny")
+    assert tiny.preset == "tiny"
+    loosened = loosened_gates(tiny)
+    assert any("max_parity_gap=0.1 (default 0.02)" in line for line in loosened), loosened
+    assert any("patience=100" in line for line in loosened), loosened
+    # A flag that puts the gate back is not the preset loosening it.
+    back = loosened_gates(_cfg("--preset", "tiny", "--max-parity-gap", "0.02"))
+    assert not any("max_parity_gap" in line for line in back), back
+    assert loosened_gates(_cfg()) == []
