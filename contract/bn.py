@@ -135,8 +135,11 @@ def collect_bn_statistics(
     The model runs in training mode, as in precise BN: each layer sees its input
     normalised upstream by batch statistics, the distribution the trained weights
     expect. Sums of x and x² are accumulated in float64 over every position of
-    every batch, so the result does not depend on batch order or on a momentum.
-    Moving statistics are left as they were (snapshot and restore).
+    every batch, so the result does not depend on a momentum, nor on the order of
+    i.i.d. batches. The batches must be i.i.d. draws: upstream layers normalise by
+    batch statistics, so one-class batches (class folders read in order) give the
+    later layers statistics of inputs with the class erased, which inference mode
+    never produces. Moving statistics are left as they were (snapshot and restore).
     """
     layers = layers if layers is not None else bn_layers(model)
     names = tuple(layer.name for layer in layers)

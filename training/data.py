@@ -238,11 +238,18 @@ def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
 
 
 def normalized_batches(
-    pixels: np.ndarray, spec: PreprocessSpec, batch_size: int
+    pixels: np.ndarray, spec: PreprocessSpec, batch_size: int, *, shuffle_seed: int | None = None
 ) -> Iterator[np.ndarray]:
-    """Model-input batches of resized uint8 pixels, in order."""
+    """Model-input batches of resized uint8 pixels, in order, or with ``shuffle_seed``
+    in a seeded random order: i.i.d. batches, which any pass that runs BN on batch
+    statistics (precise BN) needs, since class folders load sorted by class."""
+    order = (
+        np.random.default_rng(shuffle_seed).permutation(len(pixels))
+        if shuffle_seed is not None
+        else np.arange(len(pixels))
+    )
     for i in range(0, len(pixels), batch_size):
-        yield normalize(pixels[i : i + batch_size], spec)
+        yield normalize(pixels[np.sort(order[i : i + batch_size])], spec)
 
 
 def make_dataset(

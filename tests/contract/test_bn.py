@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from contract import bn
+from contract.preprocessing import normalize
 from training.classifier import build_classifier
 
 
@@ -152,6 +153,37 @@ def test_parity_batches_are_iid_whatever_the_order_of_the_held_out_set():
     assert sorted_report.training_metric > 0.95, sorted_report
     assert abs(sorted_report.gap - shuffled.gap) < 0.03, (sorted_report, shuffled)
     assert sorted_report.passed
+
+
+def test_precise_bn_on_shuffled_batches_matches_what_inference_mode_sees():
+    """Precise BN runs upstream BN on batch statistics: on class-sorted images (the
+    order class folders load in) each batch's class is normalised away, and the
+    downstream layer gets statistics inference mode never produces (the false
+    staleness refusal); the classifier's shuffled batches give the ones it does."""
+    from contract.preprocessing import PreprocessSpec
+    from training.data import normalized_batches
+
+    spec = PreprocessSpec(4, 4)
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], [96, 32])  # sorted by class, and imbalanced
+    level = 40 + 160 * y[:, None, None, None] + rng.normal(0, 4, (len(y), 4, 4, 3))
+    pixels = np.clip(level, 0, 255).astype(np.uint8)
+    inp = keras.Input((4, 4, 3))
+    first, second = keras.layers.BatchNormalization(), keras.layers.BatchNormalization()
+    model = keras.Model(inp, second(keras.layers.ReLU()(first(inp))))
+    x = normalize(pixels, spec)
+    first.moving_mean.assign(x.mean((0, 1, 2)))
+    first.moving_variance.assign(x.var((0, 1, 2)))
+    # What `second` sees in inference mode: the population-standardised input, rectified.
+    seen = np.maximum((x - x.mean((0, 1, 2))) / np.sqrt(x.var((0, 1, 2)) + 1e-3), 0)
+    truth = seen.var((0, 1, 2))
+
+    def estimate(**kw) -> np.ndarray:
+        bn.precise_bn(model, normalized_batches(pixels, spec, 32, **kw), layers=[second])
+        return second.moving_variance.numpy()
+
+    assert np.all(np.abs(estimate() / truth - 1) > 0.3)  # the premise: sorted is wrong
+    np.testing.assert_allclose(estimate(shuffle_seed=0), truth, rtol=0.1)
 
 
 @pytest.mark.slow

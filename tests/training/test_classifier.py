@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -52,7 +57,9 @@ def test_an_unknown_augmentation_is_a_clear_error(capsys):
 def tiny_run(tiny_training):
     """The session's default tiny run: its config, test split, exported model and card."""
     base, summary = tiny_training
-    cfg = ClassifierConfig(**{**PRESETS["tiny"], "data": str(base.parent / "photo_crops")})
+    cfg = ClassifierConfig(
+        **{**PRESETS["tiny"], "data": str(base.parent / "photo_crops"), "model_base": str(base)}
+    )
     test = data_splits(cfg, load_data(cfg)).test
     version = base / "tiny_classifier" / "1"
     model = keras.models.load_model(version / KERAS_MODEL_RELPATH, compile=False)
@@ -118,3 +125,39 @@ def test_the_summary_names_the_gates_a_preset_loosened():
     back = loosened_gates(_cfg("--preset", "tiny", "--max-parity-gap", "0.02"))
     assert not any("max_parity_gap" in line for line in back), back
     assert loosened_gates(_cfg()) == []
+
+
+@pytest.mark.slow
+def test_exported_keras_file_loads_without_this_project(tiny_run, tmp_path):
+    """Plain ``keras.models.load_model`` in a fresh process that never imports imgserve
+    (no custom WarmupSchedule or optimizer state in the served copy)."""
+    cfg, test, model, card, summary = tiny_run
+    path = tiny_run_keras_path(tiny_run)
+    x = normalize(test.pixels[:4], cfg.spec)
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import sys, numpy as np, keras\n"
+        "assert not any(m.split('.')[0] in ('training', 'contract', 'calibration', 'serving')"
+        " for m in sys.modules)\n"
+        f"m = keras.models.load_model({str(path)!r})\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, m.predict(np.load({str(tmp_path / 'x.npy')!r}),"
+        " verbose=0))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    expected = model.predict(x, verbose=0)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-4, atol=1e-4)
+
+
+def tiny_run_keras_path(tiny_run) -> Path:
+    """Where the session's tiny classifier keeps its ``.keras`` copy."""
+    cfg = tiny_run[0]
+    return Path(cfg.model_base) / "tiny_classifier" / "1" / KERAS_MODEL_RELPATH
