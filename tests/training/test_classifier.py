@@ -71,20 +71,31 @@ def test_parity_on_class_sorted_folders_equals_the_gap_on_a_shuffled_copy(tiny_r
     cfg, test, model, card, summary = tiny_run
     assert np.all(np.diff(test.labels) >= 0)  # the premise: folder data is class-sorted
     x = normalize(test.pixels, cfg.spec)
-    perm = np.random.default_rng(123).permutation(len(x))
-    shuffled = bn.classification_parity(
-        model, x[perm], test.labels[perm], batch_size=cfg.batch_size, shuffle_seed=99
-    )
+    rng = np.random.default_rng(123)
+    shuffled = []
+    for seed in range(5):  # shuffled copies, each batched at random again
+        perm = rng.permutation(len(x))
+        shuffled.append(
+            bn.classification_parity(
+                model, x[perm], test.labels[perm], batch_size=cfg.batch_size, shuffle_seed=seed
+            )
+        )
     reported = summary["parity"]
-    # Within noise: a different random batching of the same ~45 images (batches of 16;
-    # two batchings of one model differed by 0.08 here).
-    assert abs(reported["training_mode"] - shuffled.training_metric) <= 0.15, (reported, shuffled)
-    assert abs(reported["gap"] - shuffled.gap) <= 0.15, (reported, shuffled)
-    assert reported["inference_mode"] == pytest.approx(shuffled.inference_metric, abs=0.03)
+    figures = [r.training_metric for r in shuffled]
+    # Within noise: batch statistics of 16 images are noisy on this tiny model (two
+    # random batchings of the same 48 images scored 0.52 and 0.75), so the reported
+    # figure must lie within the spread of the shuffled copies, not near one of them.
+    assert min(figures) - 0.1 <= reported["training_mode"] <= max(figures) + 0.1, (
+        reported,
+        figures,
+    )
+    assert all(r.inference_metric == pytest.approx(reported["inference_mode"]) for r in shuffled)
     # The data does trigger the bug: read in folder order, one-class batches scored 0.35
     # where shuffled ones scored 0.79; a gate reading in order would fail this test.
     in_order = bn.predict_in_mode(model, x, training=True, batch_size=cfg.batch_size)
-    assert np.mean(in_order.argmax(-1) == test.labels) < shuffled.training_metric - 0.2
+    in_order_accuracy = float(np.mean(in_order.argmax(-1) == test.labels))
+    print("training mode: in folder order", in_order_accuracy, "shuffled copies", figures)
+    assert in_order_accuracy < float(np.mean(figures)) - 0.15, (in_order_accuracy, figures)
 
 
 @pytest.mark.slow

@@ -274,17 +274,8 @@ def train_detector(cfg: DetectorTrainConfig, *, export: bool = True) -> dict[str
     def map50(training: bool) -> float:
         if not training:
             return metrics.map_50
-        # Batches of the training batch size in a seeded random order: batch
-        # statistics of i.i.d. batches, whatever order the validation set is in.
         return evaluate_detector(
-            model,
-            postprocess,
-            val,
-            spec,
-            images=val_images,
-            training=True,
-            batch_size=eval_bs,
-            shuffle_seed=cfg.seed,
+            model, postprocess, val, spec, images=val_images, training=True, batch_size=eval_bs
         ).map_50
 
     parity = bn.metric_parity(map50, threshold=cfg.max_parity_gap)
