@@ -25,7 +25,6 @@ import io
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import keras
@@ -36,111 +35,34 @@ from contract import bn, drift_scores
 from contract.export import ExportRefused, ExportResult, export_model, pixel_statistics
 from contract.preprocessing import PreprocessSpec, normalize
 from training import synthetic
+from training.classifier_config import (
+    AUGMENTATIONS,
+    PRESETS,
+    ClassifierConfig,
+    loosened_gates,
+    parse_augment,
+)
 from training.data import (
     ImageSet,
+    Splits,
     class_weights,
     load_directory,
     make_dataset,
     normalized_batches,
-    split,
     synthetic_set,
+    three_way_split,
 )
 
+# The run's configuration lives in classifier_config; its names stay importable here.
+__all__ = ["PRESETS", "ClassifierConfig", "ParityError", "train_classifier", "data_splits"]
+
 REFERENCE_SET = "reference_set.npz"
+#: Fewer test images than this in a class: its held-out accuracy is a coin toss.
+FEW_TEST_IMAGES = 5
 
 
 class ParityError(ExportRefused):
     """Inference mode and training mode disagree: the model must not be exported."""
-
-
-@dataclass
-class ClassifierConfig:
-    """Parameters of one classifier run (the CLI flags map one-to-one)."""
-
-    data: str = "synthetic"  # a class-folder directory, or "synthetic"
-    model_base: str = "models"
-    name: str = "classifier"
-    alpha: float = 0.35
-    image_size: int = 96
-    resize_method: str = "bilinear"
-    geometry: str = "stretch"
-    weights: str = "none"  # none | imagenet | path to a backbone .weights.h5
-    epochs: int = 20
-    head_epochs: int = 3  # frozen-backbone epochs (pretrained weights only)
-    fine_tune_layers: int = 60  # top backbone layers unfrozen for fine-tuning (-1: all)
-    batch_size: int = 64
-    learning_rate: float = 3e-3
-    fine_tune_learning_rate: float = 3e-4
-    schedule: str = "cosine"  # cosine | exponential
-    warmup_epochs: float = 1.0
-    dropout: float = 0.2
-    label_smoothing: float = 0.0
-    augment: bool = True
-    patience: int = 6
-    val_fraction: float = 0.2
-    seed: int = 0
-    synthetic_images: int = 3000
-    synthetic_imbalance: float = 2.0
-    synthetic_classes: int = len(synthetic.CLASSES)  # use the first k shape classes
-    bn_momentum: str = "auto"  # auto | keras (leave 0.999) | a number
-    precise_bn: bool = True
-    max_parity_gap: float = 0.02
-    force: bool = False
-    version_labels: tuple[str, ...] = ("stable",)
-    reference_images: int = 256
-    verbose: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not 0 < self.alpha <= 1.4:
-            raise ValueError("alpha must be in (0, 1.4]")
-        if self.image_size < 32:
-            raise ValueError("MobileNetV2 needs an input of at least 32x32")
-        if self.schedule not in ("cosine", "exponential"):
-            raise ValueError("schedule must be cosine or exponential")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be positive")
-
-    @property
-    def spec(self) -> PreprocessSpec:
-        return PreprocessSpec(
-            height=self.image_size,
-            width=self.image_size,
-            resize_method=self.resize_method,
-            geometry=self.geometry,
-            decode_oversample=2.0,  # photo-sized decoding (contract.preprocessing)
-        )
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # The demo model `make models` builds: <= 10 minutes on 2 CPU cores.
-    "demo": dict(
-        alpha=0.35,
-        image_size=96,
-        epochs=40,
-        batch_size=64,
-        synthetic_images=5000,
-        synthetic_imbalance=2.0,
-        learning_rate=1e-2,
-        patience=8,
-    ),
-    # Seconds, for tests (with a small, easy dataset). About 60 held-out images make
-    # the parity estimate noisy, hence the wider gap. 20 epochs (300 steps): with 10 the
-    # held-out accuracy of the same seed ranged from 0.49 to 0.81 between runs (CPU
-    # threads are not bit-reproducible); with 20 it was 0.81-0.86; the epochs after the
-    # first (tracing) cost about a second each.
-    "tiny": dict(
-        alpha=0.35,
-        image_size=32,
-        epochs=20,
-        batch_size=16,
-        learning_rate=0.01,
-        synthetic_images=300,
-        reference_images=32,
-        patience=100,
-        max_parity_gap=0.1,
-    ),
-}
 
 
 @keras.saving.register_keras_serializable(package="imgserve")
@@ -194,16 +116,24 @@ def build_classifier(
     return keras.Model(backbone.input, logits, name="mobilenetv2_classifier"), backbone
 
 
-def augmentation_layers(spec: PreprocessSpec, seed: int) -> list[keras.layers.Layer]:
-    """Flip, rotation, zoom, contrast; on normalised input (value range from the spec)."""
+def augmentation_layers(
+    spec: PreprocessSpec, seed: int, augment: str = "flip,rotate,zoom,contrast"
+) -> list[keras.layers.Layer]:
+    """The chosen augmentations (see :func:`parse_augment`) on normalised input.
+
+    Horizontal flip, rotation up to ±36°, zoom ±15 %, contrast ±30 % (value range
+    from the spec); "none" gives an empty list.
+    """
     lo = spec.offset
     hi = 255.0 * spec.scale + spec.offset
-    return [
-        keras.layers.RandomFlip("horizontal", seed=seed),
-        keras.layers.RandomRotation(0.1, fill_mode="reflect", seed=seed + 1),
-        keras.layers.RandomZoom(0.15, fill_mode="reflect", seed=seed + 2),
-        keras.layers.RandomContrast(0.3, value_range=(lo, hi), seed=seed + 3),
-    ]
+    chosen = parse_augment(augment).split(",")
+    make = {
+        "flip": lambda: keras.layers.RandomFlip("horizontal", seed=seed),
+        "rotate": lambda: keras.layers.RandomRotation(0.1, fill_mode="reflect", seed=seed + 1),
+        "zoom": lambda: keras.layers.RandomZoom(0.15, fill_mode="reflect", seed=seed + 2),
+        "contrast": lambda: keras.layers.RandomContrast(0.3, value_range=(lo, hi), seed=seed + 3),
+    }
+    return [make[name]() for name in AUGMENTATIONS if name in chosen]
 
 
 def classifier_postprocess(temperature: float = 1.0):
@@ -227,6 +157,20 @@ def load_data(cfg: ClassifierConfig) -> ImageSet:
             classes=synthetic.CLASSES[: cfg.synthetic_classes],
         )
     return load_directory(cfg.data, cfg.spec)
+
+
+def data_splits(cfg: ClassifierConfig, data: ImageSet) -> Splits:
+    """The run's train / validation / test split of ``data`` (stratified, by path hash)."""
+    return three_way_split(data, cfg.val_fraction, cfg.test_fraction, seed=cfg.seed)
+
+
+def split_warnings(test: ImageSet) -> list[str]:
+    """One line per class with fewer than :data:`FEW_TEST_IMAGES` test images."""
+    return [
+        f"class {c!r} has only {n} test image(s): its held-out accuracy is not a measurement"
+        for c, n in test.counts().items()
+        if n < FEW_TEST_IMAGES
+    ]
 
 
 def _strategy() -> tf.distribute.Strategy:
@@ -275,7 +219,7 @@ def train_classifier(cfg: ClassifierConfig, *, export: bool = True) -> dict[str,
     keras.utils.set_random_seed(cfg.seed)
     spec = cfg.spec
     data = load_data(cfg)
-    train, val = split(data, cfg.val_fraction, seed=cfg.seed)
+    train, val, test = data_splits(cfg, data)
     num_classes = len(data.class_names)
     weights = class_weights(train.labels, num_classes)
 
@@ -294,7 +238,8 @@ def train_classifier(cfg: ClassifierConfig, *, export: bool = True) -> dict[str,
     if momentum is not None:
         bn.set_bn_momentum(model, momentum)
 
-    aug = augmentation_layers(spec, cfg.seed) if cfg.augment else None
+    aug = augmentation_layers(spec, cfg.seed, cfg.augment) or None
+    print(f"augmentation: {cfg.augment} (training batches only; --augment to change)")
     train_ds = make_dataset(
         train, spec, batch_size=cfg.batch_size, training=True, seed=cfg.seed, augment=aug
     )
@@ -339,20 +284,38 @@ def train_classifier(cfg: ClassifierConfig, *, export: bool = True) -> dict[str,
         fit_accuracy = float((h.history.get("accuracy") or [float("nan")])[-1])
     epochs_run = len(history["train"])
 
-    val_x = normalize(val.pixels, spec)
-    before = bn.classification_parity(model, val_x, val.labels, threshold=cfg.max_parity_gap)
+    # The test split alone judges the model: validation chose the restored weights.
+    test_x = normalize(test.pixels, spec)
+
+    def parity_now() -> bn.ParityReport:
+        # Training batch size, shuffled: the training-mode pass sees batches like training's.
+        return bn.classification_parity(
+            model,
+            test_x,
+            test.labels,
+            threshold=cfg.max_parity_gap,
+            batch_size=cfg.batch_size,
+            shuffle_seed=cfg.seed,
+        )
+
+    before = parity_now()
     if cfg.precise_bn:
         # Only BN layers that trained with batch statistics get new moving statistics;
         # frozen ones were used (and trained around) with the statistics they have.
         trainable_bn = [lyr for lyr in bn.bn_layers(model) if lyr.trainable]
-        bn.precise_bn(model, normalized_batches(train.pixels, spec, 128), layers=trainable_bn)
-    parity = bn.classification_parity(model, val_x, val.labels, threshold=cfg.max_parity_gap)
+        # Shuffled: precise BN runs upstream layers on batch statistics, and one-class
+        # batches (class folders load sorted) would give every later layer statistics
+        # of class-erased inputs, which inference mode never sees (it lowered held-out
+        # accuracy on digits and tripped the staleness check on a sound model).
+        batches = normalized_batches(train.pixels, spec, 128, shuffle_seed=cfg.seed)
+        bn.precise_bn(model, batches, layers=trainable_bn)
+    parity = parity_now()
 
-    logits = bn.predict_in_mode(model, val_x, training=False)
+    logits = bn.predict_in_mode(model, test_x, training=False)
     pred = logits.argmax(-1)
-    accuracy = float(np.mean(pred == val.labels))
+    accuracy = float(np.mean(pred == test.labels))
     per_class = {
-        c: float(np.mean(pred[val.labels == i] == i)) if (val.labels == i).any() else None
+        c: float(np.mean(pred[test.labels == i] == i)) if (test.labels == i).any() else None
         for i, c in enumerate(data.class_names)
     }
     train_seconds = time.monotonic() - started
@@ -367,6 +330,12 @@ def train_classifier(cfg: ClassifierConfig, *, export: bool = True) -> dict[str,
         "class_weights": {data.class_names[i]: w for i, w in weights.items()},
         "train_images": len(train),
         "val_images": len(val),
+        "test_images": len(test),
+        "test_class_counts": test.counts(),
+        # Early stopping restored the epoch of lowest validation loss: its validation
+        # accuracy is a selected figure, reported beside the independent test one.
+        "validation_accuracy": max(history["train"], default=float("nan")),
+        "warnings": split_warnings(test) + loosened_gates(cfg),
         "epochs_run": epochs_run,
         "fit_accuracy": fit_accuracy,
         "train_seconds": round(train_seconds, 1),
@@ -400,6 +369,16 @@ def _reference_set(val: ImageSet, n: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
+def inference_copy(model: keras.Model) -> keras.Model:
+    """The same layers (weights, BN statistics) in an uncompiled model, for export.
+
+    A compiled model's ``.keras`` file carries the optimizer, and with it the custom
+    :class:`WarmupSchedule`: ``keras.models.load_model`` then fails in any process
+    that has not imported this project. The served copy needs no optimizer state.
+    """
+    return keras.Model(model.inputs, model.outputs, name=model.name)
+
+
 def export_classifier(
     model: keras.Model,
     cfg: ClassifierConfig,
@@ -411,20 +390,35 @@ def export_classifier(
     """Export with the model card: metrics, parity, pixel stats, lineage, reference set."""
     spec = cfg.spec
     params = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("extra", "verbose")}
+    # A random 2,000, not the first: the first 2,000 of class-sorted folders are a few
+    # classes, whose statistics the staleness check would judge against all classes'.
+    pick = np.sort(bn.iid_order(len(train), cfg.seed)[:2000])
+    train_sample = normalize(train.pixels[pick], spec)
     card_fields = {
         "metrics": {
             "accuracy": summary["accuracy"],
             "per_class_accuracy": summary["per_class_accuracy"],
             "parity": summary["parity"],
             "val_images": summary["val_images"],
+            "test_images": summary["test_images"],
+            "validation_accuracy": summary["validation_accuracy"],
+            # Which split each figure came from: validation chose the restored weights,
+            # so only the test split's figures are independent of training.
+            "splits": {
+                "accuracy": "test",
+                "per_class_accuracy": "test",
+                "parity": "test",
+                "validation_accuracy": "validation (early stopping: a selected figure)",
+            },
             "evaluated_in": "inference_mode",
         },
-        "bn_reference": {"pixel_stats": pixel_statistics(normalize(train.pixels[:2000], spec))},
+        "bn_reference": {"pixel_stats": pixel_statistics(train_sample)},
         "training": {
             "class_counts": summary["class_counts"],
             "class_weights": summary["class_weights"],
             "bn_momentum": summary["bn_momentum"],
             "precise_bn": cfg.precise_bn,
+            "augmentation": cfg.augment.split(",") if cfg.augment != "none" else [],
             "epochs_run": summary["epochs_run"],
             "train_seconds": summary["train_seconds"],
         },
@@ -436,7 +430,7 @@ def export_classifier(
         "reference_set": {"file": REFERENCE_SET, "images": min(cfg.reference_images, len(val))},
     }
     return export_model(
-        model,
+        inference_copy(model),
         model_base=cfg.model_base,
         name=cfg.name,
         task="classification",
@@ -449,7 +443,7 @@ def export_classifier(
         version_labels=cfg.version_labels,
         extra_files={REFERENCE_SET: _reference_set(val, cfg.reference_images, cfg.seed)},
         drift_images=normalize(val.pixels, spec),
-        staleness_images=normalize(train.pixels[:2000], spec),
+        staleness_images=train_sample,
         drift_window=min(drift_scores.DEFAULT_WINDOW, max(16, len(val) // 2)),
         force=cfg.force,
     )

@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _add_classifier(sub: argparse._SubParsersAction) -> None:
-    from training.classifier import PRESETS, ClassifierConfig
+    from training.classifier_config import PRESETS, ClassifierConfig, describe_presets
 
     p = sub.add_parser("classifier", help="train and export a MobileNetV2 classifier")
     defaults = ClassifierConfig()
@@ -32,7 +32,10 @@ def _add_classifier(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-base", default="models", help="model repository (default ./models)")
     p.add_argument("--name", required=True, help="model name in the repository")
     p.add_argument(
-        "--preset", choices=sorted(PRESETS), help="named parameter set; flags override it"
+        "--preset",
+        choices=sorted(PRESETS),
+        help="named parameter set; flags override it; the summary names any export "
+        f"gate it loosened. {describe_presets()}",
     )
     p.add_argument("--alpha", type=float, help=f"depth multiplier (default {defaults.alpha})")
     p.add_argument(
@@ -50,8 +53,30 @@ def _add_classifier(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", choices=["cosine", "exponential"])
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--patience", type=int, help="early-stopping patience in epochs")
-    p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
-    p.add_argument("--val-fraction", type=float)
+    p.add_argument(
+        "--augment",
+        help="augmentations of training batches, a comma list of flip, rotate, zoom, "
+        f"contrast, or none (default {defaults.augment}: no flip, which is wrong for "
+        "digits, text and anything with handedness; natural photos: flip,rotate)",
+    )
+    p.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_const",
+        const="none",
+        help="same as --augment none",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        help=f"validation share, for early stopping (default {defaults.val_fraction})",
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        help="test share: the card's held-out accuracy and the parity gate "
+        f"(default {defaults.test_fraction})",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--synthetic-images", type=int)
     p.add_argument("--synthetic-imbalance", type=float, help="largest/smallest class ratio")
@@ -85,7 +110,11 @@ def _run_classifier(args: argparse.Namespace) -> int:
     from contract.export import ExportRefused
     from training.classifier import PRESETS, ClassifierConfig, train_classifier
 
-    cfg = _config_from(args, ClassifierConfig, PRESETS)
+    try:
+        cfg = _config_from(args, ClassifierConfig, PRESETS)
+    except ValueError as exc:  # a bad flag value: say which, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         summary = train_classifier(cfg)
     except ExportRefused as exc:
@@ -100,12 +129,23 @@ def _run_classifier(args: argparse.Namespace) -> int:
 def _print_summary(summary: dict[str, Any]) -> None:
     shown = {k: v for k, v in summary.items() if k != "model"}
     print("\n== summary ==")
-    print(f"held-out accuracy (inference mode): {summary['accuracy']:.4f}")
+    print(
+        f"held-out accuracy (inference mode): {summary['accuracy']:.4f} "
+        f"(test split, {summary.get('test_images', '?')} images)"
+    )
+    if "validation_accuracy" in summary:
+        print(
+            f"validation accuracy: {summary['validation_accuracy']:.4f} "
+            f"(validation split, {summary['val_images']} images; it chose the restored epoch)"
+        )
     p = summary["parity"]
     print(
-        f"parity: inference {p['inference_mode']:.4f} vs training mode {p['training_mode']:.4f}, "
-        f"gap {100 * p['gap']:.2f} points ({'ok' if p['passed'] else 'FAILED'})"
+        f"parity (test split): inference {p['inference_mode']:.4f} vs training mode "
+        f"{p['training_mode']:.4f}, gap {100 * p['gap']:.2f} points "
+        f"({'ok' if p['passed'] else 'FAILED'})"
     )
+    for warning in summary.get("warnings", []):
+        print(f"warning: {warning}")
     print("per-class accuracy:")
     for cls, acc in summary["per_class_accuracy"].items():
         n = summary["class_counts"].get(cls, 0)

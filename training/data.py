@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -159,6 +160,69 @@ def split(data: ImageSet, val_fraction: float, *, seed: int = 0) -> tuple[ImageS
     return data.subset(np.flatnonzero(~is_val)), data.subset(np.flatnonzero(is_val))
 
 
+class Splits(NamedTuple):
+    """Train (fit), validation (early stopping, LR schedule) and test (held-out figures)."""
+
+    train: ImageSet
+    validation: ImageSet
+    test: ImageSet
+
+
+def _key_fractions(keys: Sequence[str], seed: int) -> np.ndarray:
+    """A uniform number in [0, 1) per key, fixed by the key and the seed alone."""
+    h = [int.from_bytes(hashlib.sha256(f"{seed}:{k}".encode()).digest()[:8], "big") for k in keys]
+    return (np.array(h, dtype=np.uint64) % 10_000).astype(np.float64) / 10_000
+
+
+def _stratify(side: np.ndarray, u: np.ndarray, members: np.ndarray, fractions: dict) -> None:
+    """Top up one class's held-out sides (1, 2) to ``round(fraction * n)`` each, from its
+    training images of lowest hash, then from the other held-out side's surplus; keep
+    at least one image to train on."""
+    want = {
+        s: max(1, round(f * len(members))) if len(members) >= 3 else 0 for s, f in fractions.items()
+    }
+
+    def surplus(which: int) -> np.ndarray:
+        on = members[side[members] == which]
+        return on[np.argsort(-u[on])][: max(0, len(on) - want[which])]
+
+    for which in (2, 1):
+        short = want[which] - int((side[members] == which).sum())
+        if short > 0:
+            spare = members[side[members] == 0]
+            donors = np.concatenate([spare[np.argsort(u[spare])], surplus(3 - which)])
+            side[donors[:short]] = which
+    if len(members) and not (side[members] == 0).any():
+        # A class the model never sees cannot be learned: keep one to train on.
+        donors = np.concatenate([surplus(2), surplus(1), members[np.argsort(-u[members])]])
+        side[donors[0]] = 0
+
+
+def three_way_split(
+    data: ImageSet, val_fraction: float, test_fraction: float, *, seed: int = 0
+) -> Splits:
+    """Train / validation / test, deterministic by a hash of each item's key, per class.
+
+    An item's side depends on its key and the seed (test below ``test_fraction``,
+    validation in the next ``val_fraction``), so adding images never moves the
+    existing ones. Stratified: each class then gets at least ``round(fraction *
+    n_class)`` validation and test images (at least one of each when it has 3+),
+    topped up from its training images of lowest hash, so a rare class is never
+    left out of a held-out figure by chance.
+    """
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError("val_fraction and test_fraction must be in (0, 1) with a sum below 1")
+    u = _key_fractions(data.keys, seed)
+    side = np.where(u < test_fraction, 2, np.where(u < test_fraction + val_fraction, 1, 0))
+    for c in range(len(data.class_names)):
+        _stratify(side, u, np.flatnonzero(data.labels == c), {2: test_fraction, 1: val_fraction})
+    return Splits(
+        data.subset(np.flatnonzero(side == 0)),
+        data.subset(np.flatnonzero(side == 1)),
+        data.subset(np.flatnonzero(side == 2)),
+    )
+
+
 def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
     """Inverse-frequency weights ``n / (k * n_c)``: every class weighs the same in the loss."""
     counts = np.bincount(labels, minlength=num_classes).astype(float)
@@ -169,11 +233,18 @@ def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
 
 
 def normalized_batches(
-    pixels: np.ndarray, spec: PreprocessSpec, batch_size: int
+    pixels: np.ndarray, spec: PreprocessSpec, batch_size: int, *, shuffle_seed: int | None = None
 ) -> Iterator[np.ndarray]:
-    """Model-input batches of resized uint8 pixels, in order."""
+    """Model-input batches of resized uint8 pixels, in order, or with ``shuffle_seed``
+    in a seeded random order: i.i.d. batches, which any pass that runs BN on batch
+    statistics (precise BN) needs, since class folders load sorted by class."""
+    order = (
+        np.random.default_rng(shuffle_seed).permutation(len(pixels))
+        if shuffle_seed is not None
+        else np.arange(len(pixels))
+    )
     for i in range(0, len(pixels), batch_size):
-        yield normalize(pixels[i : i + batch_size], spec)
+        yield normalize(pixels[np.sort(order[i : i + batch_size])], spec)
 
 
 def make_dataset(

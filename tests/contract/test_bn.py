@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from contract import bn
+from contract.preprocessing import normalize
 from training.classifier import build_classifier
 
 
@@ -116,6 +117,73 @@ def test_parity_fails_a_constant_inference_mode_whatever_the_gap():
     assert "one class" in broken.failure and healthy.failure == ""
     # One class in the held-out labels as well: a constant prediction is no evidence.
     assert bn.classification_parity(model, x, np.zeros(48, int), threshold=1.0).passed
+
+
+def _one_feature_classifier(spread: float) -> keras.Model:
+    """Input -> BN -> nearest-centroid logits: the class is the raw feature's level,
+    which a batch of one class normalises away (its batch mean is that level)."""
+    inp = keras.Input((1,))
+    norm = keras.layers.BatchNormalization(center=False, scale=False)
+    z = norm(inp)
+    centroids = (np.arange(3) - 1.0) / spread  # classes 0, 1, 2 after standardising
+    dense = keras.layers.Dense(3)
+    model = keras.Model(inp, dense(z))
+    dense.set_weights([centroids[None, :].astype(np.float32), -(centroids**2) / 2])
+    norm.moving_mean.assign([1.0])
+    norm.moving_variance.assign([spread**2])
+    return model
+
+
+def test_parity_batches_are_iid_whatever_the_order_of_the_held_out_set():
+    """Class-sorted held-out data (the order class folders load in) gives the same
+    training-mode figure as a shuffled copy; read in that order, batch statistics
+    of one-class batches would erase the class and training mode would score ~1/3."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 96)  # sorted by class, like load_directory's output
+    x = (y + rng.normal(0, 0.1, len(y))).astype(np.float32)[:, None]
+    model = _one_feature_classifier(float(np.std(x)))
+    in_order = bn.predict_in_mode(model, x, training=True, batch_size=32).argmax(-1)
+    assert np.mean(in_order == y) < 0.5  # the premise: sorted batches break training mode
+    sorted_report = bn.classification_parity(model, x, y, threshold=0.02, batch_size=32)
+    perm = rng.permutation(len(y))
+    shuffled = bn.classification_parity(
+        model, x[perm], y[perm], threshold=0.02, batch_size=32, shuffle_seed=7
+    )
+    assert sorted_report.inference_metric == pytest.approx(1.0, abs=0.01)
+    assert sorted_report.training_metric > 0.95, sorted_report
+    assert abs(sorted_report.gap - shuffled.gap) < 0.03, (sorted_report, shuffled)
+    assert sorted_report.passed
+
+
+def test_precise_bn_on_shuffled_batches_matches_what_inference_mode_sees():
+    """Precise BN runs upstream BN on batch statistics: on class-sorted images (the
+    order class folders load in) each batch's class is normalised away, and the
+    downstream layer gets statistics inference mode never produces (the false
+    staleness refusal); the classifier's shuffled batches give the ones it does."""
+    from contract.preprocessing import PreprocessSpec
+    from training.data import normalized_batches
+
+    spec = PreprocessSpec(4, 4)
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], [96, 32])  # sorted by class, and imbalanced
+    level = 40 + 160 * y[:, None, None, None] + rng.normal(0, 4, (len(y), 4, 4, 3))
+    pixels = np.clip(level, 0, 255).astype(np.uint8)
+    inp = keras.Input((4, 4, 3))
+    first, second = keras.layers.BatchNormalization(), keras.layers.BatchNormalization()
+    model = keras.Model(inp, second(keras.layers.ReLU()(first(inp))))
+    x = normalize(pixels, spec)
+    first.moving_mean.assign(x.mean((0, 1, 2)))
+    first.moving_variance.assign(x.var((0, 1, 2)))
+    # What `second` sees in inference mode: the population-standardised input, rectified.
+    seen = np.maximum((x - x.mean((0, 1, 2))) / np.sqrt(x.var((0, 1, 2)) + 1e-3), 0)
+    truth = seen.var((0, 1, 2))
+
+    def estimate(**kw) -> np.ndarray:
+        bn.precise_bn(model, normalized_batches(pixels, spec, 32, **kw), layers=[second])
+        return second.moving_variance.numpy()
+
+    assert np.all(np.abs(estimate() / truth - 1) > 0.3)  # the premise: sorted is wrong
+    np.testing.assert_allclose(estimate(shuffle_seed=0), truth, rtol=0.1)
 
 
 @pytest.mark.slow

@@ -28,7 +28,8 @@ from contract.model_card import (
 from contract.preprocessing import PreprocessSpec, normalize
 from contract.repository import ModelRepository
 from tests.deploy import tfserving_protos
-from tests.helpers.photos import PHOTO_CLASSES, REPO_ROOT
+from tests.deploy.tools import REPO_ROOT
+from tests.helpers.photos import PHOTO_CLASSES
 from training.classifier import REFERENCE_SET, classifier_postprocess
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SKIMAGE_DATA = Path(__import__("skimage").__file__).parent / "data"
 
 

@@ -8,7 +8,14 @@ from PIL import Image
 
 from contract.preprocessing import PreprocessSpec, normalize
 from training import synthetic
-from training.data import class_weights, load_directory, make_dataset, split, synthetic_set
+from training.data import (
+    class_weights,
+    load_directory,
+    make_dataset,
+    split,
+    synthetic_set,
+    three_way_split,
+)
 
 SPEC = PreprocessSpec(32, 32)
 
@@ -86,3 +93,33 @@ def test_pipeline_feeds_exactly_the_preprocessing_module_output():
     ds = make_dataset(data, SPEC, batch_size=8, training=False)
     xs = np.concatenate([x.numpy() for x, _ in ds])
     assert np.array_equal(xs, normalize(data.pixels, SPEC))
+
+
+def test_three_way_split_is_stratified_disjoint_and_stable(tmp_path):
+    _write_folder(tmp_path, {"common": 60, "rare": 6, "tiny": 3})
+    data = load_directory(tmp_path, SPEC)
+    train, val, test = three_way_split(data, 0.2, 0.2, seed=0)
+    keys = [set(s.keys) for s in (train, val, test)]
+    assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
+    assert sum(len(s) for s in (train, val, test)) == len(data)
+    for part in (val, test):  # every class in every held-out split, about 20% of each
+        counts = part.counts()
+        assert counts["rare"] >= 1 and counts["tiny"] == 1, counts
+        assert 12 <= counts["common"] <= 20, counts
+    assert train.counts()["tiny"] == 1
+    assert three_way_split(data, 0.2, 0.2, seed=0).test.keys == test.keys
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "common" / "new.png")
+    again = three_way_split(load_directory(tmp_path, SPEC), 0.2, 0.2, seed=0)
+    common_test = {k for k in test.keys if k.startswith("common/")}
+    assert common_test <= set(again.test.keys)  # additions never move existing images
+    with pytest.raises(ValueError):
+        three_way_split(data, 0.5, 0.5)
+
+
+def test_few_test_images_in_a_class_are_flagged(tmp_path):
+    from training.classifier import split_warnings
+
+    _write_folder(tmp_path, {"many": 40, "few": 6})
+    test = three_way_split(load_directory(tmp_path, SPEC), 0.2, 0.2).test
+    warnings = split_warnings(test)
+    assert len(warnings) == 1 and "'few'" in warnings[0], warnings

@@ -169,11 +169,26 @@ def predict(
     *,
     training: bool = False,
     batch_size: int = 32,
+    shuffle_seed: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run network + post-processing on preprocessed ``x``; numpy outputs stacked over batches."""
+    """Run network + post-processing on preprocessed ``x``; numpy outputs stacked over batches.
+
+    With ``training`` and a ``shuffle_seed``, the batches are drawn in a seeded random
+    order (batch statistics of i.i.d. batches, as in training) and the outputs come
+    back in the order of ``x``.
+    """
     if training:
-        raw = bn.predict_in_mode(model, x, training=True, batch_size=batch_size)
+        order = bn.iid_order(len(x), shuffle_seed) if shuffle_seed is not None else None
+        xs = x[order] if order is not None else x
+        raw = bn.predict_in_mode(model, xs, training=True, batch_size=batch_size)
         batches = [postprocess([tf.convert_to_tensor(t) for t in outs]) for outs in raw]
+        if order is not None:
+            stacked = {k: np.concatenate([b[k].numpy() for b in batches]) for k in batches[0]}
+            out = {}
+            for k, v in stacked.items():
+                out[k] = np.empty_like(v)
+                out[k][order] = v
+            return out
     else:
         run = inference_function(model, postprocess)  # traced once per model
         batches = [
@@ -191,11 +206,15 @@ def evaluate_detector(
     images: Sequence[np.ndarray] | None = None,
     training: bool = False,
     batch_size: int = 32,
+    shuffle_seed: int | None = None,
 ) -> DetectionMetrics:
-    """COCO metrics of ``model`` on ``dataset`` (decoded ``images`` may be passed in)."""
+    """COCO metrics of ``model`` on ``dataset`` (decoded ``images`` may be passed in);
+    ``shuffle_seed``: see :func:`predict`."""
     pixels = list(images) if images is not None else dataset.load_images()
     x, geoms = preprocess_images(pixels, spec)
-    outputs = predict(model, postprocess, x, training=training, batch_size=batch_size)
+    outputs = predict(
+        model, postprocess, x, training=training, batch_size=batch_size, shuffle_seed=shuffle_seed
+    )
     image_ids = [s.image_id for s in dataset.samples]
     dets = detections_to_coco(image_ids, outputs, geoms, dataset.category_ids)
     return coco_metrics(dataset.to_coco(), dets, dataset.labels)

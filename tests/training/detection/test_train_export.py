@@ -98,6 +98,21 @@ def test_exported_signature_equals_the_in_memory_model(trained):
     assert out["bn_input_mean"].shape == (5, card["bn_reference"]["total_channels"])
 
 
+def test_training_mode_outputs_come_back_in_input_order_when_batches_are_shuffled(trained):
+    """The parity pass shuffles images into i.i.d. batches; its outputs must line up
+    with the input images again. One batch of all images has the same batch statistics
+    in any order, so shuffled and plain outputs must match image by image."""
+    cfg, summary, base, data = trained
+    spec = PreprocessSpec.from_dict(load_model_card(base / "tiny_detector" / "1")["preprocessing"])
+    x, _ = preprocess_images(load_coco(data / "val" / "annotations.json").load_images()[:8], spec)
+    model, post = summary["model"], summary["postprocess"]
+    plain = predict(model, post, x, training=True, batch_size=8)
+    shuffled = predict(model, post, x, training=True, batch_size=8, shuffle_seed=3)
+    assert shuffled["num_detections"].sum() > 0
+    np.testing.assert_array_equal(shuffled["num_detections"], plain["num_detections"])
+    np.testing.assert_allclose(shuffled["detection_scores"], plain["detection_scores"], atol=1e-4)
+
+
 def test_model_card_and_models_config(trained):
     cfg, summary, base, _ = trained
     card = load_model_card(base / "tiny_detector" / "1")
