@@ -40,8 +40,6 @@ from pathlib import Path
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from contract.errors import DomainError
-
 CONFIG_FILE = "models.config"
 #: Where TF Serving sees the repository inside its container (base_path prefix).
 SERVING_ROOT = "/models"
@@ -61,8 +59,12 @@ class RepositoryError(RuntimeError):
     """A model repository operation that cannot be done as asked."""
 
 
-class VersionNotReadyError(DomainError, RepositoryError):
-    """A label move timed out waiting for its version to become AVAILABLE; labels unchanged."""
+class VersionNotReadyError(RepositoryError):
+    """A label move timed out waiting for its version to become AVAILABLE; labels unchanged.
+
+    Like :class:`RepositoryError` it is not a gateway-facing ``DomainError``: the
+    gateway only meets it wrapped (calibration's ``LabelError``).
+    """
 
     code = "version_not_ready"
 
