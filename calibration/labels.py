@@ -2,6 +2,11 @@
 
 Every label move is appended to ``<name>/label_history.jsonl``; :func:`rollback`
 walks it back to the version a label pointed at before.
+
+Each move is TF Serving's two writes (:meth:`ModelRepository.set_labels`): serve the
+version, wait until the ``readiness`` check reports it AVAILABLE, then move the
+label. A version that never becomes AVAILABLE is a :class:`LabelError`, the label
+stays where it was and nothing is written to the history.
 """
 
 from __future__ import annotations
@@ -12,7 +17,13 @@ import os
 from typing import Any
 
 from calibration.errors import LabelError
-from contract.repository import ModelRepository, RepositoryError
+from contract.repository import (
+    DEFAULT_READY_TIMEOUT_S,
+    FROM_ENV,
+    ModelRepository,
+    ReadinessCheck,
+    RepositoryError,
+)
 
 
 def append_history(repo: ModelRepository, name: str, record: dict[str, Any]) -> None:
@@ -39,16 +50,21 @@ def move_label(
 ) -> int | None:
     """Point ``label`` at ``version`` in models.config and record it (caller holds the lock)."""
     previous = repo.labels(name).get(label)
-    try:
-        repo.set_labels(name, {label: version})
-    except RepositoryError as exc:
-        raise LabelError(str(exc)) from exc
+    _set_label(repo, name, label, version)
     append_history(
         repo,
         name,
         {"action": action, "label": label, "version": int(version), "previous": previous, **extra},
     )
     return previous
+
+
+def _set_label(repo: ModelRepository, name: str, label: str, version: int) -> None:
+    """The two-write move, its repository errors (timeouts included) as :class:`LabelError`."""
+    try:
+        repo.set_labels(name, {label: int(version)})
+    except RepositoryError as exc:
+        raise LabelError(str(exc)) from exc
 
 
 def label_stack(history: list[dict[str, Any]], label: str, current: int | None) -> list[int]:
@@ -71,10 +87,20 @@ def label_stack(history: list[dict[str, Any]], label: str, current: int | None) 
 
 
 def promote(
-    model_base: str | os.PathLike[str], name: str, version: int, label: str = "stable"
+    model_base: str | os.PathLike[str],
+    name: str,
+    version: int,
+    label: str = "stable",
+    *,
+    readiness: ReadinessCheck | None | str = FROM_ENV,
+    ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
 ) -> int | None:
-    """Point ``label`` at a published ``version``; returns the version it pointed at before."""
-    repo = ModelRepository(model_base)
+    """Point ``label`` at a published ``version``; returns the version it pointed at before.
+
+    ``readiness`` is the serving side's check the move waits on, at most
+    ``ready_timeout_s`` (see :class:`ModelRepository`; default: from the environment).
+    """
+    repo = ModelRepository(model_base, readiness=readiness, ready_timeout_s=ready_timeout_s)
     with repo.lock():
         if int(version) not in repo.versions(name):
             raise LabelError(f"{name} has no published version {version}")
@@ -82,14 +108,20 @@ def promote(
 
 
 def rollback(
-    model_base: str | os.PathLike[str], name: str, label: str = "stable"
+    model_base: str | os.PathLike[str],
+    name: str,
+    label: str = "stable",
+    *,
+    readiness: ReadinessCheck | None | str = FROM_ENV,
+    ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
 ) -> tuple[int, int]:
     """Move ``label`` back to the version it pointed at before; returns (from, to).
 
     Repeated rollbacks walk further back through the label history; versions
-    no longer on disk are skipped.
+    no longer on disk are skipped. The target is served again and AVAILABLE before
+    the label moves back (``readiness`` as for :func:`promote`).
     """
-    repo = ModelRepository(model_base)
+    repo = ModelRepository(model_base, readiness=readiness, ready_timeout_s=ready_timeout_s)
     with repo.lock():
         current = repo.labels(name).get(label)
         if current is None:
@@ -100,7 +132,7 @@ def rollback(
         if not candidates:
             raise LabelError(f"{name}: no earlier {label!r} version to roll back to")
         target = candidates[-1]
-        repo.set_labels(name, {label: target})
+        _set_label(repo, name, label, target)
         append_history(
             repo,
             name,

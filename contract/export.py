@@ -224,7 +224,9 @@ def export_model(
     ``calibration``, task extras); ``bn_reference.pixel_stats`` should be given
     there, the probe part is filled in from the model. ``extra_files`` are written
     under ``assets.extra/`` (e.g. a labelled reference set). ``version_labels``
-    are pointed at the new version in ``models.config`` (empty: publish only).
+    are pointed at the new version in ``models.config`` (empty: publish only), in
+    two writes that wait for the version to be AVAILABLE when the environment names
+    a TF Serving (see :mod:`contract.repository`).
 
     ``drift_images`` (held-out, preprocessed) calibrate the drift alarm: the
     score quantiles over windows of ``drift_window`` images go to
@@ -295,5 +297,7 @@ def export_model(
             shutil.rmtree(staging, ignore_errors=True)
             raise
         if version_labels:
+            # Two writes, as TF Serving's label rule needs: serve the version, wait
+            # until the repository's readiness check reports it AVAILABLE, move labels.
             repo.set_labels(name, {label: version for label in version_labels})
     return ExportResult(repo.version_dir(name, version), version, card.to_json(), card)

@@ -349,6 +349,8 @@ def test_tfserving_flags_name_mounted_files(overlay):
     assert int(flags["--file_system_poll_wait_seconds"]) > 0
     assert flags["--enable_batching"] == "true"
     assert flags["--enable_model_warmup"] == "true"
+    # A cold start's seeded labels point at versions still loading; moves stay two writes.
+    assert flags["--allow_version_labels_for_unavailable_models"] == "true"
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == TFSERVING_PORTS
     mounts = km.mounts_by_volume(spec, c)
     # models.config is the live one on the model volume (calibration moves labels in it).

@@ -15,7 +15,13 @@ speaks the real protocols, with TF Serving's messages and status codes:
 
 It reads ``models.config`` (version policy, version labels) like
 ``--model_config_file`` and loads each wanted version with
-``tf.saved_model.load``. Test knobs: ``delay_s`` (sleep before each predict),
+``tf.saved_model.load``. Like ``ServerCore``, a reload whose version label points
+at a version that is not loaded and AVAILABLE yet is refused whole (nothing loads,
+the previous labels stay, the reason is logged and kept in
+``ModelManager.rejected``); ``allow_unavailable_labels`` is
+``--allow_version_labels_for_unavailable_models``: a *new* label may then point at
+an unloaded version, an existing one still may not move onto one. The first load
+(start-up) is not checked. Test knobs: ``delay_s`` (sleep before each predict),
 ``fail`` (a ``(grpc.StatusCode, message)`` every predict returns), ``stop()``
 (the server goes away).
 
@@ -109,12 +115,18 @@ class _Loaded:
 class ModelManager:
     """Loads the versions ``models.config`` asks for; resolves ModelSpecs like ServerCore."""
 
-    def __init__(self, model_base: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, model_base: str | os.PathLike[str], *, allow_unavailable_labels: bool = False
+    ) -> None:
         self.base = Path(model_base)
+        self.allow_unavailable_labels = allow_unavailable_labels
         self._lock = threading.Lock()
         self._loaded: dict[tuple[str, int], _Loaded] = {}
         self._labels: dict[str, dict[str, int]] = {}
         self._models: set[str] = set()
+        self._started = False
+        #: Why each refused reload was refused, oldest first.
+        self.rejected: list[str] = []
 
     def reload(self) -> None:
         """Re-read ``models.config`` and the base path; load new versions, unload dropped ones."""
@@ -142,6 +154,13 @@ class ModelManager:
                 versions = on_disk[-n:]
             wanted |= {(entry.name, v) for v in versions}
             labels[entry.name] = dict(entry.version_labels)
+        if self._started:
+            # ServerCore updates the label map before loading anything new.
+            refused = self._label_violation(labels, set(self._loaded))
+            if refused:
+                self.rejected.append(refused)
+                log.warning("config reload refused: %s", refused)
+                return
         loaded = dict(self._loaded)
         for name, version in sorted(wanted - set(loaded)):
             vdir = self.base / name / str(version)
@@ -151,10 +170,30 @@ class ModelManager:
             )
         for key in set(loaded) - wanted:
             del loaded[key]
+        # Start-up is not checked: TF Serving would refuse to start, and tests that
+        # label a broken version on purpose need a server to talk to.
+        self._started = True
         with self._lock:
             self._loaded = loaded
             self._labels = labels
             self._models = {name for name, _ in wanted} | set(labels)
+
+    def _label_violation(
+        self, labels: dict[str, dict[str, int]], available: set[tuple[str, int]]
+    ) -> str | None:
+        """TF Serving's label rule: the first label that points at an unavailable version."""
+        for name, mapping in sorted(labels.items()):
+            for label, version in sorted(mapping.items()):
+                if (name, version) in available or self._labels.get(name, {}).get(label) == version:
+                    continue
+                is_new = label not in self._labels.get(name, {})
+                if is_new and self.allow_unavailable_labels:
+                    continue
+                return (
+                    f"Request to assign label to version {version} of model {name}, "
+                    "which is not currently available for inference"
+                )
+        return None
 
     def versions(self, name: str) -> list[int]:
         return sorted(v for n, v in self._loaded if n == name)
@@ -209,8 +248,9 @@ class TFServingStandIn:
         rest_port: int = 0,
         host: str = "127.0.0.1",
         poll_s: float = 0.0,
+        allow_unavailable_labels: bool = False,
     ) -> None:
-        self.manager = ModelManager(model_base)
+        self.manager = ModelManager(model_base, allow_unavailable_labels=allow_unavailable_labels)
         self.manager.reload()
         self.delay_s = 0.0
         self.fail: tuple[grpc.StatusCode, str] | None = None

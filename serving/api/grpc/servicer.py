@@ -2,7 +2,8 @@
 
 Errors leave with the status code of :mod:`serving.api.errors` and trailing
 metadata ``http-status``, ``problem-code``, ``x-request-id`` and, for 429/503,
-``retry-after``; a gateway bug is INTERNAL with the request id and no traceback.
+``retry-after`` (seconds) with ``grpc-retry-pushback-ms`` (the same delay in
+milliseconds: the trailer gRPC's own retry policies read); a gateway bug is INTERNAL with the request id and no traceback.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = imgserve_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
 REQUEST_ID_KEY = "x-request-id"
+#: The trailer gRPC's retry policy reads to delay (or, if negative, stop) retries.
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 T = TypeVar("T")
 
 
@@ -118,5 +121,7 @@ def _abort(context: grpc.ServicerContext, exc: Exception, rid: str) -> None:
     retry_after = errors.retry_after(exc)
     if retry_after is not None:
         trailing.append(("retry-after", retry_after))
+        # gRPC retry policies ignore retry-after; they honour this trailer instead.
+        trailing.append((RETRY_PUSHBACK_KEY, str(int(retry_after) * 1000)))
     context.set_trailing_metadata(tuple(trailing))
     context.abort(errors.grpc_code(exc), errors.detail(exc))

@@ -145,6 +145,7 @@ def test_errors_map_to_status_codes(stub, images, request_factory, code, http_st
     assert err.code() == getattr(grpc.StatusCode, code)
     meta = trailing(err)
     assert meta["http-status"] == http_status and meta["problem-code"] == problem
+    assert "grpc-retry-pushback-ms" not in meta  # a client error: retrying will not help
     assert "Traceback" not in (err.details() or "")
 
 
@@ -211,6 +212,8 @@ def test_full_queue_is_resource_exhausted_with_retry_after(serving_repo, healthy
     assert set(names) <= {"OK", "RESOURCE_EXHAUSTED"}
     shed = [meta for c, meta in codes if c == "RESOURCE_EXHAUSTED"]
     assert all(meta["http-status"] == "429" and meta["retry-after"] == "1" for meta in shed)
+    # gRPC retry policies read the pushback trailer, in milliseconds, not retry-after.
+    assert all(meta["grpc-retry-pushback-ms"] == "1000" for meta in shed)
 
 
 def test_grpc_metrics_use_the_same_names(gateway, stub, images):
