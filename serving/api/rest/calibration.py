@@ -20,13 +20,15 @@ from calibration.feedback import record_feedback
 from calibration.jobs import UnknownJob
 from serving.api.rest.admin import require_admin
 from serving.api.rest.inference import service
+from serving.api.rest.payload import parse_json, read_body
 from serving.errors import BadRequest, NotFound
 
 bp = Blueprint("calibration", __name__)
 
 
 def _json_body() -> dict[str, Any]:
-    body = request.get_json(silent=True)
+    # Not request.get_json(silent=True): it lets a RecursionError through (a 500).
+    body = parse_json(read_body(request)) if request.is_json else None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object (Content-Type: application/json)")
     return body
