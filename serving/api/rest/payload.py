@@ -29,6 +29,7 @@ from serving.errors import (
     InvalidParameter,
     PayloadTooLarge,
     TooManyImages,
+    TooManyParts,
     UnsupportedMediaType,
 )
 from serving.service import PredictOptions
@@ -48,6 +49,7 @@ def parse_predict_request(request: Request, max_images: int) -> tuple[list[bytes
     values: dict[str, Any] = {}
     _merge(values, request.args, "query")
     if mimetype == "multipart/form-data":
+        _check_part_count(request)
         files = request.files.getlist("image")
         unexpected = sorted(set(request.files) - {"image"})
         if unexpected:
@@ -97,6 +99,25 @@ def read_body(request: Request) -> bytes:
     if len(body) > limit:
         raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
     return bytes(body)
+
+
+def _check_part_count(request: Request) -> None:
+    """TooManyParts when a multipart body has more parts than Werkzeug will parse.
+
+    Werkzeug refuses such a body with the same bare 413 as an oversized one; the
+    parts are counted here first (the body is already bounded by the size limit,
+    and a boundary never occurs inside a part) so the client is told which it was.
+    """
+    limit = request.max_form_parts
+    boundary = request.mimetype_params.get("boundary", "").encode("latin-1", "replace")
+    if limit is None or not boundary:
+        return  # no boundary: Werkzeug's parser reports the broken body (400)
+    body = request.get_data(cache=True)  # the form parser reads this cached copy
+    delimiter = b"--" + boundary
+    # Every part opens with a delimiter line; the closing one ends in "--".
+    parts = body.count(b"\n" + delimiter) + body.startswith(delimiter) - 1
+    if parts > limit:
+        raise TooManyParts(f"too many parts: {parts} multipart parts, limit is {limit}")
 
 
 def options_from(values: Mapping[str, Any]) -> PredictOptions:

@@ -139,6 +139,9 @@ def test_limits_of_the_strict_app(strict_app, images):
     client = strict_app.test_client()
     # Pixel count over IMGSERVE_MAX_IMAGE_PIXELS, though the file is small.
     assert_problem(raw(client, png_of(300, 300)), 413, "image_too_large")
+    # A bomb past Pillow's own limit quotes the configured limit, not Pillow's.
+    doc = assert_problem(raw(client, png_bomb()), 413, "image_too_large")
+    assert "50000" in doc["detail"] and "89478485" not in doc["detail"]
     # Body over IMGSERVE_MAX_BODY_BYTES.
     assert_problem(raw(client, b"\x89PNG" + b"\0" * 400_000), 413, "payload_too_large")
     # More images than IMGSERVE_MAX_IMAGES_PER_REQUEST, in each body form.

@@ -87,3 +87,32 @@ def test_repeated_form_fields_are_refused(admin_app):
     r = admin_app.test_client().post("/v1/classify", data=data, content_type="multipart/form-data")
     doc = assert_problem(r, 400, "invalid_parameter")
     assert "more than once" in doc["detail"]
+
+
+def test_too_many_multipart_parts_says_so(admin_app):
+    limit = admin_app.config["MAX_FORM_PARTS"]
+    fields = {"image": (io.BytesIO(b"\x89PNG"), "a.png")}
+    fields.update({f"f{i}": "x" for i in range(limit + 5)})
+    r = admin_app.test_client().post(
+        "/v1/classify", data=fields, content_type="multipart/form-data"
+    )
+    doc = assert_problem(r, 413, "too_many_parts")
+    assert "too many parts" in doc["detail"] and str(limit) in doc["detail"]
+    assert "body" not in doc["detail"]
+
+
+def test_multipart_within_the_part_limit_is_parsed(admin_app):
+    # Counting parts must not consume the body the form parser reads afterwards.
+    data = {"image": (io.BytesIO(b"\x89PNG"), "a.png"), "bogus": "1"}
+    r = admin_app.test_client().post("/v1/classify", data=data, content_type="multipart/form-data")
+    doc = assert_problem(r, 400, "invalid_parameter")
+    assert "bogus" in doc["detail"]
+
+
+def test_401_names_the_bearer_scheme(admin_app):
+    client = admin_app.test_client()
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic eDp5"}):
+        r = client.post("/v1/admin/reload", headers=headers)
+        assert_problem(r, 401, "unauthorized")
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    assert "WWW-Authenticate" not in client.post("/v1/admin/reload", headers=AUTH).headers
