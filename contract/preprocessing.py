@@ -276,7 +276,7 @@ def decode_image(
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(str(exc)) from exc
+        raise ImageTooLargeError(f"image has more pixels than the limit of {max_pixels}") from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("bytes are not a recognised image format") from exc
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:

@@ -98,6 +98,12 @@ class TooManyImages(PayloadTooLarge):
     code, title = "too_many_images", "Too many images"
 
 
+class TooManyParts(PayloadTooLarge):
+    """A multipart body with more parts than the gateway parses (Werkzeug's ``max_form_parts``)."""
+
+    code, title = "too_many_parts", "Too many multipart parts"
+
+
 class UnsupportedMediaType(ServingError):
     code, title = "unsupported_media_type", "Unsupported media type"
 

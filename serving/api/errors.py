@@ -18,7 +18,7 @@ HTTP  gRPC                        meaning
 422   INVALID_ARGUMENT            decodable but unusable image, unusable feedback
 429   RESOURCE_EXHAUSTED          batching queue full (with Retry-After)
 500   INTERNAL                    a gateway bug (never for client input)
-502   UNAVAILABLE / INTERNAL      backend unreachable / backend error
+502   UNAVAILABLE / INTERNAL      backend unreachable / backend error (fixed detail)
 503   UNAVAILABLE                 not ready, shutting down, queue deadline
 504   DEADLINE_EXCEEDED           backend did not answer within the deadline
 ====  ==========================  =========================================
@@ -112,10 +112,16 @@ TABLE: dict[type[BaseException], Entry] = {
     UnsupportedMediaType: Entry(415, _CODE.INVALID_ARGUMENT),
     Unprocessable: Entry(422, _CODE.INVALID_ARGUMENT),
     Overloaded: Entry(429, _CODE.RESOURCE_EXHAUSTED),
-    BackendError: Entry(502, _CODE.INTERNAL),
-    BackendUnavailable: Entry(502, _CODE.UNAVAILABLE),
+    # Backend failures: the client sees a fixed detail; the backend's address and its
+    # gRPC/HTTP internals go to the gateway's log (hidden_detail) under the request id.
+    BackendError: Entry(502, _CODE.INTERNAL, detail="the model backend failed"),
+    BackendUnavailable: Entry(
+        502, _CODE.UNAVAILABLE, detail="the model backend is unreachable; retry later"
+    ),
     ServiceUnavailable: Entry(503, _CODE.UNAVAILABLE),
-    BackendTimeout: Entry(504, _CODE.DEADLINE_EXCEEDED),
+    BackendTimeout: Entry(
+        504, _CODE.DEADLINE_EXCEEDED, detail="the model backend did not answer within the deadline"
+    ),
     # contract.preprocessing: the client's image (reached through ImageRejected).
     ImageError: Entry(400, _CODE.INVALID_ARGUMENT),
     ImageDecodeError: Entry(400, _CODE.INVALID_ARGUMENT),
@@ -204,6 +210,14 @@ def detail(exc: BaseException) -> str:
     if isinstance(exc, http.HTTPException):
         return exc.description or exc.name
     return str(exc)
+
+
+def hidden_detail(exc: BaseException) -> str | None:
+    """The gateway's own detail of ``exc`` when the client is shown a fixed one (for the log)."""
+    row = _resolved(exc)
+    if row.detail is not None and isinstance(exc, ServingError) and exc.detail != row.detail:
+        return exc.detail
+    return None
 
 
 def retry_after(exc: BaseException) -> str | None:

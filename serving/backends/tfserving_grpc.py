@@ -44,10 +44,18 @@ from serving.errors import (
 )
 from serving.settings import Settings
 
+#: Reconnect backoff bounds (ms). gRPC's defaults grow 1.6x per failed attempt up to
+#: 120 s, so after a long TF Serving outage the channel could sit in TRANSIENT_FAILURE
+#: (fast 502s) for tens of seconds after TF Serving is back; with a 1 s ceiling it
+#: retries at least once a second and recovers within about a second.
+RECONNECT_BACKOFF_MS = {"initial": 100, "min": 100, "max": 1000}
 _CHANNEL_OPTIONS = [
     # Batches of images are large; TF Serving itself accepts messages up to 2 GiB.
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
+    ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS["initial"]),
+    ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS["min"]),
+    ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS["max"]),
 ]
 _NUMPY = {
     types_pb2.DT_FLOAT: np.float32,

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify, request
@@ -20,13 +21,35 @@ from calibration.feedback import record_feedback
 from calibration.jobs import UnknownJob
 from serving.api.rest.admin import require_admin
 from serving.api.rest.inference import service
-from serving.errors import BadRequest, NotFound
+from serving.api.rest.payload import parse_json, read_body
+from serving.errors import BadRequest, InvalidParameter, ModelNotFound, NotFound
 
 bp = Blueprint("calibration", __name__)
 
+#: What a model or job name may look like: one path component, never ``.``/``..``,
+#: no separators, no NUL. Checked before any path is built from the name.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def served_model(name: Any) -> str:
+    """``name`` when it is a model the gateway serves; 400 if it is not a name, 404 if unknown.
+
+    Both checks come before the repository or the capture store is touched, so a
+    client cannot probe the file system with path-like names ("/proc", "../x").
+    """
+    if not isinstance(name, str) or not name:
+        raise BadRequest("'model' (string) is required")
+    if not SAFE_NAME.fullmatch(name):
+        raise InvalidParameter(f"{name!r} is not a model name (letters, digits, '._-')")
+    svc = service()
+    if not svc.known_model(name):
+        raise ModelNotFound(f"model {name!r} is not served")
+    return name
+
 
 def _json_body() -> dict[str, Any]:
-    body = request.get_json(silent=True)
+    # Not request.get_json(silent=True): it lets a RecursionError through (a 500).
+    body = parse_json(read_body(request)) if request.is_json else None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object (Content-Type: application/json)")
     return body
@@ -49,9 +72,7 @@ def feedback():
         raise BadRequest("'labels' is required: one class name or index per image")
     allowed = None
     if model is not None:
-        if not isinstance(model, str):
-            raise BadRequest("'model' must be a string")
-        g.metric_model = svc.known_model(model)
+        g.metric_model = served_model(model)
         mv = svc.catalog.repository.versions(model)
         if mv:
             allowed = list(svc.catalog.version(model, mv[-1]).class_labels)
@@ -73,11 +94,8 @@ def feedback():
 def start_calibration():
     require_admin()
     body = _json_body()
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("'model' (string) is required")
     svc = service()
-    g.metric_model = svc.known_model(model)
+    model = g.metric_model = served_model(body.get("model"))
     if not svc.catalog.repository.versions(model):
         raise NotFound(f"no model {model!r} in the repository")
     promote = body.get("promote")
@@ -104,6 +122,8 @@ def list_calibrations():
 @bp.get("/v1/admin/calibrations/<job_id>")
 def calibration_status(job_id: str):
     require_admin()
+    if not SAFE_NAME.fullmatch(job_id):  # never a path: "..", NUL, separators
+        raise NotFound(f"no calibration job {job_id!r}")
     try:
         return jsonify(_monitoring().jobs.get(job_id))
     except UnknownJob as exc:  # a KeyError's text is the bare quoted id: say what is missing

@@ -29,6 +29,7 @@ from serving.errors import (
     InvalidParameter,
     PayloadTooLarge,
     TooManyImages,
+    TooManyParts,
     UnsupportedMediaType,
 )
 from serving.service import PredictOptions
@@ -36,6 +37,10 @@ from serving.service import PredictOptions
 OPTION_NAMES = ("model", "version", "label", "top_k", "score_threshold", "max_detections")
 TIMEOUT_HEADER = "X-Request-Timeout"
 RAW_TYPES = ("application/octet-stream",)
+#: Deepest JSON nesting any request body may have. The real documents are 3 levels deep
+#: (object -> list -> object); the bound keeps a 2 KB ``[[[[...]]]]`` from reaching
+#: the parser's or ``repr``'s recursion limit (a 500 with a logged traceback).
+MAX_JSON_DEPTH = 32
 
 
 def parse_predict_request(request: Request, max_images: int) -> tuple[list[bytes], PredictOptions]:
@@ -44,6 +49,7 @@ def parse_predict_request(request: Request, max_images: int) -> tuple[list[bytes
     values: dict[str, Any] = {}
     _merge(values, request.args, "query")
     if mimetype == "multipart/form-data":
+        _check_part_count(request)
         files = request.files.getlist("image")
         unexpected = sorted(set(request.files) - {"image"})
         if unexpected:
@@ -95,6 +101,25 @@ def read_body(request: Request) -> bytes:
     return bytes(body)
 
 
+def _check_part_count(request: Request) -> None:
+    """TooManyParts when a multipart body has more parts than Werkzeug will parse.
+
+    Werkzeug refuses such a body with the same bare 413 as an oversized one; the
+    parts are counted here first (the body is already bounded by the size limit,
+    and a boundary never occurs inside a part) so the client is told which it was.
+    """
+    limit = request.max_form_parts
+    boundary = request.mimetype_params.get("boundary", "").encode("latin-1", "replace")
+    if limit is None or not boundary:
+        return  # no boundary: Werkzeug's parser reports the broken body (400)
+    body = request.get_data(cache=True)  # the form parser reads this cached copy
+    delimiter = b"--" + boundary
+    # Every part opens with a delimiter line; the closing one ends in "--".
+    parts = body.count(b"\n" + delimiter) + body.startswith(delimiter) - 1
+    if parts > limit:
+        raise TooManyParts(f"too many parts: {parts} multipart parts, limit is {limit}")
+
+
 def options_from(values: Mapping[str, Any]) -> PredictOptions:
     """Typed :class:`PredictOptions` from strings or JSON values; 400 on a bad value."""
     return PredictOptions(
@@ -108,10 +133,47 @@ def options_from(values: Mapping[str, Any]) -> PredictOptions:
     )
 
 
+def parse_json(body: bytes) -> Any:
+    """The JSON document of a request body; 400 when it is not JSON or nested too deep."""
+    try:
+        doc = json.loads(body)
+    except RecursionError:
+        # CPython's decoder gives up at the interpreter's recursion limit (~1000 levels).
+        raise BadRequest(_too_deep()) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    if _depth(doc) > MAX_JSON_DEPTH:
+        raise BadRequest(_too_deep())
+    return doc
+
+
+def _too_deep() -> str:
+    return f"JSON body is nested more than {MAX_JSON_DEPTH} levels deep"
+
+
+def _depth(doc: Any) -> int:
+    """Nesting depth of a parsed document, without recursion (a list of lists is 2)."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, level)
+            if level > MAX_JSON_DEPTH:
+                break  # already too deep: no need to walk the rest
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
 def _merge(values: dict[str, Any], source: Mapping[str, Any], where: str) -> None:
+    getlist = getattr(source, "getlist", None)
     for key in source:
         if key not in OPTION_NAMES:
             raise InvalidParameter(f"unknown parameter {key!r} in the {where}")
+        # A repeated query or form field (top_k=1&top_k=5) is ambiguous: refuse it
+        # rather than silently keep the first.
+        if getlist is not None and len(getlist(key)) > 1:
+            raise InvalidParameter(f"parameter {key!r} is given more than once in the {where}")
         value = source[key]
         if key in values and values[key] != value:
             raise InvalidParameter(f"parameter {key!r} is given twice with different values")
@@ -146,10 +208,7 @@ def _number(name: str, value: Any, typ: type) -> Any:
 def _parse_json(body: bytes, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
     if not body:
         raise BadRequest("empty request body")
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    doc = parse_json(body)
     if not isinstance(doc, dict) or "instances" not in doc:
         raise BadRequest('JSON body must be an object with "instances": [{"b64": ...}, ...]')
     instances = doc.pop("instances")

@@ -15,7 +15,7 @@ from flask import Flask, Response, g, json, request
 from werkzeug.exceptions import MethodNotAllowed
 
 from serving.api import errors
-from serving.errors import ServingError
+from serving.errors import ServingError, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +25,25 @@ def problem_response(exc: Exception) -> Response:
     if errors.resolve(exc) is None:
         log.exception("unhandled error on %s %s", request.method, request.path, exc_info=exc)
         exc = ServingError(f"internal error (request id {getattr(g, 'request_id', '')})")
+    hidden = errors.hidden_detail(exc)
+    if hidden is not None:
+        # The client's detail is fixed (no backend address, no gRPC internals): keep the
+        # real cause here, findable by the request id the client was given.
+        log.warning(
+            "%s %s (request id %s): %s",
+            request.method,
+            request.path,
+            getattr(g, "request_id", ""),
+            hidden,
+        )
     doc = errors.problem(exc, instance=request.path, request_id=getattr(g, "request_id", None))
     response = Response(json.dumps(doc), status=doc["status"], mimetype=errors.PROBLEM_JSON)
     retry_after = errors.retry_after(exc)
     if retry_after is not None:
         response.headers["Retry-After"] = retry_after
+    if isinstance(exc, Unauthorized):
+        # RFC 9110: a 401 names the scheme the client must use.
+        response.headers["WWW-Authenticate"] = 'Bearer realm="imgserve"'
     if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
         response.headers["Allow"] = ", ".join(exc.valid_methods)
     return response

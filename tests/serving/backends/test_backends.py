@@ -7,6 +7,7 @@ gRPC and HTTP on loopback; the stand-in serves the same SavedModels.
 from __future__ import annotations
 
 import io
+import logging
 import threading
 import time
 from pathlib import Path
@@ -244,11 +245,22 @@ def test_slow_backend_hits_the_deadline(remote_app, healthy_standin, images):
         (grpc.StatusCode.RESOURCE_EXHAUSTED, 503, "unavailable"),
     ],
 )
-def test_backend_errors_are_mapped(remote_app, healthy_standin, images, code, status, problem):
+def test_backend_errors_are_mapped(
+    remote_app, healthy_standin, images, caplog, code, status, problem
+):
     healthy_standin.fail = (code, "injected failure")
-    r = remote_app.test_client().post("/v1/classify", data=images["png"], content_type="image/png")
+    with caplog.at_level(logging.WARNING, logger="serving.api.rest.problems"):
+        r = remote_app.test_client().post(
+            "/v1/classify", data=images["png"], content_type="image/png"
+        )
     doc = assert_problem(r, status, problem)
-    assert "injected failure" in doc["detail"]
+    if status == 502:
+        # The backend's own message and gRPC status name stay in the gateway's log.
+        assert "injected failure" not in doc["detail"] and code.name not in doc["detail"]
+        logged = [rec.getMessage() for rec in caplog.records]
+        assert any("injected failure" in m and doc["request_id"] in m for m in logged)
+    else:
+        assert "injected failure" in doc["detail"]
     if status == 503:
         assert r.headers["Retry-After"] == "1"
 
@@ -299,7 +311,12 @@ def test_backend_going_down_is_502_then_not_ready(serving_repo, images, backend)
         )
         server.stop()
         r = client.post("/v1/classify", data=images["png"], content_type="image/png")
-        assert_problem(r, 502, "backend_unavailable")
+        doc = assert_problem(r, 502, "backend_unavailable")
+        # No backend address, port or gRPC internals in what the client sees.
+        body = r.get_data(as_text=True)
+        assert "127.0.0.1" not in body and str(server.grpc_port) not in body
+        assert str(server.rest_port) not in body and "ipv4" not in body
+        assert doc["detail"] == "the model backend is unreachable; retry later"
         app.extensions["imgserve"].refresh()
         assert_problem(client.get("/readyz"), 503)
     finally:

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -139,6 +140,9 @@ def test_limits_of_the_strict_app(strict_app, images):
     client = strict_app.test_client()
     # Pixel count over IMGSERVE_MAX_IMAGE_PIXELS, though the file is small.
     assert_problem(raw(client, png_of(300, 300)), 413, "image_too_large")
+    # A bomb past Pillow's own limit quotes the configured limit, not Pillow's.
+    doc = assert_problem(raw(client, png_bomb()), 413, "image_too_large")
+    assert "50000" in doc["detail"] and "89478485" not in doc["detail"]
     # Body over IMGSERVE_MAX_BODY_BYTES.
     assert_problem(raw(client, b"\x89PNG" + b"\0" * 400_000), 413, "payload_too_large")
     # More images than IMGSERVE_MAX_IMAGES_PER_REQUEST, in each body form.
@@ -265,3 +269,81 @@ def test_exif_rotation_is_applied_before_mapping_boxes(client):
         box = det["box"]
         assert 0 <= box["xmin"] <= box["xmax"] <= upright.shape[1]
         assert 0 <= box["ymin"] <= box["ymax"] <= upright.shape[0]
+
+
+# -- the adversarial image corpus ----------------------------------------------------------
+def _encoded(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _gif_declaring(width: int, height: int) -> bytes:
+    """A GIF whose screen and image descriptor declare ``width x height``, with one pixel of data."""
+    size = struct.pack("<HH", width, height)
+    return (
+        b"GIF89a" + size + b"\x00\x00\x00" + b",\x00\x00\x00\x00" + size + b"\x00\x02\x02D\x01\x00;"
+    )
+
+
+def adversarial_corpus() -> list[tuple[str, bytes, int, str | None]]:
+    """(case, body, status, problem code) from scikit-image's bundled photographs."""
+    from skimage import data
+
+    astro, camera = Image.fromarray(data.astronaut()), Image.fromarray(data.camera())
+    jpeg, png = _encoded(astro, "JPEG"), _encoded(astro, "PNG")
+    wide = np.asarray(camera).astype(np.uint16) * 257
+    return [
+        ("jpeg cut at 10%", jpeg[: len(jpeg) // 10], 400, "undecodable_image"),
+        ("jpeg cut at 95%", jpeg[: len(jpeg) * 95 // 100], 400, "undecodable_image"),
+        ("png cut at 50%", png[: len(png) // 2], 400, "undecodable_image"),
+        ("png signature and IHDR only", png[:33], 400, "undecodable_image"),
+        ("png bomb 100000x100000", png_bomb(), 413, "image_too_large"),
+        ("png header 6400x6400 (41 MP)", png_bomb(6400, 6400), 413, "image_too_large"),
+        ("gif declaring 65535x65535", _gif_declaring(65535, 65535), 413, "image_too_large"),
+        ("cmyk jpeg", _encoded(astro.convert("CMYK"), "JPEG"), 200, None),
+        ("16-bit grey png", _encoded(Image.fromarray(wide), "PNG"), 200, None),
+        ("1-bit png", _encoded(camera.convert("1"), "PNG"), 200, None),
+        (
+            "palette png with transparency",
+            _encoded(astro.convert("P"), "PNG", transparency=0),
+            200,
+            None,
+        ),
+        ("grey+alpha png", _encoded(camera.convert("LA"), "PNG"), 200, None),
+        (
+            "float32 tiff",
+            _encoded(Image.fromarray(np.asarray(camera, np.float32) / 255), "TIFF"),
+            200,
+            None,
+        ),
+        ("16-bit tiff", _encoded(Image.fromarray(wide), "TIFF"), 200, None),
+    ]
+
+
+ADVERSARIAL = adversarial_corpus()
+
+
+@pytest.mark.parametrize(
+    ("case", "body", "status", "code"), ADVERSARIAL, ids=[c[0] for c in ADVERSARIAL]
+)
+def test_adversarial_image_corpus(client, case, body, status, code):
+    t0 = time.monotonic()
+    r = raw(client, body, "application/octet-stream")
+    if status == 200:
+        assert r.status_code == 200, r.get_json()
+        assert len(r.get_json()["predictions"]) == 1
+    else:
+        assert_problem(r, status, code)
+        # Refused from the header or the first broken bytes, never after a long decode.
+        assert time.monotonic() - t0 < 2.0
+
+
+def test_a_flood_of_large_dimension_headers_is_refused_at_the_first(strict_app):
+    # 2 images (the strict limit) declaring 6000x6000 each: 413 from the header alone.
+    flood = png_bomb(6000, 6000)
+    files = {"image": [(io.BytesIO(flood), f"{i}.png") for i in range(2)]}
+    t0 = time.monotonic()
+    doc = assert_problem(strict_app.test_client().post("/v1/classify", data=files), 413)
+    assert doc["code"] == "image_too_large" and doc["image_index"] == 0
+    assert time.monotonic() - t0 < 2.0
