@@ -36,11 +36,13 @@ RUN python -m venv /opt/venv \
 # ---------------------------------------------------------------------------------------
 # runtime: the dependencies plus the source, an unprivileged user, nothing else.
 FROM ${PYTHON_IMAGE} AS runtime
+# MALLOC_ARENA_MAX=2: glibc arenas held 2.9-3.4 GB after image floods, 1.25 GB with 2.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     TF_CPP_MIN_LOG_LEVEL=2 \
+    MALLOC_ARENA_MAX=2 \
     HOME=/tmp
 # A fixed numeric uid/gid: Kubernetes' runAsNonRoot can only verify a numeric USER, and
 # the shared model volume is group-owned by this gid (fsGroup 10001 in k8s/).

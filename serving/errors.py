@@ -98,6 +98,12 @@ class TooManyImages(PayloadTooLarge):
     code, title = "too_many_images", "Too many images"
 
 
+class TooManyPixels(PayloadTooLarge):
+    """The images of one request add up to more decoded pixels than the request budget."""
+
+    code, title = "too_many_pixels", "Too many pixels in one request"
+
+
 class TooManyParts(PayloadTooLarge):
     """A multipart body with more parts than the gateway parses (Werkzeug's ``max_form_parts``)."""
 
@@ -140,6 +146,12 @@ class QueueTimeout(ServiceUnavailable):
     """The request's deadline passed while it waited for a batch slot."""
 
     code, title = "queue_timeout", "Deadline passed in the queue"
+
+
+class PreprocessTimeout(ServiceUnavailable):
+    """The request's deadline passed while its images were being decoded."""
+
+    code, title = "preprocess_timeout", "Deadline passed while decoding"
 
 
 class BackendTimeout(ServingError):

@@ -94,6 +94,12 @@ class Settings:
     max_image_pixels: int = 40_000_000
     """Largest decoded image, width x height, checked from the header before decoding (413 above)."""
 
+    max_request_pixels: int = 64_000_000
+    """Decoded-pixel budget of one request: width x height summed over its images, read from
+    the headers before any decode (413 above). 64 M lets five 12-MP phone photos
+    (4032x3024) or 32 images of 1400x1400 through (32 model-size ones are 1.6 M); decode
+    time and memory grow with pixels, not encoded bytes, so this bounds one request's work."""
+
     multi_frame: str = "first"
     """Animated / multi-page images: ``first`` uses the first frame (as training does), ``reject`` is 422."""
 
@@ -201,6 +207,7 @@ class Settings:
             "max_body_bytes",
             "max_images_per_request",
             "max_image_pixels",
+            "max_request_pixels",
             "max_batch_size",
             "max_enqueued_batches",
             "threads",

@@ -13,13 +13,13 @@ HTTP  gRPC                        meaning
 405   UNIMPLEMENTED               method not allowed on the route
 409   ALREADY_EXISTS              different feedback recorded, calibration running
 410   NOT_FOUND                   feedback for a sample that was dropped
-413   INVALID_ARGUMENT            body, pixel count or image count too large
+413   INVALID_ARGUMENT            body, image count, pixels per image or per request
 415   INVALID_ARGUMENT            unsupported media type
 422   INVALID_ARGUMENT            decodable but unusable image, unusable feedback
 429   RESOURCE_EXHAUSTED          batching queue full (with Retry-After)
 500   INTERNAL                    a gateway bug (never for client input)
 502   UNAVAILABLE / INTERNAL      backend unreachable / backend error (fixed detail)
-503   UNAVAILABLE                 not ready, shutting down, queue deadline
+503   UNAVAILABLE                 not ready, shutting down, queue or decode deadline
 504   DEADLINE_EXCEEDED           backend did not answer within the deadline
 ====  ==========================  =========================================
 
@@ -63,8 +63,10 @@ from serving.errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    PreprocessTimeout,
     ServiceUnavailable,
     ServingError,
+    TooManyPixels,
     Unauthorized,
     Unprocessable,
     UnsupportedMediaType,
@@ -109,6 +111,8 @@ TABLE: dict[type[BaseException], Entry] = {
     Conflict: Entry(409, _CODE.ALREADY_EXISTS),
     Gone: Entry(410, _CODE.NOT_FOUND),
     PayloadTooLarge: Entry(413, _CODE.INVALID_ARGUMENT),
+    # The request's decoded-pixel budget: the client asked for too much work at once.
+    TooManyPixels: Entry(413, _CODE.INVALID_ARGUMENT),
     UnsupportedMediaType: Entry(415, _CODE.INVALID_ARGUMENT),
     Unprocessable: Entry(422, _CODE.INVALID_ARGUMENT),
     Overloaded: Entry(429, _CODE.RESOURCE_EXHAUSTED),
@@ -119,6 +123,9 @@ TABLE: dict[type[BaseException], Entry] = {
         502, _CODE.UNAVAILABLE, detail="the model backend is unreachable; retry later"
     ),
     ServiceUnavailable: Entry(503, _CODE.UNAVAILABLE),
+    # The deadline ran out between decodes: like a queue timeout, the gateway is busy
+    # (503 + Retry-After), not the backend's fault (504).
+    PreprocessTimeout: Entry(503, _CODE.UNAVAILABLE),
     BackendTimeout: Entry(
         504, _CODE.DEADLINE_EXCEEDED, detail="the model backend did not answer within the deadline"
     ),

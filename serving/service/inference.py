@@ -6,8 +6,10 @@ requests into a list of encoded images and :class:`PredictOptions`, call
 the result or the error they get by :mod:`serving.api.errors`. One request runs:
 
 1. select the model version (name, version or label; the default label otherwise),
-2. decode and preprocess each image with ``contract.preprocessing``, configured by
-   that version's model card (``decode`` and ``preprocess`` stages),
+2. read every image's header and refuse the request (413) when their pixels add up to
+   more than ``max_request_pixels``, before any decode; then decode and preprocess
+   each image with ``contract.preprocessing``, configured by that version's model
+   card (``decode`` and ``preprocess`` stages), checking the deadline before each,
 3. queue the tensors in the version's :class:`DynamicBatcher` (``queue``, ``predict``),
 4. turn the outputs into labels and scores, or boxes in original pixels (``postprocess``),
 5. hand the preprocessed inputs and every raw output (including the BN probe
@@ -40,11 +42,13 @@ from serving.errors import (
     InvalidParameter,
     LabelNotFound,
     ModelNotFound,
+    PreprocessTimeout,
     ServiceUnavailable,
     TooManyImages,
     VersionNotFound,
 )
 from serving.metrics import GatewayMetrics
+from serving.service.pixel_budget import check_pixel_budget
 from serving.service.postprocess import classifications, detections
 from serving.service.types import (
     ClassifyResult,
@@ -224,12 +228,17 @@ class InferenceService:
                 f"{len(images)} images in one request, limit is "
                 f"{self.settings.max_images_per_request}"
             )
+        check_pixel_budget(
+            images,
+            max_request_pixels=self.settings.max_request_pixels,
+            max_image_pixels=self.settings.max_image_pixels,
+        )
         for attempt in range(2):
             mv, batcher = self._select(task, options)
             timing = _Timing()
             batcher.announce()
             try:
-                inputs, geometries = self._preprocess(mv, images, timing)
+                inputs, geometries = self._preprocess(mv, images, timing, deadline)
             except BaseException:
                 batcher.withdraw()
                 raise
@@ -273,12 +282,19 @@ class InferenceService:
         return result
 
     def _preprocess(
-        self, mv: ModelVersion, images: Sequence[bytes], timing: _Timing
+        self, mv: ModelVersion, images: Sequence[bytes], timing: _Timing, deadline: float
     ) -> tuple[np.ndarray, list[Any]]:
         spec = mv.spec
         inputs = np.empty((len(images), spec.height, spec.width, 3), np.float32)
         geometries = []
         for i, data in enumerate(images):
+            # A decode cannot be interrupted, so the deadline is checked before each one:
+            # a late request stops here instead of decoding the rest for nobody.
+            if time.monotonic() >= deadline:
+                raise PreprocessTimeout(
+                    f"deadline passed after {i} of {len(images)} images were decoded",
+                    retry_after=self.settings.retry_after_s,
+                )
             t0 = time.perf_counter()
             try:
                 decoded = decode_image(

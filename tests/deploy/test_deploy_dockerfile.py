@@ -159,6 +159,13 @@ def test_gateway_target_prepares_metrics_dir_and_ports(instructions):
     assert set(_one(steps, "EXPOSE").args.split()) == {"8080", "9000", "9001"}
 
 
+def test_runtime_limits_malloc_arenas(instructions):
+    # glibc reads MALLOC_ARENA_MAX at process start: it must be in the image's env, in
+    # the runtime stage every target (gateway, trainer) builds on.
+    env = " ".join(i.args for i in _stage(instructions, "runtime") if i.op == "ENV")
+    assert re.search(r"\bMALLOC_ARENA_MAX=2\b", env)
+
+
 def test_entrypoints_name_code_that_exists():
     assert (REPO_ROOT / "serving/gunicorn.conf.py").is_file()
     assert "def create_app" in (REPO_ROOT / "serving/app.py").read_text()

@@ -220,6 +220,7 @@ def test_gateway_probes_and_ports(overlay):
 
 
 def test_gateway_settings_are_real_and_point_at_tfserving(overlay):
+    from contract.repository import READY_GRPC_ENV
     from serving.settings import ENV_PREFIX, Settings, split_host_port
 
     _, resources = overlay
@@ -231,7 +232,12 @@ def test_gateway_settings_are_real_and_point_at_tfserving(overlay):
         settings_env = {
             k: v for k, v in env.items() if k.startswith(ENV_PREFIX) and isinstance(v, str)
         }
-        unknown = {k for k in settings_env if k.removeprefix(ENV_PREFIX).lower() not in fields}
+        # IMGSERVE_LABEL_READY_GRPC is contract.repository's, read by calibration jobs.
+        unknown = {
+            k
+            for k in settings_env
+            if k.removeprefix(ENV_PREFIX).lower() not in fields and k != READY_GRPC_ENV
+        }
         assert not unknown, f"settings the gateway does not have: {unknown}"
         settings = Settings.from_env(settings_env)  # validates every value
         assert settings.backend == "tfserving-grpc"
@@ -246,6 +252,8 @@ def test_gateway_settings_are_real_and_point_at_tfserving(overlay):
         assert split_host_port(settings.grpc_metrics_bind)[1] == 9001
         # The default worker counts follow the node's cores, not the pod's: set them.
         assert settings.workers >= 1 and settings.grpc_workers >= 1
+        # glibc arenas: 2.9-3.4 GB after image floods, 1.25 GB with 2 (gunicorn.conf.py).
+        assert env["MALLOC_ARENA_MAX"] == "2"
         token = env["IMGSERVE_ADMIN_TOKEN"]
         assert token == {"secretKeyRef": {"name": "imgserve-admin", "key": "token"}}
     # gunicorn's workers share one multiprocess directory on an emptyDir; the gRPC
@@ -642,6 +650,24 @@ def _calibration_args(workload: dict[str, Any]) -> list[str]:
     assert "command" not in c  # the trainer image's entrypoint: python -m training
     assert c["image"].startswith("imgserve-trainer:")
     return c["args"]
+
+
+def test_label_moves_wait_on_tfserving_grpc(overlay):
+    """The containers that move labels (the gateway starts calibration jobs, the CronJob
+    runs them) wait on TF Serving's gRPC Service before a label moves."""
+    from contract.repository import READY_GRPC_ENV
+    from serving.settings import split_host_port
+
+    _, resources = overlay
+    service = km.find(resources, "Service", "imgserve-tfserving")
+    grpc_port = {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpc"]
+    assert grpc_port == 8500
+    expected = ("imgserve-tfserving", grpc_port)
+    assert split_host_port(_gateway_env(resources, "http")[READY_GRPC_ENV]) == expected
+    cron = km.find(resources, "CronJob", "imgserve-calibrate")
+    spec = km.pod_spec(cron)
+    env = {e["name"]: e.get("value") for e in km.container(spec, "calibrate").get("env", [])}
+    assert split_host_port(env[READY_GRPC_ENV]) == expected
 
 
 def test_calibration_cronjob(overlay):

@@ -34,6 +34,7 @@ DOMAIN_PACKAGES = ("contract", "training", "calibration")
         (errors.Conflict, 409, grpc.StatusCode.ALREADY_EXISTS),
         (errors.Gone, 410, grpc.StatusCode.NOT_FOUND),
         (errors.TooManyImages, 413, grpc.StatusCode.INVALID_ARGUMENT),
+        (errors.TooManyPixels, 413, grpc.StatusCode.INVALID_ARGUMENT),
         (errors.UnsupportedMediaType, 415, grpc.StatusCode.INVALID_ARGUMENT),
         (errors.Unprocessable, 422, grpc.StatusCode.INVALID_ARGUMENT),
         (errors.Overloaded, 429, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -42,6 +43,7 @@ DOMAIN_PACKAGES = ("contract", "training", "calibration")
         (errors.BackendUnavailable, 502, grpc.StatusCode.UNAVAILABLE),
         (errors.ServiceUnavailable, 503, grpc.StatusCode.UNAVAILABLE),
         (errors.QueueTimeout, 503, grpc.StatusCode.UNAVAILABLE),
+        (errors.PreprocessTimeout, 503, grpc.StatusCode.UNAVAILABLE),
         (errors.BackendTimeout, 504, grpc.StatusCode.DEADLINE_EXCEEDED),
     ],
 )
