@@ -620,10 +620,12 @@ def test_network_policy_only_the_gateway_reaches_tfserving(overlay):
     def allowed(src: km.Pod, dst: km.Pod, port: int, proto: str = "TCP") -> bool:
         return km.connection_allowed(policies, src, dst, port, proto)
 
-    # TF Serving: the gateway (both ports) and Prometheus (metrics port only), nobody else.
+    # TF Serving: the gateway (both ports), Prometheus (metrics port only) and the
+    # calibrator (gRPC only: GetModelStatus before a label move), nobody else.
     assert allowed(gateway, tfserving, 8500) and allowed(gateway, tfserving, 8501)
     assert allowed(prometheus, tfserving, 8501) and not allowed(prometheus, tfserving, 8500)
-    for src in (neighbour, outsider, calibrator):
+    assert allowed(calibrator, tfserving, 8500) and not allowed(calibrator, tfserving, 8501)
+    for src in (neighbour, outsider):
         assert not allowed(src, tfserving, 8500) and not allowed(src, tfserving, 8501)
     # The gateway is the exposed part: REST and gRPC from other namespaces (clients,
     # an Ingress controller), its gRPC metrics only from Prometheus.
@@ -632,12 +634,13 @@ def test_network_policy_only_the_gateway_reaches_tfserving(overlay):
     # Anything else started in the namespace is denied by default, even its egress.
     assert not allowed(neighbour, gateway, 8080)
     assert allowed(prometheus, gateway, 8080) and allowed(prometheus, gateway, 9001)
-    # Egress: the gateway reaches TF Serving and DNS only; TF Serving and the
-    # calibrator reach nothing.
-    assert allowed(gateway, dns, 53, "UDP") and allowed(gateway, dns, 53, "TCP")
-    assert not allowed(gateway, outsider, 443)
+    # Egress: the gateway and the calibrator reach TF Serving and DNS only; TF Serving
+    # reaches nothing.
+    for src in (gateway, calibrator):
+        assert allowed(src, dns, 53, "UDP") and allowed(src, dns, 53, "TCP")
+        assert not allowed(src, outsider, 443)
+    assert not allowed(tfserving, dns, 53, "UDP") and not allowed(tfserving, outsider, 443)
     for src in (tfserving, calibrator):
-        assert not allowed(src, dns, 53, "UDP") and not allowed(src, outsider, 443)
         assert not allowed(src, gateway, 8080)
     assert not allowed(calibrator, prometheus, 9090)
 
