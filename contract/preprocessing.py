@@ -222,6 +222,34 @@ class DecodedImage:
         return np.asarray(self.image, dtype=np.uint8)
 
 
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} = {width * height} pixels, limit is {max_pixels}"
+        )
+
+
+def header_pixels(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """width x height read from the image's header alone, under :func:`decode_image`'s
+    per-image limit (Pillow opens lazily: no pixel data is decoded).
+
+    Raises :class:`ImageTooLargeError` above ``max_pixels`` (with the message the
+    decode would give) and :class:`ImageDecodeError` when the header cannot be read.
+    Pillow's bomb *warning* is not an error here: the size check decides.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"image has more pixels than the limit of {max_pixels}") from exc
+    except Exception as exc:  # not an image, truncated header
+        raise ImageDecodeError(f"image header could not be read: {exc}") from exc
+    _check_pixels(width, height, max_pixels)
+    return width * height
+
+
 def decode_image(
     data: bytes,
     *,
@@ -252,10 +280,7 @@ def decode_image(
             width, height = img.size
             if width < 1 or height < 1:
                 raise UnusableImageError("image has zero width or height")
-            if width * height > max_pixels:
-                raise ImageTooLargeError(
-                    f"image is {width}x{height} = {width * height} pixels, limit is {max_pixels}"
-                )
+            _check_pixels(width, height, max_pixels)
             frames = int(getattr(img, "n_frames", 1) or 1)
             if frames > 1 and multi_frame == "reject":
                 raise UnusableImageError(f"multi-frame image ({frames} frames) is not accepted")

@@ -9,40 +9,23 @@ lazy (it parses the header, no pixel data), so the check costs microseconds per 
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections.abc import Sequence
 
-from PIL import Image
-
-from contract.preprocessing import ImageTooLargeError
+from contract import preprocessing
+from contract.preprocessing import ImageError, ImageTooLargeError
 from serving.errors import ImageRejected, TooManyPixels
 
 
 def header_pixels(data: bytes, index: int | None, max_image_pixels: int) -> int:
-    """width x height from the image's header, without decoding it.
-
-    An image over ``max_image_pixels`` is the per-image 413 at once, with the
-    decode's own message (``index`` names the image in a batch), so one oversized
-    image is still reported as ``image_too_large``, not as the request's budget. Any
-    other unreadable header counts 0 here: its decode reports it as that image's error.
-    """
+    """One image's header pixels; an image over the per-image limit is its 413 at once
+    (``index`` names it in a batch). Any other unreadable header counts 0 here: its
+    decode reports it as that image's error."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-    except Image.DecompressionBombError as exc:
-        error = ImageTooLargeError(f"image has more pixels than the limit of {max_image_pixels}")
-        raise ImageRejected(error, index) from exc
-    except Exception:  # not an image, truncated header: decode_image names the fault
+        return preprocessing.header_pixels(data, max_pixels=max_image_pixels)
+    except ImageTooLargeError as exc:
+        raise ImageRejected(exc, index) from exc
+    except ImageError:
         return 0
-    if width * height > max_image_pixels:
-        error = ImageTooLargeError(
-            f"image is {width}x{height} = {width * height} pixels, limit is {max_image_pixels}"
-        )
-        raise ImageRejected(error, index)
-    return width * height
 
 
 def check_pixel_budget(
