@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODELS ?= models
 
-.PHONY: setup models serve test test-fast lint bench k8s clean
+.PHONY: setup models demo-versions serve test test-fast lint bench k8s docs clean
 
 setup: $(STAMP)
 
@@ -17,10 +17,18 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 # The demo models: trained on the built-in synthetic data, exported as version 1.
-# Skipped when a version already exists (delete models/<name>/ to rebuild).
+# Version 1 of each is kept in the repository, so on a fresh clone this trains nothing;
+# it builds a demo model only where its version 1 is missing.
 models: $(STAMP)
 	@test -d $(MODELS)/demo_classifier/1 || $(PY) -m training classifier --data synthetic --model-base $(MODELS) --name demo_classifier --preset demo
 	@test -d $(MODELS)/demo_detector/1 || $(PY) -m training detector --data synthetic --model-base $(MODELS) --name demo_detector --preset demo
+
+# Retrain the kept demo versions from scratch (about 25 minutes on 2 cores), e.g. after a
+# contract change that tests/contract/test_demo_versions.py reports. Calibrated versions
+# and label history of the two demo models are deleted with them.
+demo-versions: $(STAMP)
+	rm -rf $(MODELS)/demo_classifier $(MODELS)/demo_detector
+	$(MAKE) models
 
 serve: models
 	@echo "imgserve gateway on http://$${IMGSERVE_BIND:-127.0.0.1:8080} (embedded backend, models in $(MODELS)/)"
@@ -47,6 +55,10 @@ lint: $(STAMP)
 # Regenerate the kustomize inputs copied from models/ and monitoring/ (one source).
 k8s: $(STAMP)
 	$(PY) k8s/generate.py
+
+# Regenerate the settings reference in docs/operations.md from serving/settings.py.
+docs: $(STAMP)
+	$(PY) -m serving.settings_reference --write docs/operations.md
 
 bench: models
 	$(PY) bench/gateway_bench.py --model-base $(MODELS) --model demo_classifier
