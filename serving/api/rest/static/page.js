@@ -42,6 +42,7 @@ async function send(file) {
   photo = file;
   hideError();
   $("result").hidden = true;
+  $("result").dataset.photo = file.name;
   $("result").dataset.state = "pending";
   const task = option.dataset.task;
   const endpoint = task === "detection" ? "v1/detect" : "v1/classify";
@@ -94,7 +95,8 @@ function listScores(found) {
   }));
 }
 
-// Draws the photo at most as wide as the page; returns canvas pixels per image pixel.
+// Draws the photo scaled down to fit the page (never up); returns canvas pixels per
+// photo pixel. Drawing at the shown size keeps the box labels readable.
 function drawPhoto(bitmap) {
   const canvas = $("view");
   canvas.hidden = !bitmap;
@@ -102,7 +104,7 @@ function drawPhoto(bitmap) {
   const style = getComputedStyle(canvas.parentElement);
   const room = canvas.parentElement.clientWidth
     - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
-  const scale = Math.min(1, room / bitmap.width);
+  const scale = Math.min(1, room / bitmap.width, (0.6 * window.innerHeight) / bitmap.height);
   canvas.width = Math.round(bitmap.width * scale);
   canvas.height = Math.round(bitmap.height * scale);
   canvas.getContext("2d").drawImage(bitmap, 0, 0, canvas.width, canvas.height);
