@@ -5,6 +5,7 @@
 const $ = (id) => document.getElementById(id);
 const BOX_COLOUR = "#ff1f8e"; // stands out on most photos
 let photo = null; // the last chosen File, sent again when the model changes
+let latest = 0; // numbers the sends: only the newest one's answer is shown
 
 async function loadModels() {
   const select = $("model");
@@ -40,6 +41,7 @@ async function send(file) {
   const option = $("model").selectedOptions[0];
   if (!file || !option || !option.value) return;
   photo = file;
+  const ticket = ++latest;
   hideError();
   $("result").hidden = true;
   $("result").dataset.photo = file.name;
@@ -55,8 +57,9 @@ async function send(file) {
         .then(getJson),
       createImageBitmap(file).catch(() => null),
     ]);
-    show(task, answer, bitmap);
+    if (ticket === latest) show(task, answer, bitmap);
   } catch (err) {
+    if (ticket !== latest) return;
     $("result").dataset.state = "error";
     showError(err);
   }
@@ -100,7 +103,11 @@ function listScores(found) {
 function drawPhoto(bitmap) {
   const canvas = $("view");
   canvas.hidden = !bitmap;
-  if (!bitmap) return 1;
+  if (!bitmap) {
+    $("note").textContent = "This browser cannot show this image; the answer above is the gateway's.";
+    $("note").hidden = false;
+    return 1;
+  }
   const style = getComputedStyle(canvas.parentElement);
   const room = canvas.parentElement.clientWidth
     - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);

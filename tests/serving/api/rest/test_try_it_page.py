@@ -175,10 +175,20 @@ def test_page_shows_what_the_api_answers(gateway, browser, tmp_path):
     assert len(items) == len(direct["predictions"][0]["classes"])
     assert items[0].text == f"{top['label']} {top['score']:.3f}"
 
+    # A format the gateway reads and Chromium cannot show: the answer, and a note instead.
+    tiff = tmp_path / "chelsea.tiff"
+    photo("chelsea.png").save(tiff)
+    file_input.send_keys(str(tiff))
+    result = _wait_result(browser, tiny_models.CLASSIFIER, tiff.name)
+    direct = _post(gateway, "classify", tiny_models.CLASSIFIER, tiff).json()
+    assert result.get_attribute("data-top") == direct["predictions"][0]["classes"][0]["label"]
+    assert not browser.find_element(By.ID, "view").is_displayed()
+    assert "cannot show this image" in browser.find_element(By.ID, "note").text
+
     # A detector: as many boxes as the API finds, drawn where the API's upright pixel
     # coordinates say once scaled to the canvas.
     Select(select).select_by_value(tiny_models.DETECTOR)
-    _wait_result(browser, tiny_models.DETECTOR, cat.name)  # the photo already chosen
+    _wait_result(browser, tiny_models.DETECTOR, tiff.name)  # the photo already chosen
     file_input.send_keys(str(sideways))
     result = _wait_result(browser, tiny_models.DETECTOR, sideways.name)
     direct = _post(gateway, "detect", tiny_models.DETECTOR, sideways).json()["predictions"][0]
