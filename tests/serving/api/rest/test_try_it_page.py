@@ -15,6 +15,10 @@ from urllib.parse import urljoin
 
 import pytest
 import requests
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from serving.app import create_app
 from tests.helpers import tiny_models
@@ -82,8 +86,6 @@ def browser():
         pytest.skip(
             f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian packages chromium, chromium-driver)"
         )
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
@@ -103,9 +105,6 @@ def _post(url: str, endpoint: str, model: str, path: Path) -> requests.Response:
 
 def _wait_result(driver, model: str, photo_name: str):
     """The result section once the page shows ``model``'s answer for ``photo_name``."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     result = driver.find_element(By.ID, "result")
 
     def shown(_) -> bool:
@@ -144,9 +143,6 @@ def _canvas_pixel(driver, x: float, y: float) -> tuple[int, int, int]:
 
 @pytest.mark.slow
 def test_page_shows_what_the_api_answers(gateway, browser, tmp_path):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
-
     cat = tmp_path / "chelsea.png"
     photo("chelsea.png").save(cat)
     # A 12 MP phone photo stored sideways (EXIF orientation 6): the page must turn it
