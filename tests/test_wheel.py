@@ -25,7 +25,13 @@ from tests.helpers.servers import GUNICORN, PYTHON, ROOT, free_port, stop, wait_
 pytestmark = pytest.mark.slow
 
 #: Files the gateway reads at run time that are not Python modules.
-DATA_FILES = ("serving/api/rest/openapi.yaml", "serving/proto/imgserve.proto")
+DATA_FILES = (
+    "serving/api/rest/openapi.yaml",
+    "serving/api/rest/static/index.html",
+    "serving/api/rest/static/page.css",
+    "serving/api/rest/static/page.js",
+    "serving/proto/imgserve.proto",
+)
 
 # Build outputs and local state that must not leak into the copy the wheel is built from.
 _NOT_SOURCE = shutil.ignore_patterns(
@@ -138,6 +144,9 @@ def test_installed_gateway_serves_openapi_and_classify(site: Path, tmp_path: Pat
         r = requests.get(url + "/openapi.json", timeout=10)
         assert r.status_code == 200, r.text
         assert r.json()["openapi"].startswith("3.")
+        r = requests.get(url + "/", timeout=10)
+        assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/html"), r.text
+        assert requests.get(url + "/try-it/page.js", timeout=10).status_code == 200
         r = requests.post(
             url + "/v1/classify",
             data=images["jpeg"],

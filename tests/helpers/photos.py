@@ -104,16 +104,22 @@ def photo_sized(name: str, width: int, height: int) -> Image.Image:
 
 
 @functools.cache
-def photo_sized_image_bytes() -> dict[str, bytes]:
-    """The photo-sized inputs users send: a 12 MP phone JPEG stored sideways with an EXIF
-    orientation tag (upright 3024x4032), a 1920x1080 PNG and a 16-bit grey TIFF."""
+def phone_jpeg() -> bytes:
+    """A 12 MP phone JPEG stored sideways with an EXIF orientation tag (upright 3024x4032)."""
     upright = photo_sized("astronaut.png", 3024, 4032)
     exif = Image.Exif()
     exif[0x0112] = 6  # stored rotated 90° counter-clockwise, displayed upright
     stored = upright.transpose(Image.Transpose.ROTATE_90)
+    return _encode(stored, "JPEG", quality=90, exif=exif)
+
+
+@functools.cache
+def photo_sized_image_bytes() -> dict[str, bytes]:
+    """The photo-sized inputs users send: :func:`phone_jpeg`, a 1920x1080 PNG and a
+    16-bit grey TIFF."""
     grey = np.asarray(photo_sized("camera.png", 1600, 1200).convert("L"), np.uint16)
     return {
-        "jpeg_12mp_exif": _encode(stored, "JPEG", quality=90, exif=exif),
+        "jpeg_12mp_exif": phone_jpeg(),
         "png_1920x1080": _encode(photo_sized("coffee.png", 1920, 1080), "PNG"),
         "tiff_16bit": _encode(Image.fromarray(grey * 257), "TIFF"),
     }

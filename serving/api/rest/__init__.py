@@ -6,7 +6,7 @@ import time
 
 from flask import Flask, Response, g, request
 
-from serving.api.rest import admin, calibration, inference, models, ops, problems
+from serving.api.rest import admin, calibration, inference, models, ops, problems, try_it
 from serving.service import request_id_from
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -16,7 +16,8 @@ _TRACKED = {"inference", "models", "admin", "calibration"}
 
 def init_app(app: Flask) -> None:
     """Register blueprints, error handlers and the request id / metrics hooks."""
-    for blueprint in (inference.bp, models.bp, admin.bp, calibration.bp, ops.bp):
+    blueprints = (inference.bp, models.bp, admin.bp, calibration.bp, ops.bp, try_it.bp)
+    for blueprint in blueprints:
         app.register_blueprint(blueprint)
     problems.init_app(app)
     app.before_request(_before)
