@@ -6,18 +6,19 @@ import time
 
 from flask import Flask, Response, g, request
 
-from serving.api.rest import admin, calibration, inference, models, ops, problems
+from serving.api.rest import admin, calibration, inference, models, ops, problems, tfserving
 from serving.service import request_id_from
 
 REQUEST_ID_HEADER = "X-Request-ID"
 #: Blueprints whose requests are counted in ``imgserve_requests_total`` and friends.
-_TRACKED = {"inference", "models", "admin", "calibration"}
+_TRACKED = {"inference", "models", "tfserving", "admin", "calibration"}
 
 
 def init_app(app: Flask) -> None:
     """Register blueprints, error handlers and the request id / metrics hooks."""
     for blueprint in (inference.bp, models.bp, admin.bp, calibration.bp, ops.bp):
         app.register_blueprint(blueprint)
+    tfserving.init_app(app)
     problems.init_app(app)
     app.before_request(_before)
     app.after_request(_after)
