@@ -10,6 +10,7 @@ backend's business (``serving.backends``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Mapping
@@ -157,3 +158,30 @@ def _apply_policy(policy: Any, on_disk: list[int]) -> list[int]:
         return sorted(v for v in policy.specific.versions if v in set(on_disk))
     n = policy.latest.num_versions if which == "latest" and policy.latest.num_versions else 1
     return sorted(on_disk)[-n:]
+
+
+def signature_defs(mv: ModelVersion) -> dict[str, Any]:
+    """The version's SavedModel signature defs, as TF Serving prints them in model metadata.
+
+    Read from ``saved_model.pb`` (what TF Serving loads), so the dtype names
+    (``DT_FLOAT``), shapes (``"size": "-1"``), tensor names and method names are
+    the served graph's own, not a reconstruction from the model card.
+    """
+    pb = mv.path / "saved_model.pb"
+    return _signature_defs(str(pb), pb.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _signature_defs(pb: str, mtime_ns: int) -> dict[str, Any]:
+    # Imported here: only the metadata route needs TensorFlow's protos, and the
+    # tfserving-rest backend otherwise never imports TensorFlow.
+    from google.protobuf import json_format
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    model = saved_model_pb2.SavedModel.FromString(Path(pb).read_bytes())
+    return {
+        name: json_format.MessageToDict(
+            sig, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+        for name, sig in model.meta_graphs[0].signature_def.items()
+    }

@@ -16,6 +16,7 @@ from serving.service.types import (
     PredictionEvent,
     PredictionObserver,
     PredictOptions,
+    PredictResult,
 )
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "LabelScore",
     "ModelRef",
     "PredictOptions",
+    "PredictResult",
     "PredictionEvent",
     "PredictionObserver",
     "request_id_from",

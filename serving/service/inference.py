@@ -2,8 +2,8 @@
 
 Both protocol layers (``serving.api.rest`` and ``serving.api.grpc``) turn their
 requests into a list of encoded images and :class:`PredictOptions`, call
-:meth:`InferenceService.classify` or :meth:`InferenceService.detect`, and render
-the result or the error they get by :mod:`serving.api.errors`. One request runs:
+:meth:`InferenceService.classify`, ``detect`` or ``predict`` (every raw output, for
+TF Serving's API), and render the result or the error by :mod:`serving.api.errors`:
 
 1. select the model version (name, version or label; the default label otherwise),
 2. read every image's header and refuse the request (413) when their pixels add up to
@@ -57,6 +57,7 @@ from serving.service.types import (
     PredictionEvent,
     PredictionObserver,
     PredictOptions,
+    PredictResult,
 )
 from serving.settings import Settings
 
@@ -192,7 +193,7 @@ class InferenceService:
         self, images: Sequence[bytes], options: PredictOptions, request_id: str
     ) -> ClassifyResult:
         """Labels with scores for each image, best first."""
-        result = self._infer(CLASSIFICATION, images, options, request_id)
+        result = self._infer(CLASSIFICATION, images, options, request_id).result
         assert isinstance(result, ClassifyResult)
         return result
 
@@ -200,9 +201,23 @@ class InferenceService:
         self, images: Sequence[bytes], options: PredictOptions, request_id: str
     ) -> DetectResult:
         """Objects with scores and boxes in original pixels for each image."""
-        result = self._infer(DETECTION, images, options, request_id)
+        result = self._infer(DETECTION, images, options, request_id).result
         assert isinstance(result, DetectResult)
         return result
+
+    def predict(
+        self, images: Sequence[bytes], options: PredictOptions, request_id: str
+    ) -> PredictResult:
+        """Every signature output per image (TF Serving's Predict), beside the result that
+        :meth:`classify` or :meth:`detect` gives for the named model's task."""
+        return self._infer(None, images, options, request_id)
+
+    def task_of(self, name: str) -> str | None:
+        """The task of model ``name`` (None while no version has a model card)."""
+        entry = self._state.snapshot.models.get(name)
+        if entry is None:
+            raise ModelNotFound(f"model {name!r} is not served")
+        return entry.task
 
     def model_for(self, task: str, options: PredictOptions) -> str:
         """The model name a request would be answered by ('' when it cannot be resolved)."""
@@ -216,8 +231,8 @@ class InferenceService:
         return name if name and name in self._state.snapshot.models else ""
 
     def _infer(
-        self, task: str, images: Sequence[bytes], options: PredictOptions, request_id: str
-    ) -> ClassifyResult | DetectResult:
+        self, task: str | None, images: Sequence[bytes], options: PredictOptions, request_id: str
+    ) -> PredictResult:
         start = time.monotonic()
         limit = self.settings.request_timeout_s
         deadline = start + min(options.timeout_s or limit, limit)
@@ -258,7 +273,7 @@ class InferenceService:
         state = self._state
         ref = ModelRef(mv.name, mv.version, state.labels_of(mv.name, mv.version))
         result: ClassifyResult | DetectResult
-        if task == CLASSIFICATION:
+        if mv.task == CLASSIFICATION:
             result = ClassifyResult(request_id, ref, classifications(mv, batch.outputs, options))
         else:
             result = DetectResult(
@@ -273,13 +288,13 @@ class InferenceService:
             self.metrics.observe_stage(stage, mv.name, seconds)
         self.metrics.images.labels(mv.name).inc(len(images))
         if self._observers:
-            event = PredictionEvent(request_id, task, mv, inputs, batch.outputs, result)
+            event = PredictionEvent(request_id, mv.task, mv, inputs, batch.outputs, result)
             for observer in self._observers:
                 try:
                     observer.on_prediction(event)
                 except Exception:  # an observer must never fail a served request
                     log.exception("prediction observer %r failed", observer)
-        return result
+        return PredictResult(result, batch.outputs)
 
     def _preprocess(
         self, mv: ModelVersion, images: Sequence[bytes], timing: _Timing, deadline: float
@@ -331,13 +346,28 @@ class InferenceService:
             f"several {task} models are served ({', '.join(sorted(names))}); name one with 'model'"
         )
 
-    def _select(self, task: str, options: PredictOptions) -> tuple[ModelVersion, DynamicBatcher]:
+    def _select(
+        self, task: str | None, options: PredictOptions
+    ) -> tuple[ModelVersion, DynamicBatcher]:
+        mv = self.resolve(options, task)
+        servable = self.backend.servable(mv.name, mv.version)
+        if servable is None:
+            raise ServiceUnavailable(
+                f"version {mv.version} of {mv.name!r} left service",
+                retry_after=self.settings.retry_after_s,
+            )
+        return mv, self._batcher(mv, servable)
+
+    def resolve(self, options: PredictOptions, task: str | None = None) -> ModelVersion:
+        """The version a request with ``options`` is answered by (a ``task`` model if given)."""
         state = self._state
-        name = options.model or self._default_model(task, state)
+        if task is None and not options.model:
+            raise InvalidParameter("name the model")
+        name = options.model or self._default_model(task, state)  # type: ignore[arg-type]
         entry = state.snapshot.models.get(name)
         if entry is None:
             raise ModelNotFound(f"model {name!r} is not served")
-        if entry.task is not None and entry.task != task:
+        if task is not None and entry.task is not None and entry.task != task:
             other = "detect" if entry.task == DETECTION else "classify"
             raise InvalidParameter(f"model {name!r} is a {entry.task} model; use /v1/{other}")
         live = state.available.get(name, ())
@@ -366,12 +396,11 @@ class InferenceService:
             default = state.labels.get(name, {}).get(self.settings.default_label)
             version = default if default in live else max(live)
         mv = entry.versions.get(version)
-        servable = self.backend.servable(name, version)
-        if mv is None or servable is None:
+        if mv is None:
             raise ServiceUnavailable(
                 f"version {version} of {name!r} left service", retry_after=retry
             )
-        return mv, self._batcher(mv, servable)
+        return mv
 
     def _batcher(self, mv: ModelVersion, servable: Any) -> DynamicBatcher:
         key = (mv.name, mv.version)

@@ -93,6 +93,19 @@ class DetectResult:
 
 
 @dataclass(frozen=True)
+class PredictResult:
+    """A request's result with every signature output of the model, [n, ...] per output.
+
+    ``outputs`` are the model's tensors as the backend returned them (``logits``,
+    ``probabilities`` or the detection tensors, and the BN probe statistics): what
+    TF Serving's Predict API answers.
+    """
+
+    result: ClassifyResult | DetectResult
+    outputs: Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
 class PredictionEvent:
     """What one request produced, for observers (drift statistics, traffic capture).
 

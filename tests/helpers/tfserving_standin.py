@@ -388,7 +388,11 @@ class TFServingStandIn:
                     raise ServingStatus(Code.INVALID_ARGUMENT, "Missing model name in request.")
                 if metadata:
                     servable, sigmap = self.signature_map(name, _int(version), label)
-                    opts = {"preserving_proto_field_name": True}
+                    # TF Serving's ToJsonString: field names kept, defaults printed.
+                    opts = {
+                        "preserving_proto_field_name": True,
+                        "always_print_fields_with_no_presence": True,
+                    }
                     return json.dumps(
                         {
                             "model_spec": {

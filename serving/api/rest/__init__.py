@@ -6,12 +6,21 @@ import time
 
 from flask import Flask, Response, g, request
 
-from serving.api.rest import admin, calibration, inference, models, ops, problems, try_it
+from serving.api.rest import (
+    admin,
+    calibration,
+    inference,
+    models,
+    ops,
+    problems,
+    tfserving,
+    try_it,
+)
 from serving.service import request_id_from
 
 REQUEST_ID_HEADER = "X-Request-ID"
 #: Blueprints whose requests are counted in ``imgserve_requests_total`` and friends.
-_TRACKED = {"inference", "models", "admin", "calibration"}
+_TRACKED = {"inference", "models", "tfserving", "admin", "calibration"}
 
 
 def init_app(app: Flask) -> None:
@@ -19,6 +28,7 @@ def init_app(app: Flask) -> None:
     blueprints = (inference.bp, models.bp, admin.bp, calibration.bp, ops.bp, try_it.bp)
     for blueprint in blueprints:
         app.register_blueprint(blueprint)
+    tfserving.init_app(app)
     problems.init_app(app)
     app.before_request(_before)
     app.after_request(_after)

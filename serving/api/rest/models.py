@@ -1,8 +1,12 @@
-"""``GET /v1/models`` and ``GET /v1/models/<name>``: versions, labels, states, model cards."""
+"""``GET /v1/models``: every model with its versions, states and labels.
+
+One model (``GET /v1/models/<name>``, with model cards) is TF Serving's model
+status API, in :mod:`serving.api.rest.tfserving`.
+"""
 
 from __future__ import annotations
 
-from flask import Blueprint, g, jsonify
+from flask import Blueprint, jsonify
 
 from serving.api.rest.inference import service
 
@@ -12,10 +16,3 @@ bp = Blueprint("models", __name__)
 @bp.get("/v1/models")
 def list_models():
     return jsonify({"models": service().list_models()})
-
-
-@bp.get("/v1/models/<name>")
-def describe_model(name: str):
-    svc = service()
-    g.metric_model = svc.known_model(name)
-    return jsonify(svc.describe_model(name))

@@ -20,8 +20,15 @@ from serving.errors import ServingError, Unauthorized
 log = logging.getLogger(__name__)
 
 
-def problem_response(exc: Exception) -> Response:
-    """Render ``exc`` as a problem document with its status, Retry-After and Allow headers."""
+def problem_response(
+    exc: Exception, *, status: int | None = None, error_member: bool = False
+) -> Response:
+    """Render ``exc`` as a problem document with its status, Retry-After and Allow headers.
+
+    ``status`` replaces the table's (a protocol with its own status rules, TF
+    Serving's); ``error_member`` adds the detail as ``error``, the member TF
+    Serving's clients read.
+    """
     if errors.resolve(exc) is None:
         log.exception("unhandled error on %s %s", request.method, request.path, exc_info=exc)
         exc = ServingError(f"internal error (request id {getattr(g, 'request_id', '')})")
@@ -37,6 +44,10 @@ def problem_response(exc: Exception) -> Response:
             hidden,
         )
     doc = errors.problem(exc, instance=request.path, request_id=getattr(g, "request_id", None))
+    if status is not None:
+        doc["status"] = status
+    if error_member:
+        doc["error"] = doc["detail"]
     response = Response(json.dumps(doc), status=doc["status"], mimetype=errors.PROBLEM_JSON)
     retry_after = errors.retry_after(exc)
     if retry_after is not None:
