@@ -18,6 +18,7 @@ import requests
 from serving.proto import imgserve_pb2, imgserve_pb2_grpc
 
 EXIT_REFUSED = 1
+EXIT_BAD_ADDRESS = 2
 EXIT_SERVER_FAILED = 3
 EXIT_UNREACHABLE = 4
 
@@ -27,11 +28,22 @@ class ClientError(Exception):
 
     exit_code = EXIT_SERVER_FAILED
 
+    def __init__(self, message: str, image_index: int | None = None) -> None:
+        super().__init__(message)
+        #: Which image of the request the server refused, where it said so.
+        self.image_index = image_index
+
 
 class RequestRefused(ClientError):
     """The server refused the request (a 4xx problem): fix the input or the options."""
 
     exit_code = EXIT_REFUSED
+
+
+class BadAddress(ClientError):
+    """The server's address is not one a request can be sent to (a usage error)."""
+
+    exit_code = EXIT_BAD_ADDRESS
 
 
 class ServerFailed(ClientError):
@@ -46,11 +58,11 @@ class ServerUnreachable(ClientError):
     exit_code = EXIT_UNREACHABLE
 
 
-def error_for_status(status: int, message: str) -> ClientError:
+def error_for_status(status: int, message: str, image_index: int | None = None) -> ClientError:
     """The error kind of an HTTP status: 4xx other than 429 is the client's fault."""
     if 400 <= status < 500 and status != 429:
-        return RequestRefused(message)
-    return ServerFailed(message)
+        return RequestRefused(message, image_index)
+    return ServerFailed(message, image_index)
 
 
 @dataclass(frozen=True)
@@ -111,12 +123,18 @@ class RestClient:
             response = self.session.post(
                 self.url + path, files=files, data=options.fields(), timeout=self.timeout
             )
-        except requests.exceptions.InvalidURL as exc:
-            raise RequestRefused(f"invalid URL {self.url!r}: {exc}") from None
+        except (
+            requests.exceptions.MissingSchema,
+            requests.exceptions.InvalidSchema,
+            requests.exceptions.InvalidURL,
+        ) as exc:
+            raise BadAddress(f"--url {self.url!r} is not an http(s) URL: {exc}") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise ServerUnreachable(f"no answer from {self.url}: {_reason(exc)}") from None
         if response.status_code != 200:
-            raise error_for_status(response.status_code, problem_message(response))
+            raise error_for_status(
+                response.status_code, problem_message(response), _image_index(response)
+            )
         return response.json()
 
 
@@ -129,6 +147,14 @@ def _reason(exc: requests.RequestException) -> str:
     # ("Failed to establish a new connection: [Errno 111] Connection refused").
     reason = getattr(exc.args[0], "reason", None) if exc.args else None
     return str(reason or exc)
+
+
+def _image_index(response: requests.Response) -> int | None:
+    try:
+        index = response.json().get("image_index")
+    except (ValueError, AttributeError):
+        return None
+    return index if isinstance(index, int) else None
 
 
 def problem_message(response: requests.Response) -> str:

@@ -101,7 +101,9 @@ def _run(args: argparse.Namespace, call: str, outputs: list[Path] | None) -> int
     try:
         answer = getattr(client, call)(images, options)
     except ClientError as exc:
-        print(f"imgserve {call}: error: {exc}", file=sys.stderr)
+        which = exc.image_index
+        named = f" (FILE {args.files[which]})" if which is not None and which < len(images) else ""
+        print(f"imgserve {call}: error: {exc}{named}", file=sys.stderr)
         return exc.exit_code
     finally:
         client.close()
