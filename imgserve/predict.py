@@ -78,7 +78,7 @@ def run_detect(args: argparse.Namespace) -> int:
         try:
             outputs = output_paths(args.files, args.out)
         except OutputError as exc:
-            return _usage(exc)
+            return _usage("detect", exc)
     return _run(args, "detect", outputs)
 
 
@@ -86,7 +86,7 @@ def _run(args: argparse.Namespace, call: str, outputs: list[Path] | None) -> int
     try:
         images = [Image(Path(f).name, Path(f).read_bytes()) for f in args.files]
     except OSError as exc:
-        return _usage(f"cannot read {exc.filename}: {exc.strerror}")
+        return _usage(call, f"cannot read {exc.filename}: {exc.strerror}")
     options = Options(
         **{
             k: getattr(args, k, None)
@@ -124,8 +124,8 @@ def _write_annotated(images: list[Image], answer: dict[str, Any], outputs: list[
         print(f"wrote {path}", file=sys.stderr)
 
 
-def _usage(message: object) -> int:
-    print(f"imgserve: error: {message}", file=sys.stderr)
+def _usage(call: str, message: object) -> int:
+    print(f"imgserve {call}: error: {message}", file=sys.stderr)
     return EXIT_USAGE
 
 
