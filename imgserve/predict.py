@@ -10,6 +10,7 @@ failed or is overloaded (5xx, 429), 4 no server answered.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -87,12 +88,7 @@ def _run(args: argparse.Namespace, call: str, outputs: list[Path] | None) -> int
         images = [Image(Path(f).name, Path(f).read_bytes()) for f in args.files]
     except OSError as exc:
         return _usage(call, f"cannot read {exc.filename}: {exc.strerror}")
-    options = Options(
-        **{
-            k: getattr(args, k, None)
-            for k in ("model", "version", "label", "top_k", "score_threshold", "max_detections")
-        }
-    )
+    options = Options(**{f.name: getattr(args, f.name, None) for f in dataclasses.fields(Options)})
     client: ImageClient = (
         GrpcClient(args.grpc, args.timeout)
         if args.grpc
@@ -114,7 +110,10 @@ def _run(args: argparse.Namespace, call: str, outputs: list[Path] | None) -> int
     else:
         print(detect_table(args.files, answer))
     if outputs is not None:
-        _write_annotated(images, answer, outputs)
+        try:
+            _write_annotated(images, answer, outputs)
+        except OSError as exc:
+            return _usage(call, f"cannot write {exc.filename}: {exc.strerror}")
     return 0
 
 

@@ -228,3 +228,15 @@ def test_a_url_without_a_scheme_is_a_usage_error(photos, capsys):
     code, _, err = run(capsys, "classify", photos["chelsea"], "--url", "localhost:8080")
     assert code == EXIT_USAGE
     assert "not an http(s) URL" in err
+
+
+def test_an_unwritable_out_is_a_usage_error_after_the_answer(servers, photos, capsys, tmp_path):
+    url, _ = servers
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a directory would go")
+    code, out, err = run(
+        capsys, "detect", photos["chelsea"], "--url", url, "--out", blocker / "b.png"
+    )
+    assert code == EXIT_USAGE
+    assert "triangle" in out  # the answer is printed; only the drawing could not be written
+    assert f"cannot write {blocker}" in err
