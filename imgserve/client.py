@@ -135,7 +135,12 @@ class RestClient:
             raise error_for_status(
                 response.status_code, problem_message(response), _image_index(response)
             )
-        return response.json()
+        try:
+            return response.json()
+        except ValueError:  # something other than the gateway answered at that URL
+            raise ServerFailed(
+                f"{self.url + path} answered 200 with no JSON document: is it an imgserve gateway?"
+            ) from None
 
 
 def _media_type(name: str) -> str:
@@ -170,7 +175,10 @@ def problem_message(response: requests.Response) -> str:
         if response.headers.get("Retry-After"):
             message += f" (retry after {response.headers['Retry-After']} s)"
         return message
-    body = response.text.strip()[:200]
+    # Not the gateway's problem document: the status says enough, and a page of HTML
+    # says nothing on a terminal; a short text body is kept, on one line.
+    html = "html" in response.headers.get("Content-Type", "")
+    body = "" if html else " ".join(response.text.split())[:200]
     return f"HTTP {response.status_code} {response.reason}" + (f": {body}" if body else "")
 
 
