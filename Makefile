@@ -47,8 +47,8 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check contract training calibration serving tests k8s bench
-	$(VENV)/bin/ruff format --check contract training calibration serving tests k8s bench
+	$(VENV)/bin/ruff check contract training calibration serving imgserve tests k8s bench
+	$(VENV)/bin/ruff format --check contract training calibration serving imgserve tests k8s bench
 	$(VENV)/bin/hadolint Dockerfile
 	promtool check rules monitoring/alerts.yml
 

@@ -206,20 +206,30 @@ def _run_make_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_train_subcommands(sub: argparse._SubParsersAction) -> None:
+    """Add the training runs, ``classifier`` and ``detector``, to a command line's subparsers.
+
+    Each sets ``func`` to the function that runs it and returns the exit code.
+    """
+    _add_classifier(sub)
+    _add_detector(sub)
+
+
+def build_parser(prog: str = "python -m training") -> argparse.ArgumentParser:
+    """The whole command line; ``prog`` is the name its usage and ``--help`` show."""
     parser = argparse.ArgumentParser(
-        prog="python -m training",
+        prog=prog,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_classifier(sub)
-    _add_detector(sub)
+    add_train_subcommands(sub)
     _add_calibration(sub)
     _add_make_dataset(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m training") -> int:
+    """Run one command; its exit code."""
+    args = build_parser(prog).parse_args(argv)
     return int(args.func(args) or 0)

@@ -104,3 +104,25 @@ def gunicorn(model_base: Path, tmp: Path, **env: str) -> tuple[subprocess.Popen,
     url = f"http://127.0.0.1:{port}"
     wait_ready(url + "/readyz", proc, log)
     return proc, url, log
+
+
+def wait_grpc_ready(address: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Wait until the gRPC server at ``address`` reports SERVING on its health service;
+    fail with the log tail if ``proc`` exits or time runs out."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    end = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < end:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited early:\n{log.read_text()[-3000:]}")
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.25)
+    raise AssertionError(f"not SERVING after {timeout}s:\n{log.read_text()[-3000:]}")

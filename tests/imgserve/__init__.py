@@ -1,0 +1,1 @@
+"""Tests of the ``imgserve`` command line (``imgserve/``)."""
