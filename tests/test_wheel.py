@@ -103,7 +103,7 @@ def test_wheel_carries_the_data_files_and_the_license(wheel: Path):
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         scripts = zf.read(entry_points).decode()
     assert "imgserve = imgserve.cli:main" in scripts
-    assert "imgserve-train = training.cli:main" in scripts
+    assert "imgserve-train = training.cli:console_main" in scripts
     missing = [f for f in DATA_FILES if f not in names]
     assert not missing, f"wheel lacks {missing}"
     assert meta["License-Expression"] == "Apache-2.0"
@@ -115,13 +115,21 @@ def test_installed_command_line_runs(site: Path, tmp_path: Path):
     # The console script pip wrote, run outside the checkout with only the install on the path.
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSERVE_")}
     env["PYTHONPATH"] = str(site)
-    script = site / "bin" / "imgserve"
-    for argv, shown in ((["--help"], "classify"), (["classify", "--help"], "--grpc")):
+    for name, argv, shown in (
+        ("imgserve", ["--help"], "classify"),
+        ("imgserve", ["classify", "--help"], "--grpc"),
+        ("imgserve-train", ["--help"], "classifier"),
+    ):
         done = subprocess.run(
-            [str(script), *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+            [str(site / "bin" / name), *argv],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert done.returncode == 0, done.stderr
-        assert done.stdout.startswith(f"usage: {' '.join(['imgserve', *argv[:-1]])} ")
+        assert done.stdout.startswith(f"usage: {' '.join([name, *argv[:-1]])} ")
         assert shown in done.stdout
 
 

@@ -233,3 +233,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m training") -> int
     """Run one command; its exit code."""
     args = build_parser(prog).parse_args(argv)
     return int(args.func(args) or 0)
+
+
+def console_main() -> int:
+    """The ``imgserve-train`` console script: the same command line under its own name."""
+    return main(prog="imgserve-train")
