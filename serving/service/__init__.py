@@ -16,6 +16,7 @@ from serving.service.types import (
     PredictionEvent,
     PredictionObserver,
     PredictOptions,
+    TensorResult,
 )
 
 __all__ = [
@@ -29,5 +30,6 @@ __all__ = [
     "PredictOptions",
     "PredictionEvent",
     "PredictionObserver",
+    "TensorResult",
     "request_id_from",
 ]

@@ -93,6 +93,15 @@ class DetectResult:
 
 
 @dataclass(frozen=True)
+class TensorResult:
+    """A version's own signature outputs (``[n, ...]`` each) for preprocessed inputs."""
+
+    request_id: str
+    model: ModelRef
+    outputs: Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
 class PredictionEvent:
     """What one request produced, for observers (drift statistics, traffic capture).
 
@@ -106,7 +115,7 @@ class PredictionEvent:
     model: ModelVersion
     inputs: np.ndarray
     outputs: Mapping[str, np.ndarray]
-    result: ClassifyResult | DetectResult
+    result: ClassifyResult | DetectResult | TensorResult
 
 
 class PredictionObserver(Protocol):

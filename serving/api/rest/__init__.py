@@ -6,17 +6,18 @@ import time
 
 from flask import Flask, Response, g, request
 
-from serving.api.rest import admin, calibration, inference, models, ops, problems
+from serving.api.rest import admin, calibration, inference, models, ops, problems, v2
 from serving.service import request_id_from
 
 REQUEST_ID_HEADER = "X-Request-ID"
 #: Blueprints whose requests are counted in ``imgserve_requests_total`` and friends.
-_TRACKED = {"inference", "models", "admin", "calibration"}
+_TRACKED = {"inference", "models", "admin", "calibration", "oip"}
 
 
 def init_app(app: Flask) -> None:
     """Register blueprints, error handlers and the request id / metrics hooks."""
-    for blueprint in (inference.bp, models.bp, admin.bp, calibration.bp, ops.bp):
+    blueprints = (inference.bp, models.bp, admin.bp, calibration.bp, ops.bp, v2.bp, v2.health_bp)
+    for blueprint in blueprints:
         app.register_blueprint(blueprint)
     problems.init_app(app)
     app.before_request(_before)
