@@ -25,11 +25,24 @@ from tests.helpers.servers import GUNICORN, PYTHON, ROOT, free_port, stop, wait_
 pytestmark = pytest.mark.slow
 
 #: Files the gateway reads at run time that are not Python modules.
-DATA_FILES = ("serving/api/rest/openapi.yaml", "serving/proto/imgserve.proto")
+DATA_FILES = (
+    "serving/api/rest/openapi.yaml",
+    "serving/proto/imgserve.proto",
+    "serving/proto/grpc_predict_v2.proto",
+)
 
 # Build outputs and local state that must not leak into the copy the wheel is built from.
 _NOT_SOURCE = shutil.ignore_patterns(
-    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".bench", "models"
+    ".git",
+    ".venv",
+    ".venv-clients",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".*_cache",
+    ".bench",
+    "models",
 )
 
 # The gateway as gunicorn loads it, plus one route that says where ``serving`` came from:

@@ -26,7 +26,7 @@ from flask import Blueprint, Response, g, json, jsonify, request
 from serving.api import errors, oip
 from serving.api.rest.inference import service
 from serving.api.rest.payload import parse_json, read_body
-from serving.errors import BadRequest, InvalidParameter, NotFound, ServingError
+from serving.errors import BadRequest, InvalidParameter, ServingError
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,6 @@ def model_infer(name: str, version: str = ""):
     g.metric_model = svc.known_model(name)
     req, binary = infer_request(name, version)
     return infer_response(oip.infer(svc, req, g.request_id), binary)
-
-
-@bp.route("/v2/<path:rest>", methods=["GET", "POST"])
-def unknown_route(rest: str):
-    raise NotFound(f"no Open Inference Protocol route /v2/{rest}")
 
 
 # -- request ---------------------------------------------------------------------------
