@@ -14,6 +14,7 @@ import io
 import json
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -57,17 +58,37 @@ def repo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def rest_url(repo, tmp_path_factory):
-    proc, url, _ = gunicorn(repo, tmp_path_factory.mktemp("oip-rest"), workers="1")
-    yield url
-    stop(proc)
+def servers(repo, tmp_path_factory):
+    """Gunicorn and the gRPC server on the same repository, started side by side."""
+    tmp = tmp_path_factory.mktemp("oip-servers")
+    with ThreadPoolExecutor(2) as pool:
+        futures = [
+            pool.submit(gunicorn, repo, tmp, workers="1"),
+            pool.submit(grpc_server, repo, tmp),
+        ]
+    started, failures = [], []
+    for future in futures:
+        try:
+            started.append(future.result())
+        except Exception as exc:  # stop the one that did start before failing
+            failures.append(exc)
+    if failures:
+        for proc, _, _ in started:
+            stop(proc)
+        raise failures[0]
+    yield started[0][1], started[1][1]
+    for proc, _, _ in started:
+        stop(proc)
 
 
 @pytest.fixture(scope="module")
-def grpc_address(repo, tmp_path_factory):
-    proc, address, _ = grpc_server(repo, tmp_path_factory.mktemp("oip-grpc"))
-    yield address
-    stop(proc)
+def rest_url(servers) -> str:
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def grpc_address(servers) -> str:
+    return servers[1]
 
 
 def encoded(name: str, fmt: str) -> bytes:
