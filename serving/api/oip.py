@@ -84,6 +84,8 @@ class InferRequest:
     #: Names of the outputs asked for; empty: all of them.
     outputs: Sequence[str] = ()
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    #: The client's deadline (seconds left), when its transport carries one.
+    timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,7 @@ def _options(request: InferRequest, task: str) -> PredictOptions:
         top_k=_param(params, "top_k", int) if task == CLASSIFICATION else None,
         score_threshold=_param(params, "score_threshold", float),
         max_detections=_param(params, "max_detections", int) if task == DETECTION else None,
+        timeout_s=request.timeout_s,
     )
 
 

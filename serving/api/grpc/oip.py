@@ -87,7 +87,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext):
         def run(outcome: dict[str, Any]) -> pb.ModelInferResponse:
             outcome["model"] = self.service.known_model(request.model_name)
-            result = oip.infer(self.service, infer_request(request), outcome["request_id"])
+            remaining = context.time_remaining()
+            timeout = remaining if remaining is not None and remaining > 0 else None
+            req = infer_request(request, timeout)
+            result = oip.infer(self.service, req, outcome["request_id"])
             return infer_response(result)
 
         return self._call("ModelInfer", context, run)
@@ -106,7 +109,9 @@ def parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
     return values
 
 
-def infer_request(request: pb.ModelInferRequest) -> oip.InferRequest:
+def infer_request(
+    request: pb.ModelInferRequest, timeout_s: float | None = None
+) -> oip.InferRequest:
     """The transport-free request of a ModelInferRequest (raw or typed tensor contents)."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
@@ -135,6 +140,7 @@ def infer_request(request: pb.ModelInferRequest) -> oip.InferRequest:
         inputs=inputs,
         outputs=[o.name for o in request.outputs],
         parameters=parameters(request.parameters),
+        timeout_s=timeout_s,
     )
 
 

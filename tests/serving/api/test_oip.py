@@ -340,3 +340,50 @@ def test_bad_input_over_grpc(grpc_address):
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "shape" in err.details()
         ready = stub.ModelReady(pb.ModelReadyRequest(name=DETECTOR, version="1"), timeout=10)
         assert ready.ready
+
+
+@pytest.mark.slow
+def test_grpc_typed_contents_answer_as_raw_contents(grpc_address, files):
+    """The kserve SDK may send typed ``contents`` instead of ``raw_input_contents``."""
+    jpeg = (files / "a.jpg").read_bytes()
+    typed = pb.ModelInferRequest.InferInputTensor(
+        name="images",
+        datatype="BYTES",
+        shape=[1],
+        contents=pb.InferTensorContents(bytes_contents=[jpeg]),
+    )
+    raw = pb.ModelInferRequest.InferInputTensor(name="images", datatype="BYTES", shape=[1])
+    top_k = {"top_k": pb.InferParameter(int64_param=3)}
+    with grpc.insecure_channel(grpc_address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        a = stub.ModelInfer(
+            pb.ModelInferRequest(model_name=CLASSIFIER, id="t", inputs=[typed], parameters=top_k),
+            timeout=30,
+        )
+        b = stub.ModelInfer(
+            pb.ModelInferRequest(
+                model_name=CLASSIFIER,
+                model_version="stable",
+                inputs=[raw],
+                parameters=top_k,
+                raw_input_contents=[oip.serialize_bytes([jpeg])],
+            ),
+            timeout=30,
+        )
+    assert (a.id, a.model_version, [o.name for o in a.outputs]) == ("t", "1", ["labels", "scores"])
+    assert list(a.outputs[0].shape) == [1, 3]
+    assert a.raw_output_contents == b.raw_output_contents
+    labels = oip.deserialize_bytes(a.raw_output_contents[0], "labels")
+    assert sorted(labels) == sorted(label.encode() for label in tiny_models.CLASSIFIER_LABELS)
+
+
+@pytest.mark.slow
+def test_request_timeout_header_is_checked(rest_url, files):
+    body = {"inputs": [b64_images(files)]}
+    r = requests.post(
+        f"{rest_url}/v2/models/{CLASSIFIER}/infer",
+        json=body,
+        headers={"X-Request-Timeout": "soon"},
+        timeout=30,
+    )
+    assert r.status_code == 400 and "X-Request-Timeout" in r.json()["error"]
