@@ -3,11 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# tritonclient (the Open Inference Protocol tests' client) needs protobuf<7: its own venv.
+CLIENT_VENV := .venv-clients
+CLIENT_STAMP := $(CLIENT_VENV)/.installed
 MODELS ?= models
 
 .PHONY: setup models demo-versions serve test test-fast lint bench k8s docs clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(CLIENT_STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +18,12 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+$(CLIENT_STAMP): tests/clients/requirements.lock
+	$(PYTHON) -m venv $(CLIENT_VENV)
+	$(CLIENT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CLIENT_VENV)/bin/python -m pip install --quiet -r tests/clients/requirements.lock
+	touch $(CLIENT_STAMP)
 
 # The demo models: trained on the built-in synthetic data, exported as version 1.
 # Version 1 of each is kept in the repository, so on a fresh clone this trains nothing;
@@ -40,7 +49,7 @@ serve: models
 # the session's trainings are shared between them (tests/conftest.py: computed_once).
 TEST_WORKERS ?= 2
 
-test: $(STAMP)
+test: $(STAMP) $(CLIENT_STAMP)
 	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
@@ -68,4 +77,4 @@ bench: models
 	$(PY) bench/detector_calibration.py --model-base $(MODELS) --name demo_detector
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CLIENT_VENV) .pytest_cache .ruff_cache

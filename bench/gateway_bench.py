@@ -10,6 +10,10 @@
    (``IMGSERVE_GRPC_WORKERS``: as many processes as the HTTP gateway's workers), the
    same load; each client thread has a channel (a connection) of its own, as each HTTP
    client has its socket: the workers share the port, and the kernel spreads connections.
+   Each of the two servers also answers the same load over the Open Inference
+   Protocol v2 (``oip-rest``: ``POST /v2/models/<m>/infer`` with the binary tensor
+   data extension, as tritonclient.http sends it; ``oip-grpc``: ``ModelInfer`` with
+   BYTES in ``raw_input_contents``), at the same concurrencies and images per request.
 4. The framework's ceiling: ``GET /healthz`` on the same HTTP gateway at the highest
    concurrency, no image and no model. One-image requests cannot beat it; when it is
    itself near the raw limit, the gap to raw is the cost of a request, not of an image.
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import io
+import itertools
 import json
 import os
 import signal
@@ -41,6 +46,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -412,6 +418,68 @@ def grpc_call(port: int, image: bytes, n: int = 1):
     return call
 
 
+def oip_rest_call(port: int, image: bytes, n: int = 1, model: str = ""):
+    """``POST /v2/models/<model>/infer`` of ``n`` images as tritonclient.http sends them:
+    a JSON header, then the BYTES tensor in binary (the binary tensor data extension),
+    binary outputs back."""
+    raw = b"".join(len(image).to_bytes(4, "little") + image for _ in range(n))
+    binary = {"binary_data": True}
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "images",
+                    "datatype": "BYTES",
+                    "shape": [n],
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "outputs": [
+                {"name": "labels", "parameters": binary},
+                {"name": "scores", "parameters": binary},
+            ],
+            "parameters": {"top_k": 1},
+        }
+    ).encode()
+    head = (
+        f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: "
+        f"{len(header)}\r\nContent-Length: {len(header) + len(raw)}\r\n\r\n"
+    )
+    return socket_call(port, head.encode() + header + raw)
+
+
+def oip_grpc_call(port: int, image: bytes, n: int = 1, model: str = ""):
+    """One ``inference.GRPCInferenceService/ModelInfer`` of ``n`` images, BYTES in
+    ``raw_input_contents`` as tritonclient.grpc sends them; a channel per thread."""
+    import grpc
+
+    from serving.proto import grpc_predict_v2_pb2 as pb
+    from serving.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    raw = b"".join(len(image).to_bytes(4, "little") + image for _ in range(n))
+    request = pb.ModelInferRequest(
+        model_name=model,
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="images", datatype="BYTES", shape=[n])],
+        parameters={"top_k": pb.InferParameter(int64_param=1)},
+        raw_input_contents=[raw],
+    )
+    options = [("grpc.use_local_subchannel_pool", 1)]
+
+    def call(state: dict) -> bool:
+        stub = state.get("stub")
+        if stub is None:
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
+            stub = state["stub"] = pb_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            stub.ModelInfer(request, timeout=60)
+            return True
+        except grpc.RpcError:
+            return False
+
+    return call
+
+
 # -- servers -------------------------------------------------------------------------------
 def batch_totals(metrics_port: int) -> tuple[float, float]:
     """(sum, count) of ``imgserve_batch_size`` from the server's /metrics."""
@@ -510,7 +578,10 @@ def bench_server(
     probe: RawProbe,
     workers: int = 0,
     grpc_workers: int = 1,
+    model: str = "",
 ) -> list[Result]:
+    """Closed-loop runs on one server: its own API, and with ``model`` (the default
+    configuration only) the Open Inference Protocol on the same server."""
     port = free_port()
     metrics_port = port if kind == "http" else free_port()
     label = f"{kind}/{workers}w" if workers else kind
@@ -519,8 +590,13 @@ def bench_server(
     results = []
     try:
         wait_ready(kind, port, proc, log, grpc_workers)
-        factory = http_call if kind == "http" else grpc_call
-        for n in images_per_request:
+        clients = [(label, http_call if kind == "http" else grpc_call)]
+        if model and not workers:
+            oip_call = oip_rest_call if kind == "http" else oip_grpc_call
+            clients.append(
+                (f"oip-{'rest' if kind == 'http' else 'grpc'}", partial(oip_call, model=model))
+            )
+        for (name, factory), n in itertools.product(clients, images_per_request):
             # The same images in flight for every request size (and within the queue bound).
             for c in sorted({max(1, level // n) for level in levels}):
                 before = probe.measure()
@@ -529,7 +605,7 @@ def bench_server(
                 s1, c1 = batch_totals(metrics_port)
                 after = probe.measure()
                 r = Result(
-                    label,
+                    name,
                     c,
                     n,
                     ok * n / elapsed,
@@ -543,7 +619,7 @@ def bench_server(
                 )
                 results.append(r)
                 print(
-                    f"  {label:9s} c={c:3d} x{n}: {r.images_per_s:8.1f} img/s  p50 {r.p50_ms:7.2f} ms"
+                    f"  {name:9s} c={c:3d} x{n}: {r.images_per_s:8.1f} img/s  p50 {r.p50_ms:7.2f} ms"
                     f"  p99 {r.p99_ms:7.2f} ms  batch {r.mean_batch:5.1f}  errors {err}"
                     f"  (raw around it {before[0]:.0f}/{after[0]:.0f} img/s)",
                     flush=True,
@@ -696,6 +772,7 @@ def main(argv: list[str] | None = None) -> int:
                 probe,
                 w,
                 grpc_settings.workers,
+                args.model,
             )
     finally:
         probe.close()

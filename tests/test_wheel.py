@@ -31,11 +31,21 @@ DATA_FILES = (
     "serving/api/rest/static/page.css",
     "serving/api/rest/static/page.js",
     "serving/proto/imgserve.proto",
+    "serving/proto/grpc_predict_v2.proto",
 )
 
 # Build outputs and local state that must not leak into the copy the wheel is built from.
 _NOT_SOURCE = shutil.ignore_patterns(
-    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".bench", "models"
+    ".git",
+    ".venv",
+    ".venv-clients",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".*_cache",
+    ".bench",
+    "models",
 )
 
 # The gateway as gunicorn loads it, plus one route that says where ``serving`` came from:

@@ -17,6 +17,7 @@ from serving.service.types import (
     PredictionObserver,
     PredictOptions,
     PredictResult,
+    TensorResult,
 )
 
 __all__ = [
@@ -31,5 +32,6 @@ __all__ = [
     "PredictResult",
     "PredictionEvent",
     "PredictionObserver",
+    "TensorResult",
     "request_id_from",
 ]

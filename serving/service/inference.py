@@ -27,27 +27,25 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from contract.preprocessing import ImageError, decode_image, preprocess_pixels
 from serving.backends.base import AVAILABLE, Backend
 from serving.batching import BatcherClosed, BatcherHooks, DynamicBatcher
 from serving.catalog import CLASSIFICATION, DETECTION, Catalog, ModelVersion, RepositorySnapshot
 from serving.errors import (
     BadRequest,
-    ImageRejected,
     InvalidParameter,
     LabelNotFound,
     ModelNotFound,
-    PreprocessTimeout,
     ServiceUnavailable,
     TooManyImages,
     VersionNotFound,
 )
 from serving.metrics import GatewayMetrics
+from serving.service.inputs import StageTiming, checked_tensor, preprocess_images
 from serving.service.pixel_budget import check_pixel_budget
 from serving.service.postprocess import classifications, detections
 from serving.service.types import (
@@ -58,6 +56,7 @@ from serving.service.types import (
     PredictionObserver,
     PredictOptions,
     PredictResult,
+    TensorResult,
 )
 from serving.settings import Settings
 
@@ -74,14 +73,6 @@ class _State:
 
     def labels_of(self, name: str, version: int) -> list[str]:
         return sorted(k for k, v in self.labels.get(name, {}).items() if v == version)
-
-
-@dataclass
-class _Timing:
-    stages: dict[str, float] = field(default_factory=dict)
-
-    def add(self, stage: str, seconds: float) -> None:
-        self.stages[stage] = self.stages.get(stage, 0.0) + seconds
 
 
 # -- the service -----------------------------------------------------------------------
@@ -212,8 +203,20 @@ class InferenceService:
         :meth:`classify` or :meth:`detect` gives for the named model's task."""
         return self._infer(None, images, options, request_id)
 
+    def predict_tensor(
+        self, task: str, inputs: np.ndarray, options: PredictOptions, request_id: str
+    ) -> TensorResult:
+        """The signature's own outputs for inputs already preprocessed per the model card.
+
+        ``inputs`` is float32 ``[n, H, W, 3]`` (H, W of the selected version); it is
+        batched, measured and observed exactly as decoded images are.
+        """
+        result = self._infer(task, inputs, options, request_id).result
+        assert isinstance(result, TensorResult)
+        return result
+
     def task_of(self, name: str) -> str | None:
-        """The task of model ``name`` (None while no version has a model card)."""
+        """The task of model ``name`` (None when its cards do not say); 404 if not served."""
         entry = self._state.snapshot.models.get(name)
         if entry is None:
             raise ModelNotFound(f"model {name!r} is not served")
@@ -231,29 +234,40 @@ class InferenceService:
         return name if name and name in self._state.snapshot.models else ""
 
     def _infer(
-        self, task: str | None, images: Sequence[bytes], options: PredictOptions, request_id: str
+        self,
+        task: str | None,
+        images: Sequence[bytes] | np.ndarray,
+        options: PredictOptions,
+        request_id: str,
     ) -> PredictResult:
         start = time.monotonic()
         limit = self.settings.request_timeout_s
         deadline = start + min(options.timeout_s or limit, limit)
-        if not images:
+        tensor = isinstance(images, np.ndarray)
+        if not len(images):
             raise BadRequest("the request carries no image")
         if len(images) > self.settings.max_images_per_request:
             raise TooManyImages(
                 f"{len(images)} images in one request, limit is "
                 f"{self.settings.max_images_per_request}"
             )
-        check_pixel_budget(
-            images,
-            max_request_pixels=self.settings.max_request_pixels,
-            max_image_pixels=self.settings.max_image_pixels,
-        )
+        if not tensor:
+            check_pixel_budget(
+                images,
+                max_request_pixels=self.settings.max_request_pixels,
+                max_image_pixels=self.settings.max_image_pixels,
+            )
         for attempt in range(2):
             mv, batcher = self._select(task, options)
-            timing = _Timing()
+            timing = StageTiming()
             batcher.announce()
             try:
-                inputs, geometries = self._preprocess(mv, images, timing, deadline)
+                if tensor:
+                    inputs, geometries = checked_tensor(mv, images), []
+                else:
+                    inputs, geometries = preprocess_images(
+                        mv, images, self.settings, timing, deadline
+                    )
             except BaseException:
                 batcher.withdraw()
                 raise
@@ -272,8 +286,10 @@ class InferenceService:
         t0 = time.perf_counter()
         state = self._state
         ref = ModelRef(mv.name, mv.version, state.labels_of(mv.name, mv.version))
-        result: ClassifyResult | DetectResult
-        if mv.task == CLASSIFICATION:
+        result: ClassifyResult | DetectResult | TensorResult
+        if tensor:
+            result = TensorResult(request_id, ref, dict(batch.outputs))
+        elif mv.task == CLASSIFICATION:
             result = ClassifyResult(request_id, ref, classifications(mv, batch.outputs, options))
         else:
             result = DetectResult(
@@ -295,38 +311,6 @@ class InferenceService:
                 except Exception:  # an observer must never fail a served request
                     log.exception("prediction observer %r failed", observer)
         return PredictResult(result, batch.outputs)
-
-    def _preprocess(
-        self, mv: ModelVersion, images: Sequence[bytes], timing: _Timing, deadline: float
-    ) -> tuple[np.ndarray, list[Any]]:
-        spec = mv.spec
-        inputs = np.empty((len(images), spec.height, spec.width, 3), np.float32)
-        geometries = []
-        for i, data in enumerate(images):
-            # A decode cannot be interrupted, so the deadline is checked before each one:
-            # a late request stops here instead of decoding the rest for nobody.
-            if time.monotonic() >= deadline:
-                raise PreprocessTimeout(
-                    f"deadline passed after {i} of {len(images)} images were decoded",
-                    retry_after=self.settings.retry_after_s,
-                )
-            t0 = time.perf_counter()
-            try:
-                decoded = decode_image(
-                    data,
-                    max_pixels=self.settings.max_image_pixels,
-                    multi_frame=self.settings.multi_frame,
-                    spec=spec,
-                )
-            except ImageError as exc:
-                raise ImageRejected(exc, i if len(images) > 1 else None) from exc
-            t1 = time.perf_counter()
-            # The decoded image itself (no pixel array in between), written into the batch.
-            _, geometry = preprocess_pixels(decoded, spec, out=inputs[i])
-            geometries.append(geometry)
-            timing.add("decode", t1 - t0)
-            timing.add("preprocess", time.perf_counter() - t1)
-        return inputs, geometries
 
     # -- version selection -------------------------------------------------------------
     def _default_model(self, task: str, state: _State) -> str:

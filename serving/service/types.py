@@ -101,7 +101,16 @@ class PredictResult:
     TF Serving's Predict API answers.
     """
 
-    result: ClassifyResult | DetectResult
+    result: ClassifyResult | DetectResult | TensorResult
+    outputs: Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class TensorResult:
+    """A version's own signature outputs (``[n, ...]`` each) for preprocessed inputs."""
+
+    request_id: str
+    model: ModelRef
     outputs: Mapping[str, np.ndarray]
 
 
@@ -119,7 +128,7 @@ class PredictionEvent:
     model: ModelVersion
     inputs: np.ndarray
     outputs: Mapping[str, np.ndarray]
-    result: ClassifyResult | DetectResult
+    result: ClassifyResult | DetectResult | TensorResult
 
 
 class PredictionObserver(Protocol):

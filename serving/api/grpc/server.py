@@ -1,7 +1,9 @@
 """One gRPC server process of the gateway (started by ``python -m serving.api.grpc``).
 
 ``imgserve.v1.ImageService`` (``serving/proto/imgserve.proto``, answered by
-:mod:`serving.api.grpc.servicer`) over the same service layer as the REST API,
+:mod:`serving.api.grpc.servicer`) and the Open Inference Protocol's
+``inference.GRPCInferenceService`` (``serving/proto/grpc_predict_v2.proto``,
+:mod:`serving.api.grpc.oip`) over the same service layer as the REST API,
 plus gRPC health checking (``grpc.health.v1``, SERVING once a model version is
 loaded) and server reflection. The process exposes its Prometheus metrics on
 ``IMGSERVE_GRPC_METRICS_BIND`` (same names as the REST gateway; ``endpoint`` is
@@ -26,10 +28,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
 from grpc_reflection.v1alpha import reflection  # noqa: E402
 from prometheus_client import CollectorRegistry, make_wsgi_app, start_http_server  # noqa: E402
 
+from serving.api.grpc import oip  # noqa: E402
 from serving.api.grpc.servicer import SERVICE_NAME, ImageServicer  # noqa: E402
 from serving.backends import create_backend  # noqa: E402
 from serving.observers.wiring import attach  # noqa: E402
-from serving.proto import imgserve_pb2_grpc  # noqa: E402
+from serving.proto import grpc_predict_v2_pb2_grpc, imgserve_pb2_grpc  # noqa: E402
 from serving.service import InferenceService  # noqa: E402
 from serving.settings import Settings, split_host_port  # noqa: E402
 
@@ -56,10 +59,16 @@ class GrpcGateway:
         )
         self.servicer = ImageServicer(service)
         imgserve_pb2_grpc.add_ImageServiceServicer_to_server(self.servicer, self.server)
+        # The Open Inference Protocol beside it, over the same service and call runner.
+        self.inference_servicer = oip.InferenceServicer(service, self.servicer.runner)
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            self.inference_servicer, self.server
+        )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (SERVICE_NAME, oip.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self.server,
         )
         self.port = self.server.add_insecure_port(bind)
         if self.port == 0:
@@ -88,7 +97,7 @@ class GrpcGateway:
             if ready
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, oip.SERVICE_NAME):
             self.health.set(name, status)
 
     def _watch(self) -> None:

@@ -36,11 +36,14 @@ T = TypeVar("T")
 class ImageServicer(imgserve_pb2_grpc.ImageServiceServicer):
     """``imgserve.v1.ImageService``: request messages -> service layer -> response messages."""
 
-    def __init__(self, service: InferenceService) -> None:
+    def __init__(self, service: InferenceService, runner: CallRunner | None = None) -> None:
         self.service = service
-        #: Calls finished, however they ended: the progress a worker's heartbeat looks
-        #: at. Increments from several threads may race; it only has to change.
-        self.finished = 0
+        self.runner = runner or CallRunner(service)
+
+    @property
+    def finished(self) -> int:
+        """Calls finished by every service sharing this servicer's runner."""
+        return self.runner.finished
 
     def Classify(self, request: imgserve_pb2.ClassifyRequest, context: grpc.ServicerContext):
         def run(rid: str, options: PredictOptions) -> imgserve_pb2.ClassifyResponse:
@@ -87,11 +90,31 @@ class ImageServicer(imgserve_pb2_grpc.ImageServiceServicer):
     def _call(
         self, method: str, context: grpc.ServicerContext, body: Callable[[dict[str, Any]], T]
     ) -> T:
+        return self.runner(f"/{SERVICE_NAME}/{method}", context, body)
+
+
+class CallRunner:
+    """Runs each call of the gateway's gRPC services: request id, metrics, error status.
+
+    One runner is shared by every service of a server, so ``finished`` counts all
+    their calls.
+    """
+
+    def __init__(self, service: InferenceService) -> None:
+        self.service = service
+        #: Calls finished, however they ended: the progress a worker's heartbeat looks
+        #: at. Increments from several threads may race; it only has to change.
+        self.finished = 0
+
+    def __call__(
+        self, method: str, context: grpc.ServicerContext, body: Callable[[dict[str, Any]], T]
+    ) -> T:
+        """Run ``body`` as the call ``method`` (its full path, the metrics' endpoint)."""
         metadata = dict(context.invocation_metadata() or ())
         rid = request_id_from(metadata.get(REQUEST_ID_KEY))
         context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
         try:
-            with self.service.metrics.track(f"/{SERVICE_NAME}/{method}") as outcome:
+            with self.service.metrics.track(method) as outcome:
                 outcome["request_id"] = rid
                 try:
                     response = body(outcome)

@@ -15,17 +15,27 @@ from serving.api.rest import (
     problems,
     tfserving,
     try_it,
+    v2,
 )
 from serving.service import request_id_from
 
 REQUEST_ID_HEADER = "X-Request-ID"
 #: Blueprints whose requests are counted in ``imgserve_requests_total`` and friends.
-_TRACKED = {"inference", "models", "tfserving", "admin", "calibration"}
+_TRACKED = {"inference", "models", "tfserving", "admin", "calibration", "oip"}
 
 
 def init_app(app: Flask) -> None:
     """Register blueprints, error handlers and the request id / metrics hooks."""
-    blueprints = (inference.bp, models.bp, admin.bp, calibration.bp, ops.bp, try_it.bp)
+    blueprints = (
+        inference.bp,
+        models.bp,
+        admin.bp,
+        calibration.bp,
+        ops.bp,
+        try_it.bp,
+        v2.bp,
+        v2.health_bp,
+    )
     for blueprint in blueprints:
         app.register_blueprint(blueprint)
     tfserving.init_app(app)
