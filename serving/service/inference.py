@@ -9,7 +9,8 @@ the result or the error they get by :mod:`serving.api.errors`. One request runs:
 2. read every image's header and refuse the request (413) when their pixels add up to
    more than ``max_request_pixels``, before any decode; then decode and preprocess
    each image with ``contract.preprocessing``, configured by that version's model
-   card (``decode`` and ``preprocess`` stages), checking the deadline before each,
+   card (``decode`` and ``preprocess`` stages), checking the deadline before each and
+   reserving its pixels of the worker's ``max_worker_pixels`` (503 when they do not fit),
 3. queue the tensors in the version's :class:`DynamicBatcher` (``queue``, ``predict``),
 4. turn the outputs into labels and scores, or boxes in original pixels (``postprocess``),
 5. hand the preprocessed inputs and every raw output (including the BN probe
@@ -58,6 +59,7 @@ from serving.service.types import (
     PredictionObserver,
     PredictOptions,
 )
+from serving.service.worker_pixels import WorkerPixelLimit
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,8 @@ class InferenceService:
         # Every process reports one of N: a scrape tells "k of N workers ready".
         self.metrics.set_configured_processes(settings.worker_count())
         self._state = _State(RepositorySnapshot({}), {}, {})
+        #: Decoded pixels in flight over all requests of this process (one per worker).
+        self.worker_pixels = WorkerPixelLimit(settings.max_worker_pixels, settings.retry_after_s)
         self._batchers: dict[tuple[str, int], DynamicBatcher] = {}
         self._batchers_lock = threading.Lock()
         self._refresh_lock = threading.Lock()
@@ -228,7 +232,7 @@ class InferenceService:
                 f"{len(images)} images in one request, limit is "
                 f"{self.settings.max_images_per_request}"
             )
-        check_pixel_budget(
+        pixels = check_pixel_budget(
             images,
             max_request_pixels=self.settings.max_request_pixels,
             max_image_pixels=self.settings.max_image_pixels,
@@ -238,7 +242,7 @@ class InferenceService:
             timing = _Timing()
             batcher.announce()
             try:
-                inputs, geometries = self._preprocess(mv, images, timing, deadline)
+                inputs, geometries = self._preprocess(mv, images, pixels, timing, deadline)
             except BaseException:
                 batcher.withdraw()
                 raise
@@ -282,7 +286,12 @@ class InferenceService:
         return result
 
     def _preprocess(
-        self, mv: ModelVersion, images: Sequence[bytes], timing: _Timing, deadline: float
+        self,
+        mv: ModelVersion,
+        images: Sequence[bytes],
+        pixels: Sequence[int],
+        timing: _Timing,
+        deadline: float,
     ) -> tuple[np.ndarray, list[Any]]:
         spec = mv.spec
         inputs = np.empty((len(images), spec.height, spec.width, 3), np.float32)
@@ -296,18 +305,21 @@ class InferenceService:
                     retry_after=self.settings.retry_after_s,
                 )
             t0 = time.perf_counter()
-            try:
-                decoded = decode_image(
-                    data,
-                    max_pixels=self.settings.max_image_pixels,
-                    multi_frame=self.settings.multi_frame,
-                    spec=spec,
-                )
-            except ImageError as exc:
-                raise ImageRejected(exc, i if len(images) > 1 else None) from exc
-            t1 = time.perf_counter()
-            # The decoded image itself (no pixel array in between), written into the batch.
-            _, geometry = preprocess_pixels(decoded, spec, out=inputs[i])
+            # The decoded image lives until it is preprocessed: that is what it reserves.
+            with self.worker_pixels.reserve(pixels[i]):
+                try:
+                    decoded = decode_image(
+                        data,
+                        max_pixels=self.settings.max_image_pixels,
+                        multi_frame=self.settings.multi_frame,
+                        spec=spec,
+                    )
+                except ImageError as exc:
+                    raise ImageRejected(exc, i if len(images) > 1 else None) from exc
+                t1 = time.perf_counter()
+                # The decoded image itself (no pixel array in between), written into the batch.
+                _, geometry = preprocess_pixels(decoded, spec, out=inputs[i])
+                del decoded
             geometries.append(geometry)
             timing.add("decode", t1 - t0)
             timing.add("preprocess", time.perf_counter() - t1)
