@@ -88,7 +88,10 @@ def not_a_server_error(ctx, response, case) -> None:
     """No 5xx, except the documented 503 for a client's own deadline too short to decode in."""
     if response.status_code < 500:
         return
-    code = (response.json() or {}).get("code") if "json" in str(response.headers) else None
+    try:
+        code = response.json().get("code")
+    except (ValueError, AttributeError):  # not a problem document
+        code = None
     if (
         response.status_code == 503
         and short_client_deadline(case)
