@@ -5,7 +5,8 @@ restrictor), so the ConfigMaps and the PrometheusRule cannot point at
 ``models/*.config`` or ``monitoring/`` directly. This script writes what they need:
 
 - byte-identical copies of ``models/models.config``, ``models/monitoring.config``,
-  ``models/batching.config`` and the Grafana dashboard JSON (ConfigMap sources);
+  ``models/batching.config``, the Grafana dashboard JSON and the nginx proxy's
+  ``proxy/gateway.conf.template`` (ConfigMap sources);
 - ``prometheusrule.yaml``: a PrometheusRule whose ``spec`` is ``monitoring/alerts.yml``.
 
 The sources stay the only place to edit. ``python k8s/generate.py --check`` (run by
@@ -30,6 +31,7 @@ COPIES: dict[str, str] = {
     "monitoring.config": "models/monitoring.config",
     "batching.config": "models/batching.config",
     "imgserve-dashboard.json": "monitoring/dashboards/imgserve.json",
+    "gateway.conf.template": "proxy/gateway.conf.template",
 }
 RULES_SOURCE = "monitoring/alerts.yml"
 RULE_FILE = "prometheusrule.yaml"

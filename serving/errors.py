@@ -142,6 +142,12 @@ class ServiceUnavailable(ServingError):
     code, title = "unavailable", "Service unavailable"
 
 
+class DecodeCapacityExceeded(ServiceUnavailable):
+    """The worker is already decoding as many pixels as it may hold; the image waits for none."""
+
+    code, title = "decode_capacity_exceeded", "Worker decoding capacity exceeded"
+
+
 class QueueTimeout(ServiceUnavailable):
     """The request's deadline passed while it waited for a batch slot."""
 

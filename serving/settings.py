@@ -100,6 +100,14 @@ class Settings:
     (4032x3024) or 32 images of 1400x1400 through (32 model-size ones are 1.6 M); decode
     time and memory grow with pixels, not encoded bytes, so this bounds one request's work."""
 
+    max_worker_pixels: int = 48_000_000
+    """Decoded pixels one worker process may hold at once, over all the requests it is
+    decoding (each image reserves its header's width x height from just before its decode
+    until it is preprocessed); an image that would pass it is 503 with Retry-After, not a
+    wait. At least ``max_image_pixels``. 48 M is one image at the per-image limit or four
+    12-MP photos at a time; a decode holds about 4 bytes a pixel (Pillow's RGB), so it
+    bounds a worker's decode memory near 200 MB whatever the flood."""
+
     multi_frame: str = "first"
     """Animated / multi-page images: ``first`` uses the first frame (as training does), ``reject`` is 422."""
 
@@ -208,6 +216,7 @@ class Settings:
             "max_images_per_request",
             "max_image_pixels",
             "max_request_pixels",
+            "max_worker_pixels",
             "max_batch_size",
             "max_enqueued_batches",
             "threads",
@@ -230,6 +239,9 @@ class Settings:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be >= 0")
+        if self.max_worker_pixels < self.max_image_pixels:
+            # Else an image the per-image limit accepts could never be decoded.
+            raise SettingsError("IMGSERVE_MAX_WORKER_PIXELS must be >= IMGSERVE_MAX_IMAGE_PIXELS")
         if self.grpc_worker_timeout_s <= 0 or self.grpc_stop_timeout_s <= 0:
             raise SettingsError(
                 "IMGSERVE_GRPC_WORKER_TIMEOUT_S and IMGSERVE_GRPC_STOP_TIMEOUT_S must be > 0"

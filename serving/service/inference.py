@@ -9,7 +9,8 @@ TF Serving's API), and render the result or the error by :mod:`serving.api.error
 2. read every image's header and refuse the request (413) when their pixels add up to
    more than ``max_request_pixels``, before any decode; then decode and preprocess
    each image with ``contract.preprocessing``, configured by that version's model
-   card (``decode`` and ``preprocess`` stages), checking the deadline before each,
+   card (``decode`` and ``preprocess`` stages), checking the deadline before each and
+   reserving its pixels of the worker's ``max_worker_pixels`` (503 when they do not fit),
 3. queue the tensors in the version's :class:`DynamicBatcher` (``queue``, ``predict``),
 4. turn the outputs into labels and scores, or boxes in original pixels (``postprocess``),
 5. hand the preprocessed inputs and every raw output (including the BN probe
@@ -58,6 +59,7 @@ from serving.service.types import (
     PredictResult,
     TensorResult,
 )
+from serving.service.worker_pixels import WorkerPixelLimit
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,8 @@ class InferenceService:
         # Every process reports one of N: a scrape tells "k of N workers ready".
         self.metrics.set_configured_processes(settings.worker_count())
         self._state = _State(RepositorySnapshot({}), {}, {})
+        #: Decoded pixels in flight over all requests of this process (one per worker).
+        self.worker_pixels = WorkerPixelLimit(settings.max_worker_pixels, settings.retry_after_s)
         self._batchers: dict[tuple[str, int], DynamicBatcher] = {}
         self._batchers_lock = threading.Lock()
         self._refresh_lock = threading.Lock()
@@ -251,8 +255,9 @@ class InferenceService:
                 f"{len(images)} images in one request, limit is "
                 f"{self.settings.max_images_per_request}"
             )
+        pixels: Sequence[int] = ()
         if not tensor:
-            check_pixel_budget(
+            pixels = check_pixel_budget(
                 images,
                 max_request_pixels=self.settings.max_request_pixels,
                 max_image_pixels=self.settings.max_image_pixels,
@@ -266,7 +271,7 @@ class InferenceService:
                     inputs, geometries = checked_tensor(mv, images), []
                 else:
                     inputs, geometries = preprocess_images(
-                        mv, images, self.settings, timing, deadline
+                        mv, images, pixels, self.settings, self.worker_pixels, timing, deadline
                     )
             except BaseException:
                 batcher.withdraw()

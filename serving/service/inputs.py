@@ -17,6 +17,7 @@ import numpy as np
 from contract.preprocessing import ImageError, decode_image, preprocess_pixels
 from serving.catalog import ModelVersion
 from serving.errors import ImageRejected, InvalidParameter, PreprocessTimeout
+from serving.service.worker_pixels import WorkerPixelLimit
 from serving.settings import Settings
 
 
@@ -34,11 +35,18 @@ class StageTiming:
 def preprocess_images(
     mv: ModelVersion,
     images: Sequence[bytes],
+    pixels: Sequence[int],
     settings: Settings,
+    worker_pixels: WorkerPixelLimit,
     timing: StageTiming,
     deadline: float,
 ) -> tuple[np.ndarray, list[Any]]:
-    """The batch [n, H, W, 3] and each image's geometry (for boxes in original pixels)."""
+    """The batch [n, H, W, 3] and each image's geometry (for boxes in original pixels).
+
+    ``pixels`` are the images' header pixel counts; each decode reserves its count of
+    the worker's decoded-pixel budget until its image is preprocessed (503 if it does
+    not fit).
+    """
     spec = mv.spec
     inputs = np.empty((len(images), spec.height, spec.width, 3), np.float32)
     geometries = []
@@ -51,18 +59,21 @@ def preprocess_images(
                 retry_after=settings.retry_after_s,
             )
         t0 = time.perf_counter()
-        try:
-            decoded = decode_image(
-                data,
-                max_pixels=settings.max_image_pixels,
-                multi_frame=settings.multi_frame,
-                spec=spec,
-            )
-        except ImageError as exc:
-            raise ImageRejected(exc, i if len(images) > 1 else None) from exc
-        t1 = time.perf_counter()
-        # The decoded image itself (no pixel array in between), written into the batch.
-        _, geometry = preprocess_pixels(decoded, spec, out=inputs[i])
+        # The decoded image lives until it is preprocessed: that is what it reserves.
+        with worker_pixels.reserve(pixels[i]):
+            try:
+                decoded = decode_image(
+                    data,
+                    max_pixels=settings.max_image_pixels,
+                    multi_frame=settings.multi_frame,
+                    spec=spec,
+                )
+            except ImageError as exc:
+                raise ImageRejected(exc, i if len(images) > 1 else None) from exc
+            t1 = time.perf_counter()
+            # The decoded image itself (no pixel array in between), written into the batch.
+            _, geometry = preprocess_pixels(decoded, spec, out=inputs[i])
+            del decoded
         geometries.append(geometry)
         timing.add("decode", t1 - t0)
         timing.add("preprocess", time.perf_counter() - t1)

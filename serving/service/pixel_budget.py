@@ -30,15 +30,18 @@ def header_pixels(data: bytes, index: int | None, max_image_pixels: int) -> int:
 
 def check_pixel_budget(
     images: Sequence[bytes], *, max_request_pixels: int, max_image_pixels: int
-) -> int:
-    """The request's decoded pixels; :class:`TooManyPixels` (413) above the budget."""
-    total = sum(
+) -> list[int]:
+    """Each image's header pixels; :class:`TooManyPixels` (413) when their sum is above
+    the budget. The list is what each decode reserves of the worker's limit
+    (:mod:`serving.service.worker_pixels`)."""
+    pixels = [
         header_pixels(data, i if len(images) > 1 else None, max_image_pixels)
         for i, data in enumerate(images)
-    )
+    ]
+    total = sum(pixels)
     if total > max_request_pixels:
         raise TooManyPixels(
             f"the request's images hold {total} pixels, limit is {max_request_pixels} per request",
             extra={"request_pixels": total, "max_request_pixels": max_request_pixels},
         )
-    return total
+    return pixels

@@ -169,8 +169,9 @@ def test_every_pod_meets_restricted_pod_security(rendered):
                     "cpu" in c["resources"]["requests"] and "memory" in c["resources"]["limits"]
                 ), cwhere
                 checked += 1
-    # gateway (http, grpc), tfserving (+ seed), calibrator: 5 in dev, 5 in prod, 1 in the Job.
-    assert checked == 11
+    # gateway (http, proxy, grpc), tfserving (+ seed), calibrator: 6 in dev, 6 in prod, 1 in
+    # the Job.
+    assert checked == 13
 
 
 def test_service_accounts_have_no_token(overlay):
@@ -198,8 +199,12 @@ def test_gateway_probes_and_ports(overlay):
     assert http["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert http["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert http["startupProbe"]["httpGet"]["path"] == "/healthz"
-    assert {p["name"]: p["containerPort"] for p in http["ports"]} == {"http": 8080}
+    # gunicorn behind the proxy sidecar, which holds the pod's http port.
+    assert {p["name"]: p["containerPort"] for p in http["ports"]} == {"gunicorn": 8081}
     assert "command" not in http  # the image's entrypoint: gunicorn -c serving/gunicorn.conf.py
+    proxy = km.container(spec, "proxy")
+    assert {p["name"]: p["containerPort"] for p in proxy["ports"]} == {"http": 8080}
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     grpc = km.container(spec, "grpc")
     assert grpc["command"] == ["python", "-m", "serving.api.grpc"]
     assert grpc["readinessProbe"]["grpc"]["port"] == 9000
@@ -208,7 +213,7 @@ def test_gateway_probes_and_ports(overlay):
         "grpc": 9000,
         "grpc-metrics": 9001,
     }
-    for c in (http, grpc):
+    for c in (http, proxy, grpc):
         for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
             port = c[probe].get("httpGet", c[probe].get("tcpSocket", {})).get("port")
             if isinstance(port, str):
@@ -217,6 +222,42 @@ def test_gateway_probes_and_ports(overlay):
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
         assert c["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
     assert spec["terminationGracePeriodSeconds"] >= 35  # preStop + gunicorn graceful_timeout
+
+
+def test_gateway_proxy_renders_the_template_in_front_of_gunicorn(overlay):
+    """The nginx sidecar: proxy/gateway.conf.template, its variables, gunicorn's address."""
+    from serving.settings import Settings, split_host_port
+
+    _, resources = overlay
+    spec = km.pod_spec(km.find(resources, "Deployment", "imgserve-gateway"))
+    proxy = km.container(spec, "proxy")
+    assert proxy["image"].startswith("nginx:")
+    data = _configmap_data(resources, proxy_volume(spec, proxy, "/etc/nginx/templates"))
+    assert data == {
+        "gateway.conf.template": (REPO_ROOT / "proxy/gateway.conf.template").read_text()
+    }
+    env = {e["name"]: e["value"] for e in proxy["env"]}
+    assert env["NGINX_ENVSUBST_FILTER"] == "IMGSERVE_PROXY_"
+    http_port = {p["name"]: p["containerPort"] for p in proxy["ports"]}["http"]
+    assert env["IMGSERVE_PROXY_LISTEN"] == str(http_port)
+    settings = Settings.from_env(
+        {k: v for k, v in _gateway_env(resources, "http").items() if isinstance(v, str)}
+    )
+    assert env["IMGSERVE_PROXY_UPSTREAM"] == f"127.0.0.1:{split_host_port(settings.bind)[1]}"
+    # Writable: the rendered conf.d, buffered bodies, the pid file.
+    writable = {
+        m["mountPath"]
+        for k, m in km.mounts_by_volume(spec, proxy).items()
+        if k.startswith("emptyDir:")
+    }
+    assert {"/etc/nginx/conf.d", "/var/cache/nginx", "/var/run", "/tmp"} <= writable
+
+
+def proxy_volume(spec: dict[str, Any], container: dict[str, Any], path: str) -> str:
+    """The ConfigMap mounted at ``path`` in ``container``."""
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == path]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    return volume["configMap"]["name"]
 
 
 def test_gateway_settings_are_real_and_point_at_tfserving(overlay):
@@ -247,7 +288,7 @@ def test_gateway_settings_are_real_and_point_at_tfserving(overlay):
             service_ports["grpc"],
         )
         assert settings.tfserving_rest == f"http://imgserve-tfserving:{service_ports['rest']}"
-        assert split_host_port(settings.bind)[1] == 8080
+        assert split_host_port(settings.bind)[1] == 8081  # behind the proxy on 8080
         assert split_host_port(settings.grpc_bind)[1] == 9000
         assert split_host_port(settings.grpc_metrics_bind)[1] == 9001
         # The default worker counts follow the node's cores, not the pod's: set them.
@@ -631,6 +672,8 @@ def test_network_policy_only_the_gateway_reaches_tfserving(overlay):
     # an Ingress controller), its gRPC metrics only from Prometheus.
     assert allowed(outsider, gateway, 8080) and allowed(outsider, gateway, 9000)
     assert not allowed(outsider, gateway, 9001)
+    # gunicorn itself only through the proxy (loopback) and the kubelet's probes.
+    assert not allowed(outsider, gateway, 8081) and not allowed(prometheus, gateway, 8081)
     # Anything else started in the namespace is denied by default, even its egress.
     assert not allowed(neighbour, gateway, 8080)
     assert allowed(prometheus, gateway, 8080) and allowed(prometheus, gateway, 9001)

