@@ -60,6 +60,13 @@ def problem_response(
     return response
 
 
+def _render(exc: Exception) -> Response:
+    # Below /v1/models/ the URL space is TF Serving's: a path no route matches (a name
+    # with ':', an unknown verb) is answered with TF Serving's `error` member too.
+    tf_serving_path = request.url_rule is None and request.path.startswith("/v1/models/")
+    return problem_response(exc, error_member=tf_serving_path)
+
+
 def init_app(app: Flask) -> None:
     """Register the problem+json handler for every exception."""
-    app.register_error_handler(Exception, problem_response)
+    app.register_error_handler(Exception, _render)
