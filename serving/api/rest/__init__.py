@@ -1,4 +1,5 @@
-"""The REST API: blueprints over the service layer, problem+json errors, request metrics."""
+"""The REST API: blueprints over the service layer, problem+json errors, request metrics,
+request ids in log lines and the access log (:mod:`.access`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import time
 
 from flask import Flask, Response, g, request
 
-from serving.api.rest import admin, calibration, inference, models, ops, problems
+from serving.api.rest import access, admin, calibration, inference, models, ops, problems
 from serving.service import request_id_from
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -15,7 +16,7 @@ _TRACKED = {"inference", "models", "admin", "calibration"}
 
 
 def init_app(app: Flask) -> None:
-    """Register blueprints, error handlers and the request id / metrics hooks."""
+    """Register blueprints, error handlers and the request id / access log / metrics hooks."""
     for blueprint in (inference.bp, models.bp, admin.bp, calibration.bp, ops.bp):
         app.register_blueprint(blueprint)
     problems.init_app(app)
@@ -30,6 +31,7 @@ def _tracked() -> bool:
 
 def _before() -> None:
     g.request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+    access.begin(g.request_id)
     if _tracked():
         g.metric_start = time.perf_counter()
         g.metric_model = ""
@@ -46,10 +48,12 @@ def _after(response: Response) -> Response:
         metrics.requests.labels(endpoint, model, str(response.status_code)).inc()
         metrics.request_duration.labels(endpoint, model).observe(time.perf_counter() - start)
         metrics.inflight.dec()
+    access.finish(response, inference.service().settings)
     return response
 
 
 def _teardown(exc: BaseException | None) -> None:
+    access.end()
     # after_request did not run (the response never formed): still release the gauge.
     if g.pop("metric_start", None) is not None:
         inference.service().metrics.inflight.dec()
