@@ -62,3 +62,16 @@ def parse_lines(text: str) -> list[dict]:
 def read_lines(log: Path) -> list[dict]:
     """A server's log file, every line parsed (see :func:`parse_lines`)."""
     return parse_lines(log.read_text(errors="replace"))
+
+
+def as_text(log: Path) -> str:
+    """A server's log as ``[process] logger: message`` lines, for substring checks; a line
+    that is not JSON (one cut short by a kill) is kept as it is."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            obj = json.loads(line)
+            out.append(f"[{obj['process']}] {obj['logger']}: {obj['message']}")
+        except (ValueError, KeyError, TypeError):
+            out.append(line)
+    return "\n".join(out)
