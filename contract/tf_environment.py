@@ -15,7 +15,7 @@ themselves, nothing is changed, and a real CUDA failure is still logged.
 
 :func:`import_tensorflow` imports it with what its C++ runtime writes to stderr while
 loading (before absl's logging is initialised it ignores ``TF_CPP_MIN_LOG_LEVEL``)
-turned into log records of the ``tensorflow.native`` logger, so a process that logs
+turned into JSON records of the ``tensorflow.native`` logger, so a process that logs
 JSON lines writes only JSON lines: info lines at DEBUG, warnings and errors as such.
 """
 
@@ -25,11 +25,13 @@ import contextlib
 import logging
 import os
 import re
+import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterable, Iterator, MutableMapping
 from pathlib import Path
 from types import ModuleType
+
+from contract.logs import JsonLineFormatter
 
 #: absl/glog's line prefix: severity, MMDD, time, thread id, file:line.
 _NATIVE_LINE = re.compile(r"^([IWEF])\d{4} \S+\s+\d+ ([^\]\s]+)\] ?(.*)$")
@@ -46,14 +48,7 @@ USER_DEVICE_CHOICE = ("CUDA_VISIBLE_DEVICES", "TF_ENABLED_DEVICE_TYPES")
 
 def has_nvidia_device(dev: Path = Path("/dev")) -> bool:
     """Whether the kernel exposes an NVIDIA GPU (``/dev/nvidia0``, ``/dev/nvidia1``, ...)."""
-    return any(name.removeprefix("nvidia").isdigit() for name in _names(dev, "nvidia*"))
-
-
-def _names(dev: Path, pattern: str) -> list[str]:
-    try:
-        return [p.name for p in dev.glob(pattern)]
-    except OSError:
-        return []
+    return any(p.name.removeprefix("nvidia").isdigit() for p in dev.glob("nvidia*"))
 
 
 def prepare_tensorflow_environment(
@@ -81,24 +76,43 @@ def import_tensorflow() -> ModuleType:
 
 @contextlib.contextmanager
 def native_stderr_logged(logger: logging.Logger) -> Iterator[None]:
-    """Inside the block, file descriptor 2 goes to a temporary file; after it, absl lines
-    become records of ``logger`` (with ``source`` = file:line) and other text goes back
-    to stderr as it was, so nothing written meanwhile is lost."""
+    """Inside the block, what is written to file descriptor 2 goes through a relay process
+    that turns absl lines into JSON records of ``logger`` (``source`` = file:line, this
+    process's id) and passes other text on unchanged.
+
+    A process, not a thread or a buffer: when the block dies of a fatal error (absl's
+    ``LOG(FATAL)`` aborts), the relay still reads to the end and the reason is printed.
+    """
     sys.stderr.flush()
+    read_end, write_end = os.pipe()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            _replay(sink.read().decode(errors="replace"), logger)
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "contract.tf_environment", logger.name]
+        + [str(logger.getEffectiveLevel()), str(os.getpid())],
+        stdin=read_end,
+        stdout=saved,
+        stderr=saved,
+        env=env,
+    )
+    os.close(read_end)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the relay's input closes with the last write end: it ends
+        os.close(saved)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            relay.wait(timeout=30)
 
 
-def _replay(text: str, logger: logging.Logger) -> None:
+def relay_native_lines(lines: Iterable[str], logger: logging.Logger) -> None:
+    """Log each absl line (with its continuation lines) as a record of ``logger``; write
+    anything else, JSON lines of Python's logging included, to stderr as it is."""
     record: list = []  # [level, source, lines] of the absl line being read
 
     def flush() -> None:
@@ -106,7 +120,8 @@ def _replay(text: str, logger: logging.Logger) -> None:
             logger.log(record[0], "\n".join(record[2]), extra={"source": record[1]})
             record.clear()
 
-    for line in text.splitlines():
+    for raw in lines:
+        line = raw.rstrip("\n")
         match = _NATIVE_LINE.match(line)
         if match:
             flush()
@@ -118,5 +133,27 @@ def _replay(text: str, logger: logging.Logger) -> None:
         else:
             flush()
             sys.stderr.write(line + "\n")
+            sys.stderr.flush()
     flush()
-    sys.stderr.flush()
+
+
+def _relay_main(logger_name: str, level: str, pid: str) -> None:
+    """The relay process of :func:`native_stderr_logged`: stdin to JSON lines on stderr."""
+
+    class ParentProcess(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.process = int(pid)  # the lines are the parent's, not the relay's
+            return True
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLineFormatter())
+    handler.addFilter(ParentProcess())
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    logger.setLevel(int(level))
+    logger.propagate = False
+    relay_native_lines(sys.stdin, logger)
+
+
+if __name__ == "__main__":
+    _relay_main(*sys.argv[1:4])

@@ -315,9 +315,10 @@ class DynamicBatcher:
         ids = [item.request_id for item in batch if item.request_id]
         # On a batch thread no request's id is bound: bind the batch's own. One request:
         # its ``request_id``, as in the request's thread; several: all of them.
-        fields: dict[str, object] = {"request_ids": ids} if len(ids) > 1 else {}
         if len(ids) == 1:
-            fields = {"request_id": ids[0]}
+            fields: dict[str, object] = {"request_id": ids[0]}
+        else:
+            fields = {"request_ids": ids} if ids else {}
         with log_fields(**fields):
             self._execute_batch(batch, ids)
 

@@ -14,7 +14,7 @@ from contract.tf_environment import (
     native_stderr_logged,
     prepare_tensorflow_environment,
 )
-from tests.helpers.log_lines import captured_lines, parse_lines
+from tests.helpers.log_lines import parse_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,9 +38,10 @@ def test_an_nvidia_device_or_the_users_choice_is_left_alone(tmp_path):
         assert env == {choice: "", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
-def test_native_lines_become_records_at_their_level_and_other_text_survives(capfd):
+def test_native_lines_become_json_records_at_their_level_and_other_text_survives(capfd):
     logger = logging.getLogger("tests.native")
-    with captured_lines() as lines, native_stderr_logged(logger):
+    logger.setLevel(logging.DEBUG)
+    with native_stderr_logged(logger):
         os.write(
             2,
             b"plain text before any native line\n"
@@ -52,6 +53,10 @@ def test_native_lines_become_records_at_their_level_and_other_text_survives(capf
             b"E0000 00:00:1796604307.908101   30236 cuda_platform.cc:52] a real error\n"
             b'{"a JSON line": "from Python logging meanwhile"}\n',
         )
+    err = capfd.readouterr().err.splitlines()
+    assert err[0] == "plain text before any native line"
+    assert err[-1] == '{"a JSON line": "from Python logging meanwhile"}'
+    lines = parse_lines("\n".join(err[1:-1]))
     assert [(x["level"], x["source"], x["message"]) for x in lines] == [
         ("DEBUG", "port.cc:153", "oneDNN is on."),
         (
@@ -61,9 +66,27 @@ def test_native_lines_become_records_at_their_level_and_other_text_survives(capf
         ),
         ("ERROR", "cuda_platform.cc:52", "a real error"),
     ]
-    assert capfd.readouterr().err == (
-        'plain text before any native line\n{"a JSON line": "from Python logging meanwhile"}\n'
+    assert {(x["logger"], x["process"]) for x in lines} == {("tests.native", os.getpid())}
+
+
+def test_a_fatal_error_inside_the_block_is_still_reported():
+    code = (
+        "import logging, os\n"
+        "from contract.tf_environment import native_stderr_logged\n"
+        "with native_stderr_logged(logging.getLogger('tf')):\n"
+        "    os.write(2, b'F0000 00:00:1.5   7 cpu_feature_guard.cc:1] needs AVX\\n')\n"
+        "    os.abort()\n"
     )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    (line,) = parse_lines(done.stderr)
+    assert (line["level"], line["message"]) == ("CRITICAL", "needs AVX")
 
 
 @pytest.mark.slow
