@@ -3,8 +3,9 @@
 gunicorn runs ``'serving.app:create_app()'`` once per worker (no preload: each
 worker must start its own TensorFlow runtime after the fork). The factory reads
 the settings, builds the backend and the service layer, loads the models the
-repository offers, and registers the REST blueprints; importing this module has
-no side effects.
+repository offers, and registers the REST blueprints. Importing this module only
+prepares TensorFlow's environment and imports it (``contract/tf_environment.py``:
+CPU only without an NVIDIA device, its start-up lines as JSON log records).
 """
 
 from __future__ import annotations
