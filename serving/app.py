@@ -3,21 +3,25 @@
 gunicorn runs ``'serving.app:create_app()'`` once per worker (no preload: each
 worker must start its own TensorFlow runtime after the fork). The factory reads
 the settings, builds the backend and the service layer, loads the models the
-repository offers, and registers the REST blueprints; importing this module has
-no side effects.
+repository offers, and registers the REST blueprints. Importing this module only
+prepares TensorFlow's environment and imports it (``contract/tf_environment.py``:
+CPU only without an NVIDIA device, its start-up lines as JSON log records).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from contract.tf_environment import import_tensorflow, prepare_tensorflow_environment
+
+prepare_tensorflow_environment()
+import_tensorflow()  # first, so that its C++ start-up lines become log records
 
 from flask import Flask  # noqa: E402
 
+from contract.logs import configure_logging  # noqa: E402
 from serving.api import rest  # noqa: E402
 from serving.backends import create_backend  # noqa: E402
 from serving.observers.wiring import attach  # noqa: E402
@@ -39,9 +43,8 @@ def create_app(
     """
     settings = config if isinstance(config, Settings) else Settings.from_mapping(config or {})
     if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        # Not under gunicorn (whose logconfig_dict already did this): JSON lines all the same.
+        configure_logging(settings.log_level)
     app = Flask("serving")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from contract.logs import log_fields
 from serving.errors import (
     BackendError,
     BackendTimeout,
@@ -310,11 +311,22 @@ class DynamicBatcher:
                 self._cond.notify_all()
 
     def _execute(self, batch: list[_Item]) -> None:
+        """Run one batch; lines logged meanwhile carry the ids of the requests it serves."""
+        ids = [item.request_id for item in batch if item.request_id]
+        # On a batch thread no request's id is bound: bind the batch's own. One request:
+        # its ``request_id``, as in the request's thread; several: all of them.
+        if len(ids) == 1:
+            fields: dict[str, object] = {"request_id": ids[0]}
+        else:
+            fields = {"request_ids": ids} if ids else {}
+        with log_fields(**fields):
+            self._execute_batch(batch, ids)
+
+    def _execute_batch(self, batch: list[_Item], ids: list[str]) -> None:
         sizes = [int(item.inputs.shape[0]) for item in batch]
         total = sum(sizes)
         inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([i.inputs for i in batch])
         timeout = max(0.001, max(item.deadline for item in batch) - time.monotonic())
-        ids = [item.request_id for item in batch if item.request_id]
         error: ServingError | None = None
         outputs: dict[str, np.ndarray] = {}
         try:

@@ -18,6 +18,11 @@ Prometheus multiprocess mode (``serving/metrics_dir.py``, shared with the gRPC
 supervisor): ``PROMETHEUS_MULTIPROC_DIR`` is set here, in the master, before any
 worker imports ``prometheus_client``; it is emptied when the server starts, and
 ``child_exit`` marks a dead worker's live gauges as gone.
+
+Logging (``contract/logs.py``): the master and the workers write JSON lines to stderr
+at ``IMGSERVE_LOG_LEVEL`` through ``logconfig_dict``. gunicorn's own access log stays
+off: the app writes the access line (``serving/api/rest/access.py``), which knows the
+request id and the status the app really sent.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from __future__ import annotations
 import ctypes
 import os
 
+from contract.logs import logging_config
+from contract.tf_environment import prepare_tensorflow_environment
 from serving.metrics_dir import MetricsDirectory, tmpfs_dir
 from serving.settings import Settings
 
@@ -45,12 +52,19 @@ preload_app = False
 worker_tmp_dir = _shm
 accesslog = None
 errorlog = "-"
-loglevel = os.environ.get("IMGSERVE_LOG_LEVEL", "info")
+loglevel = _settings.log_level
+# Any logconfig_dict switches gunicorn's access log on; its lines would lack the request
+# id and duplicate the app's, so its logger only passes what never comes: CRITICAL.
+logconfig_dict = logging_config(
+    _settings.log_level,
+    loggers={"gunicorn.error": _settings.log_level, "gunicorn.access": "critical"},
+)
 proc_name = "imgserve-gateway"
 
 # Every worker sizes its TensorFlow pools from the worker count the master chose.
 os.environ.setdefault("IMGSERVE_WORKERS", str(workers))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Before any worker imports TensorFlow: the workers inherit this environment.
+prepare_tensorflow_environment()
 
 _metrics_dir = MetricsDirectory.from_environ()
 

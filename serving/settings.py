@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, get_type_hints
 
+from contract.logs import LEVELS as LOG_LEVELS
+
 ENV_PREFIX = "IMGSERVE_"
 BACKENDS = ("embedded", "tfserving-grpc", "tfserving-rest")
 
@@ -66,6 +68,18 @@ class Settings:
     """Under a supervisor: how long SIGTERM waits for the workers to stop (each has 10 s of
     grace for calls in flight) before killing them, like gunicorn's ``graceful_timeout``.
     Keep it under the pod's ``terminationGracePeriodSeconds``."""
+
+    log_level: str = "info"
+    """Lowest level logged (``debug``, ``info``, ``warning``, ``error``, ``critical``), by the
+    gunicorn master and workers and by the gRPC server processes; every line is JSON."""
+
+    access_log: bool = True
+    """One JSON access line per request (REST: method, path, status, duration, bytes, client;
+    gRPC: method, code, duration), with its ``request_id``."""
+
+    access_log_probes: bool = False
+    """Also log access lines for ``/healthz``, ``/readyz`` and ``/metrics`` (probes and
+    scrapes every few seconds would drown the requests)."""
 
     admin_token: str = ""
     """Bearer token for ``/v1/admin/*`` endpoints; empty disables them (404)."""
@@ -209,6 +223,10 @@ class Settings:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise SettingsError(f"IMGSERVE_BACKEND must be one of {BACKENDS}, got {self.backend!r}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise SettingsError(
+                f"IMGSERVE_LOG_LEVEL must be one of {LOG_LEVELS}, got {self.log_level!r}"
+            )
         if self.multi_frame not in ("first", "reject"):
             raise SettingsError("IMGSERVE_MULTI_FRAME must be 'first' or 'reject'")
         positive = (

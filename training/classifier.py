@@ -207,6 +207,9 @@ def _fit(
         class_weight=weights,
         callbacks=callbacks,
         verbose=verbose,
+        # train_ds is a tf.data pipeline that reshuffles every epoch (training/data.py);
+        # Keras cannot shuffle a dataset and warns on every fit when asked to (its default).
+        shuffle=False,
     )
 
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from contract.tf_environment import prepare_tensorflow_environment  # noqa: E402
+
+prepare_tensorflow_environment()
 
 
 def _add_classifier(sub: argparse._SubParsersAction) -> None:

@@ -11,14 +11,15 @@ when the last one is done.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from contract.tf_environment import prepare_tensorflow_environment  # noqa: E402
+
+prepare_tensorflow_environment()
 import tensorflow as tf  # noqa: E402
 
 from contract.model_card import WARMUP_RELPATH  # noqa: E402

@@ -13,6 +13,7 @@ import numpy as np
 from prometheus_client import Counter
 
 from calibration.capture_store import SampleStore
+from contract.logs import log_fields
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ class CaptureObserver:
                 self.store.capture(name, version, request_id, inputs, preds, force=True)
                 self.captured.labels(name).inc()
             except Exception:
-                log.exception("capturing request %s failed", request_id)
+                with log_fields(request_id=request_id):  # this thread serves no request
+                    log.exception("capturing request %s failed", request_id)
             finally:
                 self._queue.task_done()
 

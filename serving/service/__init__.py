@@ -1,11 +1,11 @@
 """The service layer: classify and detect over one backend, knowing nothing of HTTP or gRPC.
 
 ``types`` holds what the protocol layers pass in and get back, ``request_ids`` the
-request id rule they share, ``inference`` the :class:`InferenceService` itself.
+request id rule and access log they share, ``inference`` the :class:`InferenceService` itself.
 """
 
 from serving.service.inference import InferenceService
-from serving.service.request_ids import request_id_from
+from serving.service.request_ids import ACCESS_LOG, request_id_from
 from serving.service.types import (
     ClassifyResult,
     Detection,
@@ -21,6 +21,7 @@ from serving.service.types import (
 )
 
 __all__ = [
+    "ACCESS_LOG",
     "ClassifyResult",
     "DetectResult",
     "Detection",

@@ -1,11 +1,18 @@
-"""Request ids: the client's own when it is a safe token, else a fresh one."""
+"""Request ids: the client's own when it is a safe token, else a fresh one; the access log."""
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import re
 import secrets
+
+#: One line per request (REST) or call (gRPC), each with its ``request_id``.
+ACCESS_LOG = logging.getLogger("serving.access")
+# Switched by the ``access_log`` setting, not by ``log_level``: its lines are INFO
+# records that must still appear when the level is ``warning``.
+ACCESS_LOG.setLevel(logging.INFO)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 

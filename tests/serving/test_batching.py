@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -11,6 +12,7 @@ import pytest
 from serving.api.errors import http_status
 from serving.batching import BatcherClosed, BatcherHooks, DynamicBatcher
 from serving.errors import BackendError, BackendTimeout, Overloaded, QueueTimeout
+from tests.helpers.log_lines import captured_lines
 
 
 class Recorder:
@@ -70,6 +72,45 @@ def test_concurrent_requests_share_a_batch():
     for i, r in results.items():
         np.testing.assert_array_equal(r.outputs["double"], np.full((1, 2), 2 * i))
     b.close(wait=True)
+
+
+def test_lines_logged_for_a_batch_carry_the_ids_of_the_requests_it_serves():
+    backend_log = logging.getLogger("tests.backend")
+
+    def predict(x: np.ndarray, timeout: float, ids) -> dict[str, np.ndarray]:
+        backend_log.info("forward pass of %d", len(x))
+        if x[0, 0] < 0:
+            raise RuntimeError("a backend bug")
+        return {"y": x}
+
+    b = make(predict, batch_timeout_s=0.5)
+    for _ in range(3):
+        b.announce()
+    with captured_lines() as lines:
+        threads = [
+            threading.Thread(
+                target=b.run,
+                args=(np.full((1, 2), i, np.float32),),
+                kwargs={"deadline": far(), "request_id": f"r{i}", "announced": True},
+            )
+            for i in range(3)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(5)
+        with pytest.raises(BackendError):
+            b.run(np.full((1, 2), -1, np.float32), deadline=far(), request_id="solo")
+    b.close(wait=True)
+    shared, solo, failure = lines
+    # Several requests: all their ids, as a list; one request: its id, as in its own thread.
+    assert (shared["message"], sorted(shared["request_ids"])) == (
+        "forward pass of 3",
+        ["r0", "r1", "r2"],
+    )
+    assert "request_id" not in shared
+    assert (solo["request_id"], failure["request_id"]) == ("solo", "solo")
+    assert "RuntimeError: a backend bug" in failure["exception"]
 
 
 def test_a_lone_request_does_not_wait_for_the_timeout():

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.proto import imgserve_pb2, imgserve_pb2_grpc
 from tests.helpers import tiny_models
+from tests.helpers.log_lines import as_text
 from tests.helpers.metrics_text import parse, promtool_check, value
 from tests.helpers.servers import PYTHON, children_of, free_port, gunicorn, start, stop
 
@@ -126,7 +127,7 @@ def test_a_scrape_says_how_many_workers_are_ready(server):
 def test_graceful_shutdown(serving_repo, tmp_path, images):
     proc, url, log = gunicorn(serving_repo, tmp_path, workers="1")
     metrics_dir = None
-    for line in log.read_text().splitlines():
+    for line in as_text(log).splitlines():
         if "metrics=" in line:
             metrics_dir = line.rsplit("metrics=", 1)[1].strip()
     result: list[int] = []

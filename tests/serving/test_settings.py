@@ -19,6 +19,18 @@ def test_defaults_match_the_documented_interface():
     assert s.bind == "127.0.0.1:8080"
     assert s.grpc_bind == "127.0.0.1:9000"
     assert s.queue_capacity == s.max_batch_size * s.max_enqueued_batches
+    assert (s.log_level, s.access_log, s.access_log_probes) == ("info", True, False)
+
+
+def test_logging_settings_come_from_the_environment():
+    s = Settings.from_env(
+        environ={
+            "IMGSERVE_LOG_LEVEL": "WARNING",
+            "IMGSERVE_ACCESS_LOG": "off",
+            "IMGSERVE_ACCESS_LOG_PROBES": "1",
+        }
+    )
+    assert (s.log_level, s.access_log, s.access_log_probes) == ("WARNING", False, True)
 
 
 def test_environment_variables_are_typed():
@@ -48,6 +60,8 @@ def test_environment_variables_are_typed():
         {"IMGSERVE_MAX_BATCH_SIZE": "many"},
         {"IMGSERVE_BIND": "8080"},
         {"IMGSERVE_MULTI_FRAME": "all"},
+        {"IMGSERVE_LOG_LEVEL": "verbose"},
+        {"IMGSERVE_ACCESS_LOG": "sometimes"},
         {"IMGSERVE_REQUEST_TIMEOUT_S": "-1"},
         {"IMGSERVE_AUTO_CALIBRATE_AFTER_S": "60"},  # without a capture directory
         {

@@ -10,6 +10,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from contract import bn
 from contract.model_card import KERAS_MODEL_RELPATH, load_model_card
@@ -22,6 +23,7 @@ from training.classifier import (
     load_data,
     parse_augment,
 )
+from training.classifier import _fit as fit_classifier
 from training.cli import _config_from, build_parser, main
 
 
@@ -45,6 +47,22 @@ def test_default_augmentation_has_no_flip_and_flags_choose_it():
         "RandomZoom",
         "RandomContrast",
     ]
+
+
+def test_fitting_on_the_shuffled_pipeline_warns_about_nothing(recwarn):
+    """The tf.data pipeline reshuffles each epoch itself; Keras must not be asked to."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 4)).astype(np.float32)
+    y = rng.integers(0, 2, size=16)
+    train = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(16, seed=0).batch(8)
+    val = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    cfg = _cfg("--patience", "1")
+    history = fit_classifier(
+        model, train, val, epochs=2, lr_peak=1e-3, steps_per_epoch=2, cfg=cfg, weights=None
+    )
+    assert len(history.history["loss"]) == 2  # it did train
+    assert not [str(w.message) for w in recwarn if "shuffle" in str(w.message)]
 
 
 def test_an_unknown_augmentation_is_a_clear_error(capsys):

@@ -19,6 +19,8 @@ import signal
 import threading
 from typing import Any
 
+from contract.logs import configure_logging
+from contract.tf_environment import prepare_tensorflow_environment
 from serving.api.grpc.supervisor import Heartbeat, Supervisor, exit_with_supervisor, report_ready
 from serving.settings import Settings, SettingsError, split_host_port
 
@@ -56,11 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))  # exit 2 with the message, not a traceback
     worker = args.worker_of is not None
     count = settings.grpc_worker_count()
-    # Several processes write to one log: each line says which (as gunicorn's do).
-    pid = " [%(process)d]" if worker or count > 1 else ""
-    logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s %(levelname)s{pid} %(name)s: %(message)s"
-    )
+    # JSON lines; several processes write to one log, and each line's "process" says which.
+    configure_logging(settings.log_level)
+    # Before TensorFlow is imported here or in the workers, which inherit the environment.
+    prepare_tensorflow_environment()
     if worker:
         exit_with_supervisor(args.worker_of)
     elif count > 1:

@@ -15,13 +15,15 @@ supervisor of several server processes never imports it.
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 from concurrent import futures
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from contract.tf_environment import import_tensorflow, prepare_tensorflow_environment
+
+prepare_tensorflow_environment()
+import_tensorflow()  # first, so that its C++ start-up lines become log records
 
 import grpc  # noqa: E402
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402

@@ -4,16 +4,20 @@ Errors leave with the status code of :mod:`serving.api.errors` and trailing
 metadata ``http-status``, ``problem-code``, ``x-request-id`` and, for 429/503,
 ``retry-after`` (seconds) with ``grpc-retry-pushback-ms`` (the same delay in
 milliseconds: the trailer gRPC's own retry policies read); a gateway bug is INTERNAL with the request id and no traceback.
+Every line logged while a call is answered carries its ``request_id``, and each call ends
+with one line in the access log (``serving.access``: method, code, duration_ms, peer).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
 
+from contract.logs import log_fields
 from serving.api import errors
 from serving.api.grpc.codec import (
     classify_message,
@@ -22,7 +26,7 @@ from serving.api.grpc.codec import (
     options_from_message,
 )
 from serving.proto import imgserve_pb2, imgserve_pb2_grpc
-from serving.service import InferenceService, PredictOptions, request_id_from
+from serving.service import ACCESS_LOG, InferenceService, PredictOptions, request_id_from
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +117,13 @@ class CallRunner:
         metadata = dict(context.invocation_metadata() or ())
         rid = request_id_from(metadata.get(REQUEST_ID_KEY))
         context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
+        start = time.perf_counter()
+        code = grpc.StatusCode.UNKNOWN  # until the call says otherwise
         try:
-            with self.service.metrics.track(method) as outcome:
+            with (
+                log_fields(request_id=rid),
+                self.service.metrics.track(method) as outcome,
+            ):
                 outcome["request_id"] = rid
                 try:
                     response = body(outcome)
@@ -122,16 +131,45 @@ class CallRunner:
                     if errors.resolve(exc) is None:
                         # A gateway bug: report it without a traceback to the client.
                         log.exception("unhandled error in %s (request id %s)", method, rid)
-                        outcome["code"] = 500
+                        outcome["code"], code = 500, grpc.StatusCode.INTERNAL
                         context.abort(
                             grpc.StatusCode.INTERNAL, f"internal error (request id {rid})"
                         )
-                    outcome["code"] = errors.http_status(exc)
+                    outcome["code"], code = errors.http_status(exc), errors.grpc_code(exc)
+                    # Why the call failed, as the REST API logs it (serving/api/rest/problems.py).
+                    log.log(
+                        logging.INFO if outcome["code"] < 500 else logging.WARNING,
+                        "%s: %s %s: %s",
+                        method,
+                        code.name,
+                        errors.problem_code(exc),
+                        errors.hidden_detail(exc) or errors.detail(exc),
+                    )
                     _abort(context, exc, rid)
-                outcome["code"] = 200
+                outcome["code"], code = 200, grpc.StatusCode.OK
                 return response
         finally:
             self.finished += 1
+            if self.service.settings.access_log:
+                _log_access(method, code, start, rid, context)
+
+
+def _log_access(
+    method: str, code: grpc.StatusCode, start: float, rid: str, context: grpc.ServicerContext
+) -> None:
+    """The call's access line (``method`` is its full path), in the REST access log's format."""
+    ACCESS_LOG.info(
+        "%s %s",
+        method,
+        code.name,
+        extra={
+            "method": method,
+            "code": code.name,
+            "duration_ms": round((time.perf_counter() - start) * 1000.0, 3),
+            "peer": context.peer(),
+            "request_id": rid,
+        },
+    )
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception, rid: str) -> None:

@@ -1,4 +1,5 @@
-"""The REST API: blueprints over the service layer, problem+json errors, request metrics."""
+"""The REST API: blueprints over the service layer, problem+json errors, request metrics,
+request ids in log lines and the access log (:mod:`.access`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 from flask import Flask, Response, g, request
 
 from serving.api.rest import (
+    access,
     admin,
     calibration,
     inference,
@@ -25,7 +27,7 @@ _TRACKED = {"inference", "models", "tfserving", "admin", "calibration", "oip"}
 
 
 def init_app(app: Flask) -> None:
-    """Register blueprints, error handlers and the request id / metrics hooks."""
+    """Register blueprints, error handlers and the request id / access log / metrics hooks."""
     blueprints = (
         inference.bp,
         models.bp,
@@ -51,6 +53,7 @@ def _tracked() -> bool:
 
 def _before() -> None:
     g.request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+    access.begin(g.request_id)
     if _tracked():
         g.metric_start = time.perf_counter()
         g.metric_model = ""
@@ -67,10 +70,12 @@ def _after(response: Response) -> Response:
         metrics.requests.labels(endpoint, model, str(response.status_code)).inc()
         metrics.request_duration.labels(endpoint, model).observe(time.perf_counter() - start)
         metrics.inflight.dec()
+    access.finish(response, inference.service().settings)
     return response
 
 
 def _teardown(exc: BaseException | None) -> None:
+    access.end()
     # after_request did not run (the response never formed): still release the gauge.
     if g.pop("metric_start", None) is not None:
         inference.service().metrics.inflight.dec()

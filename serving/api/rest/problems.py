@@ -4,7 +4,9 @@ One handler renders every exception the error table (:mod:`serving.api.errors`)
 knows: the gateway's own errors, the domain errors of ``contract`` and
 ``calibration``, and Werkzeug's HTTP errors (unknown route, wrong method, body
 over ``MAX_CONTENT_LENGTH``, broken multipart). Anything else is a gateway bug,
-logged with its traceback and answered as a 500 without one.
+logged with its traceback and answered as a 500 without one. Every other problem is
+logged in one line (code and detail), with the request's id like every line logged
+while serving it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,18 @@ def problem_response(
             hidden,
         )
     doc = errors.problem(exc, instance=request.path, request_id=getattr(g, "request_id", None))
+    if hidden is None and doc["status"] != 500:
+        # Why the request failed, beside its access line: the client's fault at INFO, the
+        # gateway's or its backend's (429, 503, 502, 504) at WARNING.
+        log.log(
+            logging.INFO if doc["status"] < 500 else logging.WARNING,
+            "%s %s: %d %s: %s",
+            request.method,
+            request.path,
+            doc["status"],
+            doc.get("code", ""),
+            doc.get("detail", ""),
+        )
     if status is not None:
         doc["status"] = status
     if error_member:

@@ -30,6 +30,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from serving.api.grpc.servicer import SERVICE_NAME
 from serving.api.grpc.supervisor import ExitWindow, answered, heartbeat_interval
 from serving.proto import imgserve_pb2, imgserve_pb2_grpc
+from tests.helpers.log_lines import as_text
 from tests.helpers.metrics_text import parse, promtool_check, value
 from tests.helpers.servers import PYTHON, children_of, free_port, start, stop, wait_for
 
@@ -50,7 +51,7 @@ class Workers:
     seen: set[int] = field(default_factory=set)
 
     def text(self) -> str:
-        return self.log.read_text()
+        return as_text(self.log)
 
     def ready_count(self) -> int:
         """Workers that reported ready so far (the supervisor logs each one)."""
