@@ -39,6 +39,8 @@ def field_docs() -> dict[str, str]:
 
 
 def _default(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if value == "":
         return "(empty)"
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000:
