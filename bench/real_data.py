@@ -1,0 +1,95 @@
+"""The real-data quality bar: scikit-learn's handwritten digits through the command line.
+
+    .venv/bin/python bench/real_data.py [--side 64] [--flags "..."] [--no-compare]
+
+Writes the 1,797 digits (8x8 greyscale) upscaled to ``--side`` pixels as class folders
+``DIR/<digit>/<n>.png`` (sorted by class, as a user's data arrives), then runs
+``python -m training classifier --data DIR`` with default flags (plus ``--flags``), and
+again with ``--no-precise-bn`` unless ``--no-compare``. Prints one Markdown table row
+per run: held-out (test split) accuracy, the parity gap with its interval and the
+gate's decision, exit status and wall time. The bar: >= 97 % held-out accuracy in
+<= 10 minutes on 2 CPU cores with default flags. A report, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.helpers.digits import write_digits  # noqa: E402
+
+TARGET_ACCURACY = 0.97
+TARGET_SECONDS = 600
+
+
+def run(data: Path, models: Path, name: str, flags: list[str]) -> dict:
+    """One CLI training; its summary (the JSON line it prints last), exit status, time."""
+    cmd = [sys.executable, "-m", "training", "classifier", "--data", str(data)]
+    cmd += ["--model-base", str(models), "--name", name, *flags]
+    print("$", shlex.join(cmd[1:]), flush=True)
+    started = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    seconds = time.monotonic() - started
+    lines = proc.stdout.strip().splitlines()
+    summary = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+    if not summary:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return {"flags": flags, "rc": proc.returncode, "seconds": seconds, "summary": summary}
+
+
+def row(result: dict) -> str:
+    """A Markdown table row of one run."""
+    s, flags = result["summary"], " ".join(result["flags"]) or "(defaults)"
+    if not s:
+        return f"| {flags} | failed (exit {result['rc']}) | | | | {result['seconds']:.0f} s |"
+    p = s["parity"]
+    lo, hi = p.get("interval") or (float("nan"), float("nan"))
+    return (
+        f"| {flags} | {s['accuracy']:.4f} ({s['test_images']} images) | "
+        f"{100 * p['gap']:+.2f} pts [{100 * lo:+.2f}, {100 * hi:+.2f}] | "
+        f"{p.get('decision', p['passed'])} (p = {p.get('p_value', float('nan')):.2g}) | "
+        f"{result['rc']} | {result['seconds']:.0f} s |"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--side", type=int, default=64, help="pixels the 8x8 digits are written at")
+    parser.add_argument("--flags", default="", help="extra CLI flags for every run")
+    parser.add_argument("--no-compare", action="store_true", help="skip the --no-precise-bn run")
+    args = parser.parse_args(argv)
+    extra = shlex.split(args.flags)
+    with tempfile.TemporaryDirectory(prefix="digits-") as tmp:
+        data = write_digits(Path(tmp) / "digits", size=args.side)
+        runs = [run(data, Path(tmp) / "models", "digits", extra)]
+        if not args.no_compare:
+            runs.append(run(data, Path(tmp) / "models", "digits_raw", [*extra, "--no-precise-bn"]))
+    print(f"\ndigits ({args.side}x{args.side} PNG class folders), {os.cpu_count()} CPUs")
+    print("| flags | held-out accuracy | parity gap [95% interval] | gate | exit | time |")
+    print("|---|---|---|---|---|---|")
+    for r in runs:
+        print(row(r))
+    first = runs[0]
+    ok = (
+        first["summary"].get("accuracy", 0.0) >= TARGET_ACCURACY
+        and first["seconds"] <= TARGET_SECONDS
+    )
+    print(
+        f"bar (>= {TARGET_ACCURACY:.0%} held-out in <= {TARGET_SECONDS // 60} min, defaults): "
+        + ("met" if ok else "NOT met")
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
