@@ -44,6 +44,13 @@ def run(data: Path, models: Path, name: str, flags: list[str]) -> dict:
     summary = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
     if not summary:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+    # The run's own report of its held-out figures, as a user sees it.
+    for line in lines:
+        if line.startswith(("held-out accuracy", "validation accuracy", "parity (")):
+            print("  " + line, flush=True)
+    for line in proc.stderr.splitlines():
+        if line.startswith("error:"):
+            print("  " + line, flush=True)
     return {"flags": flags, "rc": proc.returncode, "seconds": seconds, "summary": summary}
 
 
@@ -69,16 +76,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compare", action="store_true", help="skip the --no-precise-bn run")
     args = parser.parse_args(argv)
     extra = shlex.split(args.flags)
+    variants = [extra] if args.no_compare else [extra, [*extra, "--no-precise-bn"]]
+    runs = []
     with tempfile.TemporaryDirectory(prefix="digits-") as tmp:
         data = write_digits(Path(tmp) / "digits", size=args.side)
-        runs = [run(data, Path(tmp) / "models", "digits", extra)]
-        if not args.no_compare:
-            runs.append(run(data, Path(tmp) / "models", "digits_raw", [*extra, "--no-precise-bn"]))
-    print(f"\ndigits ({args.side}x{args.side} PNG class folders), {os.cpu_count()} CPUs")
-    print("| flags | held-out accuracy | parity gap [95% interval] | gate | exit | time |")
-    print("|---|---|---|---|---|---|")
-    for r in runs:
-        print(row(r))
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        print(
+            f"digits ({args.side}x{args.side} PNG class folders), {os.cpu_count()} CPUs, "
+            f"load average {os.getloadavg()[0]:.1f}, commit {commit or 'unknown'}, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+            flush=True,
+        )
+        for i, flags in enumerate(variants):
+            runs.append(run(data, Path(tmp) / "models", f"digits_{i}", flags))
+            # Each row as soon as its run ends: a long second run never hides the first.
+            print("| flags | held-out accuracy | parity gap [95% interval] | gate | exit | time |")
+            print("|---|---|---|---|---|---|")
+            for r in runs:
+                print(row(r), flush=True)
     first = runs[0]
     ok = (
         first["summary"].get("accuracy", 0.0) >= TARGET_ACCURACY

@@ -209,10 +209,13 @@ def test_digits_parity_from_class_sorted_folders_equals_a_shuffled_copys(digits_
             model, x[perm], test.labels[perm], batch_size=cfg.batch_size, shuffle_seed=seed
         )
         gaps.append(copy.gap)
-    # Within noise: the shuffled copies' mean gap lies in the reported gap's 95% interval.
+    # Within noise: two sources, the images (the reported 95% interval) and the random
+    # batching of training mode (batch statistics of 16 images; the copies' spread: one
+    # run's copies ranged from -0.10 to +0.01). The reported gap is one random batching.
     lo, hi = reported["interval"]
+    allowed = max(3 * float(np.std(gaps, ddof=1)), (hi - lo) / 2)
     print("reported", reported, "shuffled copies' gaps", gaps)
-    assert lo <= float(np.mean(gaps)) <= hi, (reported, gaps)
+    assert abs(reported["gap"] - float(np.mean(gaps))) <= allowed, (reported, gaps)
     assert reported["images"] == len(test) and reported["passed"], reported
     # The premise: read in folder order (one-class batches), training mode scores far lower.
     in_order = bn.predict_in_mode(model, x, training=True, batch_size=cfg.batch_size)

@@ -356,7 +356,15 @@ def train_detector(cfg: DetectorTrainConfig, *, export: bool = True) -> dict[str
                 "not describe the data. Not exported (use --force to export anyway)."
             )
         result = export_detector(
-            model, cfg, det_cfg, anchors, train, train_images, val, val_images, metrics, summary
+            model,
+            cfg,
+            det_cfg,
+            anchors,
+            (train, train_images),
+            (val, val_images),
+            (test, test_images),
+            metrics,
+            summary,
         )
     except ExportRefused as exc:
         exc.summary = {k: v for k, v in summary.items() if k not in ("model", "postprocess")}
@@ -384,16 +392,20 @@ def export_detector(
     cfg: DetectorTrainConfig,
     det_cfg: DetectorConfig,
     anchors: np.ndarray,
-    train: DetectionDataset,
-    train_images: list[np.ndarray],
-    val: DetectionDataset,
-    val_images: list[np.ndarray],
+    train_set: tuple[DetectionDataset, list[np.ndarray]],
+    val_set: tuple[DetectionDataset, list[np.ndarray]],
+    test_set: tuple[DetectionDataset, list[np.ndarray]],
     metrics: DetectionMetrics,
     summary: dict[str, Any],
 ) -> ExportResult:
-    """Export with the model card's ``detection``, ``metrics``, BN, lineage and reference set."""
+    """Export with the model card's ``detection``, ``metrics``, BN, lineage and reference set.
+
+    Each split comes as (dataset, decoded images); ``metrics`` are the test split's.
+    """
     spec = cfg.spec
-    ref_bytes = reference_set_bytes(val, val_images, spec, cfg.reference_images, cfg.seed)
+    (train, train_images), (_, val_images), (test, test_images) = train_set, val_set, test_set
+    # The test split: calibration's mAP gate then judges on the images behind the card's mAP.
+    ref_bytes = reference_set_bytes(test, test_images, spec, cfg.reference_images, cfg.seed)
     nms = cfg.nms_config
     params = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("extra", "verbose")}
     train_x = np.concatenate(list(image_batches(train_images[:1024], spec, 64)))
