@@ -178,7 +178,7 @@ def tiny_run_keras_path(tiny_run) -> Path:
 
 # -- real data: scikit-learn's digits as class folders (sorted by class, as users' arrive) ----
 
-DIGITS_PER_CLASS = 60
+DIGITS_PER_CLASS = 45
 
 
 @pytest.fixture(scope="module")
