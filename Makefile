@@ -75,6 +75,7 @@ bench: models
 	$(PY) bench/drift_acceptance.py --model-base $(MODELS) --name demo_detector
 	$(PY) bench/calibration_acceptance.py --model-base $(MODELS) --name demo_classifier
 	$(PY) bench/detector_calibration.py --model-base $(MODELS) --name demo_detector
+	$(PY) bench/real_data.py
 
 clean:
 	rm -rf $(VENV) $(CLIENT_VENV) .pytest_cache .ruff_cache

@@ -15,8 +15,8 @@ This module is the answer, used by training, export, drift and calibration:
   statistics by a prior weight N/(N+n);
 - :func:`select_probe_layers`: the BN layers (early, middle, late) whose input
   statistics the exported signature reports per image for drift monitoring;
-- :func:`parity_report`: inference-mode vs training-mode quality on held-out data,
-  checked before export.
+- :func:`classification_parity`: inference-mode vs training-mode accuracy on
+  held-out data, judged by the paired gate of :mod:`contract.parity` before export.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from dataclasses import dataclass, replace
 import keras
 import numpy as np
 import tensorflow as tf
+
+# ParityReport stays importable from here: the report classification_parity returns.
+from contract.parity import ParityReport, paired_parity
 
 
 def bn_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
@@ -297,39 +300,6 @@ def probe_moments(probe_inputs: list[tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
     return tf.concat(means, -1), tf.concat(sqmeans, -1)
 
 
-@dataclass
-class ParityReport:
-    """Inference-mode vs training-mode quality on the same held-out batches."""
-
-    inference_metric: float
-    training_metric: float
-    # training - inference, in the metric's units (accuracy: 0..1). One-sided: the
-    # failure to catch is inference mode doing worse; better is sampling noise.
-    gap: float
-    distinct_predictions: int  # classes predicted in inference mode (1 = collapse)
-    passed: bool
-    threshold: float
-
-    @property
-    def failure(self) -> str:
-        """Why it failed ('' when it passed): the gap over the limit, or a collapse."""
-        if self.passed:
-            return ""
-        if self.gap > self.threshold or math.isnan(self.gap):
-            return f"inference mode is worse than training mode (gap {self.gap:.3f} > {self.threshold})"
-        return "inference mode predicts one class for every held-out image"
-
-    def to_dict(self) -> dict:
-        return {
-            "inference_mode": self.inference_metric,
-            "training_mode": self.training_metric,
-            "gap": self.gap,
-            "distinct_predictions": self.distinct_predictions,
-            "passed": self.passed,
-            "threshold": self.threshold,
-        }
-
-
 #: Traced functions of live models (see :func:`traced`).
 _TRACED: dict[tuple, Callable] = {}
 
@@ -411,17 +381,13 @@ def classification_parity(
     batch_size: int = 64,
     shuffle_seed: int = 0,
 ) -> ParityReport:
-    """Accuracy in inference mode vs training mode (batch statistics) on held-out data.
+    """Accuracy in inference mode vs training mode (batch statistics) on held-out data,
+    judged by the paired gate of :mod:`contract.parity` (``threshold``: its tolerance).
 
     Training mode sees the images in a seeded random order, in batches of
     ``batch_size`` (pass the training batch size): the statistics it normalises
     by are then those of batches like the ones it trained on, whatever order
-    ``x`` is in. Both modes score the same images (a paired comparison).
-
-    It fails when inference mode is worse by more than ``threshold``, and when
-    inference mode predicts one class for a held-out set of several classes while
-    training mode does not (the seeds' bug's signature): on a small held-out set
-    training mode can score as low by chance, and a gap alone then misses it.
+    ``x`` is in. Both modes score the same images, and the gate pairs them.
     """
     inf = predict_in_mode(model, x, training=False, batch_size=batch_size).argmax(-1)
     # Training mode normalises by batch statistics, so the batches must look like the
@@ -431,21 +397,11 @@ def classification_parity(
     order = iid_order(len(x), shuffle_seed)
     trn = np.empty(len(x), np.int64)
     trn[order] = predict_in_mode(model, x[order], training=True, batch_size=batch_size).argmax(-1)
-    acc_inf = float(np.mean(inf == y))
-    acc_trn = float(np.mean(trn == y))
-    gap = acc_trn - acc_inf
-    distinct = int(len(np.unique(inf)))
-    collapsed = distinct == 1 and len(np.unique(y)) > 1 and len(np.unique(trn)) > 1
-    return ParityReport(
-        acc_inf, acc_trn, gap, distinct, gap <= threshold and not collapsed, threshold
+    return paired_parity(
+        inf == y,
+        trn == y,
+        tolerance=threshold,
+        inference_predictions=inf,
+        training_predictions=trn,
+        labels=y,
     )
-
-
-def metric_parity(
-    evaluate: Callable[[bool], float], *, threshold: float, distinct: int = -1
-) -> ParityReport:
-    """Parity for any task: ``evaluate(training)`` returns a quality metric in that mode."""
-    m_inf, m_trn = float(evaluate(False)), float(evaluate(True))
-    gap = m_trn - m_inf
-    ok = gap <= threshold and not math.isnan(gap)
-    return ParityReport(m_inf, m_trn, gap, distinct, ok, threshold)

@@ -198,7 +198,22 @@ class Parity(CardSection):
     gap: float | None = None
     distinct_predictions: int | None = None
     passed: bool | None = None
+    #: The tolerance the gap is tested against (older cards: a fixed limit on the gap).
     threshold: float | None = None
+    # The paired gate's figures (contract.parity); absent from older cards.
+    images: int | None = None
+    discordant: Mapping[str, int] = field(default_factory=empty_map)
+    test: str | None = None
+    p_value: float | None = None
+    alpha: float | None = None
+    interval: tuple[float, ...] = ()
+    interval_method: str | None = None
+    confidence: float | None = None
+    collapsed: bool | None = None
+    dominant_share: float | None = None
+    decision: str | None = None
+    #: Per-image outcome the pairs compare, when not accuracy (a detector's).
+    paired_on: str | None = None
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,13 @@ def _add_classifier(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--synthetic-imbalance", type=float, help="largest/smallest class ratio")
     p.add_argument("--bn-momentum", help="auto | keras | a number")
     p.add_argument("--no-precise-bn", dest="precise_bn", action="store_false", default=None)
-    p.add_argument("--max-parity-gap", type=float)
+    p.add_argument(
+        "--max-parity-gap",
+        type=float,
+        help="tolerance of the parity gate (accuracy, 0..1): export is refused when "
+        "inference mode is significantly (McNemar exact, 95%%) worse than training "
+        "mode by more than this on the test split",
+    )
     p.add_argument(
         "--force", action="store_true", default=None, help="export despite a failed parity check"
     )
@@ -143,7 +149,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(
         f"parity (test split): inference {p['inference_mode']:.4f} vs training mode "
         f"{p['training_mode']:.4f}, gap {100 * p['gap']:.2f} points "
-        f"({'ok' if p['passed'] else 'FAILED'})"
+        f"({100 * p['confidence']:.0f}% interval {100 * p['interval'][0]:.2f} to "
+        f"{100 * p['interval'][1]:.2f}; tolerance {100 * p['threshold']:.1f}, "
+        f"p = {p['p_value']:.2g} on {p['images']} images: {p['decision']})"
     )
     for warning in summary.get("warnings", []):
         print(f"warning: {warning}")

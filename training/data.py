@@ -168,7 +168,7 @@ class Splits(NamedTuple):
     test: ImageSet
 
 
-def _key_fractions(keys: Sequence[str], seed: int) -> np.ndarray:
+def key_fractions(keys: Sequence[str], seed: int) -> np.ndarray:
     """A uniform number in [0, 1) per key, fixed by the key and the seed alone."""
     h = [int.from_bytes(hashlib.sha256(f"{seed}:{k}".encode()).digest()[:8], "big") for k in keys]
     return (np.array(h, dtype=np.uint64) % 10_000).astype(np.float64) / 10_000
@@ -198,6 +198,27 @@ def _stratify(side: np.ndarray, u: np.ndarray, members: np.ndarray, fractions: d
         side[donors[0]] = 0
 
 
+def split_sides(
+    keys: Sequence[str],
+    strata: np.ndarray,
+    val_fraction: float,
+    test_fraction: float,
+    *,
+    seed: int = 0,
+) -> np.ndarray:
+    """Each item's side, 0 train / 1 validation / 2 test, by a hash of its key and the
+    seed, stratified by ``strata`` (an integer per item: its class): see
+    :func:`three_way_split`."""
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError("val_fraction and test_fraction must be in (0, 1) with a sum below 1")
+    u = key_fractions(keys, seed)
+    side = np.where(u < test_fraction, 2, np.where(u < test_fraction + val_fraction, 1, 0))
+    strata = np.asarray(strata)
+    for c in np.unique(strata):
+        _stratify(side, u, np.flatnonzero(strata == c), {2: test_fraction, 1: val_fraction})
+    return side
+
+
 def three_way_split(
     data: ImageSet, val_fraction: float, test_fraction: float, *, seed: int = 0
 ) -> Splits:
@@ -210,12 +231,7 @@ def three_way_split(
     topped up from its training images of lowest hash, so a rare class is never
     left out of a held-out figure by chance.
     """
-    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError("val_fraction and test_fraction must be in (0, 1) with a sum below 1")
-    u = _key_fractions(data.keys, seed)
-    side = np.where(u < test_fraction, 2, np.where(u < test_fraction + val_fraction, 1, 0))
-    for c in range(len(data.class_names)):
-        _stratify(side, u, np.flatnonzero(data.labels == c), {2: test_fraction, 1: val_fraction})
+    side = split_sides(data.keys, data.labels, val_fraction, test_fraction, seed=seed)
     return Splits(
         data.subset(np.flatnonzero(side == 0)),
         data.subset(np.flatnonzero(side == 1)),

@@ -192,3 +192,62 @@ def tiny_run_keras_path(tiny_run) -> Path:
     """Where the session's tiny classifier keeps its ``.keras`` copy."""
     cfg = tiny_run[0]
     return Path(cfg.model_base) / "tiny_classifier" / "1" / KERAS_MODEL_RELPATH
+
+
+# -- real data: scikit-learn's digits as class folders (sorted by class, as users' arrive) ----
+
+DIGITS_PER_CLASS = 45
+
+
+@pytest.fixture(scope="module")
+def digits_folders(tmp_path_factory) -> Path:
+    from tests.helpers.digits import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("digits"), per_class=DIGITS_PER_CLASS)
+
+
+@pytest.mark.slow
+def test_digits_parity_from_class_sorted_folders_equals_a_shuffled_copys(digits_folders, tmp_path):
+    from training.classifier import train_classifier
+
+    cfg = ClassifierConfig(
+        **{**PRESETS["tiny"], "data": str(digits_folders), "model_base": str(tmp_path)},
+        name="digits",
+    )
+    summary = train_classifier(cfg, export=False)
+    model, reported = summary["model"], summary["parity"]
+    test = data_splits(cfg, load_data(cfg)).test
+    assert np.all(np.diff(test.labels) >= 0) and len(np.unique(test.labels)) == 10
+    x = normalize(test.pixels, cfg.spec)
+    rng = np.random.default_rng(5)
+    gaps = []
+    for seed in range(8):  # shuffled copies of the same test images, batched at random again
+        perm = rng.permutation(len(x))
+        copy = bn.classification_parity(
+            model, x[perm], test.labels[perm], batch_size=cfg.batch_size, shuffle_seed=seed
+        )
+        gaps.append(copy.gap)
+    # Within noise: two sources, the images (the reported 95% interval) and the random
+    # batching of training mode (batch statistics of 16 images; the copies' spread: one
+    # run's copies ranged from -0.10 to +0.01). The reported gap is one random batching.
+    lo, hi = reported["interval"]
+    allowed = max(3 * float(np.std(gaps, ddof=1)), (hi - lo) / 2)
+    print("reported", reported, "shuffled copies' gaps", gaps)
+    assert abs(reported["gap"] - float(np.mean(gaps))) <= allowed, (reported, gaps)
+    assert reported["images"] == len(test) and reported["passed"], reported
+    # The premise: read in folder order (one-class batches), training mode scores far lower.
+    in_order = bn.predict_in_mode(model, x, training=True, batch_size=cfg.batch_size)
+    in_order_accuracy = float(np.mean(in_order.argmax(-1) == test.labels))
+    assert in_order_accuracy < reported["training_mode"] - 0.15, (in_order_accuracy, reported)
+
+
+@pytest.mark.slow
+def test_digits_with_keras_bn_defaults_are_refused_with_exit_3(digits_folders, tmp_path, capsys):
+    """The classic bug on class-sorted folders: momentum 0.999 and no precise BN."""
+    args = ["classifier", "--data", str(digits_folders), "--model-base", str(tmp_path)]
+    args += ["--name", "stale", "--preset", "tiny", "--bn-momentum", "keras", "--no-precise-bn"]
+    rc = main(args)
+    out, err = capsys.readouterr()
+    assert rc == 3, out[-2000:] + err[-2000:]
+    assert "parity check failed" in err, err[-2000:]
+    assert not (tmp_path / "stale").exists() or not any((tmp_path / "stale").iterdir())

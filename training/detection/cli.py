@@ -28,10 +28,20 @@ def add_detector_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser
     p.add_argument("--data", default="synthetic", help="COCO annotation JSON, or 'synthetic'")
     p.add_argument("--images", help="image folder of --data (default: 'images' beside the JSON)")
-    p.add_argument("--val-data", help="held-out COCO JSON (default: --val-fraction of --data)")
+    p.add_argument(
+        "--val-data",
+        help="held-out COCO JSON, split into validation and test (default: fractions of --data)",
+    )
     p.add_argument("--val-images", help="image folder of --val-data")
     p.add_argument(
-        "--val-fraction", type=float, help=f"held-out fraction (default {d.val_fraction})"
+        "--val-fraction",
+        type=float,
+        help=f"validation share, for early stopping (default {d.val_fraction})",
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        help=f"test share: the card's mAP and the parity gate (default {d.test_fraction})",
     )
     p.add_argument("--model-base", default="models", help="model repository (default ./models)")
     p.add_argument("--name", required=True, help="model name in the repository")
@@ -72,20 +82,36 @@ def add_detector_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--jitter-probability", type=float, help="share of images scale-jittered")
     p.add_argument("--seed", type=int)
     p.add_argument("--synthetic-images", type=int, help="synthetic training images")
-    p.add_argument("--synthetic-val-images", type=int, help="synthetic held-out images")
+    p.add_argument("--synthetic-val-images", type=int, help="synthetic validation images")
+    p.add_argument("--synthetic-test-images", type=int, help="synthetic test images")
     p.add_argument("--synthetic-dir", help="keep the synthetic COCO set here (default: temporary)")
     p.add_argument("--nms-iou", type=float)
     p.add_argument("--score-threshold", type=float)
     p.add_argument("--max-detections", type=int)
     p.add_argument("--bn-momentum", help="auto | keras | a number")
     p.add_argument("--no-precise-bn", dest="precise_bn", action="store_false", default=None)
-    p.add_argument("--max-parity-gap", type=float, help="largest allowed mAP@.5 gap (0..1)")
+    p.add_argument(
+        "--max-parity-gap",
+        type=float,
+        help="tolerance of the parity gate: per-image top-detection hit rate (0..1); "
+        "refused when inference mode is significantly worse by more than this",
+    )
     p.add_argument(
         "--reference-images",
         type=int,
         help="held-out images shipped with the version for calibration's mAP gate (default 200)",
     )
-    p.add_argument("--eval-every", type=int, help="held-out mAP every N epochs (default: end only)")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        help=f"validation mAP@.5 every N epochs (default {d.eval_every}; 0: never)",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        help="validation checks without a better mAP@.5 before training stops; the best "
+        f"checked weights are kept (default {d.patience}; 0: no early stopping)",
+    )
     p.add_argument(
         "--force", action="store_true", default=None, help="export despite a failed parity check"
     )
@@ -112,15 +138,18 @@ def print_summary(summary: dict[str, Any]) -> None:
     print("\n== summary ==")
     print(
         f"held-out COCO mAP@[.5:.95] {summary['map_50_95']:.4f}, mAP@.5 {summary['map_50']:.4f}, "
-        f"mAP@.75 {summary['map_75']:.4f} ({summary['val_images']} images, inference mode)"
+        f"mAP@.75 {summary['map_75']:.4f} (test split, {summary['test_images']} images, "
+        "inference mode)"
     )
     print("per-class AP@[.5:.95]:")
     for label, ap in summary["per_class_ap"].items():
         print(f"  {label:>12}: {'n/a' if ap is None else f'{ap:.4f}'}")
     p = summary["parity"]
     print(
-        f"parity (mAP@.5): inference {p['inference_mode']:.4f} vs training mode "
-        f"{p['training_mode']:.4f}, gap {p['gap']:.4f} ({'ok' if p['passed'] else 'FAILED'})"
+        f"parity (per-image top detection at IoU .5): inference {p['inference_mode']:.4f} vs "
+        f"training mode {p['training_mode']:.4f}, gap {p['gap']:.4f} (tolerance "
+        f"{p['threshold']}, p = {p['p_value']:.2g} on {p['images']} images: {p['decision']}); "
+        f"mAP@.5 {p['map_50']['inference_mode']:.4f} vs {p['map_50']['training_mode']:.4f}"
     )
     t = summary["inference"]
     print(

@@ -21,7 +21,8 @@ class DetectorTrainConfig:
     images: str | None = None  # image folder of ``data`` (default: beside the JSON)
     val_data: str | None = None  # held-out COCO JSON (default: a fraction of ``data``)
     val_images: str | None = None
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # validation share: early stopping (training.detection.splits)
+    test_fraction: float = 0.1  # test share: the card's mAP and the parity gate
     model_base: str = "models"
     name: str = "detector"
     alpha: float = 0.35
@@ -49,6 +50,7 @@ class DetectorTrainConfig:
     seed: int = 0
     synthetic_images: int = 2000
     synthetic_val_images: int = 250
+    synthetic_test_images: int = 250
     synthetic_dir: str | None = None  # where the synthetic COCO set is written (default: temp)
     nms_iou: float = 0.5
     score_threshold: float = 0.05
@@ -56,8 +58,11 @@ class DetectorTrainConfig:
     bn_momentum: str = "auto"  # auto | keras (leave 0.999) | a number
     precise_bn: bool = True
     precise_bn_images: int = 1024
-    eval_every: int = 0  # held-out mAP every N epochs during training (0: only at the end)
-    max_parity_gap: float = 0.05  # in mAP@.5 points (0..1)
+    eval_every: int = 5  # validation mAP@.5 every N epochs (0: never; early stopping needs it)
+    # Stop after this many validation checks without a better mAP@.5, and restore the
+    # best checked weights (0: train every epoch, keep the last).
+    patience: int = 4
+    max_parity_gap: float = 0.05  # parity tolerance: per-image top-detection hit rate (0..1)
     reference_images: int = 200  # held-out images shipped for calibration's mAP gate
     force: bool = False
     version_labels: tuple[str, ...] = ("stable",)
@@ -77,8 +82,18 @@ class DetectorTrainConfig:
             raise ValueError("epochs, batch_size and learning_rate must be positive")
         if self.reference_images < 1:
             raise ValueError("reference_images must be >= 1")
-        if self.synthetic_images < 2 or self.synthetic_val_images < 1:
-            raise ValueError("the synthetic set needs >= 2 training and >= 1 held-out images")
+        if (
+            self.synthetic_images < 2
+            or self.synthetic_val_images < 1
+            or self.synthetic_test_images < 1
+        ):
+            raise ValueError(
+                "the synthetic set needs >= 2 training, >= 1 validation and >= 1 test images"
+            )
+        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1) or (
+            self.val_fraction + self.test_fraction >= 1
+        ):
+            raise ValueError("val_fraction and test_fraction must be in (0, 1) with a sum below 1")
         # Validates geometry/resize method and the anchor/match/NMS values early.
         _ = self.spec, self.anchor_config, self.match_config, self.nms_config, self.augment_config
 
@@ -150,6 +165,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         batch_size=8,
         synthetic_images=32,
         synthetic_val_images=8,
+        synthetic_test_images=8,
         fpn_channels=16,
         head_depth=1,
         precise_bn_images=32,

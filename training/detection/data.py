@@ -254,20 +254,6 @@ def load_coco(
     return dataset
 
 
-def split_dataset(
-    dataset: DetectionDataset, val_fraction: float, *, seed: int = 0
-) -> tuple[DetectionDataset, DetectionDataset]:
-    """A seeded random split into (train, held-out); both non-empty."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    n = len(dataset)
-    n_val = min(n - 1, max(1, round(n * val_fraction)))
-    if n < 2:
-        raise DatasetError("need at least two images to hold some out")
-    order = np.random.default_rng(seed).permutation(n)
-    return dataset.subset(np.sort(order[n_val:])), dataset.subset(np.sort(order[:n_val]))
-
-
 # -- synthetic set -----------------------------------------------------------
 
 

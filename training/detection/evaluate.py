@@ -23,8 +23,9 @@ import numpy as np
 import tensorflow as tf
 
 from contract import bn
+from contract.parity import ParityReport, paired_parity
 from contract.preprocessing import ImageGeometry, PreprocessSpec, preprocess_pixels
-from training.detection.boxes import yxyx_to_xywh
+from training.detection.boxes import iou_matrix, yxyx_to_xywh
 from training.detection.data import DetectionDataset
 
 Postprocess = Callable[[list[tf.Tensor]], dict[str, tf.Tensor]]
@@ -218,3 +219,78 @@ def evaluate_detector(
     image_ids = [s.image_id for s in dataset.samples]
     dets = detections_to_coco(image_ids, outputs, geoms, dataset.category_ids)
     return coco_metrics(dataset.to_coco(), dets, dataset.labels)
+
+
+#: What the detector's parity gate pairs per image (the card's ``metrics.parity.paired_on``).
+PAIRED_ON = "top detection correct at IoU 0.5 (images with ground truth)"
+
+
+def top_detection_hits(
+    outputs: dict[str, np.ndarray],
+    dataset: DetectionDataset,
+    geometries: Sequence[ImageGeometry],
+    *,
+    iou: float = 0.5,
+) -> np.ndarray:
+    """Per image: does its highest-scoring detection find an object? (``[N]`` bool)
+
+    A hit is a top detection of the right class overlapping a non-crowd ground-truth
+    box at IoU >= ``iou``; an image without detections is a miss. This is the
+    per-image outcome the parity gate pairs: one yes/no per image in each BN mode,
+    so the modes' disagreements are discordant pairs (McNemar), where a dataset-level
+    mAP gives one number per mode and no measure of its noise. It needs no score
+    threshold, so a weak but sound model (low scores, right boxes) is judged by
+    where its best guess lands, and a collapsed inference mode (no boxes, or boxes
+    anywhere) misses on image after image where training mode hits.
+    """
+    hits = np.zeros(len(dataset), bool)
+    for i, (sample, geom) in enumerate(zip(dataset.samples, geometries, strict=True)):
+        n = int(outputs["num_detections"][i])
+        gt = sample.boxes.reshape(-1, 4)[~sample.crowd]
+        if n == 0 or len(gt) == 0:
+            continue
+        top = int(np.argmax(outputs["detection_scores"][i, :n]))
+        box = geom.boxes_to_original(outputs["detection_boxes"][i, top : top + 1])
+        same_class = sample.classes[~sample.crowd] == int(outputs["detection_classes"][i, top])
+        overlap = iou_matrix(box, gt)[0]
+        hits[i] = bool(np.any(same_class & (overlap >= iou)))
+    return hits
+
+
+def detection_parity(
+    model: keras.Model,
+    postprocess: Postprocess,
+    dataset: DetectionDataset,
+    spec: PreprocessSpec,
+    *,
+    images: Sequence[np.ndarray],
+    tolerance: float,
+    batch_size: int = 32,
+    shuffle_seed: int = 0,
+) -> tuple[ParityReport, DetectionMetrics, DetectionMetrics]:
+    """The paired parity gate on held-out images; also both modes' COCO metrics.
+
+    Training mode reads the images in batches drawn at random (:func:`bn.iid_order`
+    through :func:`predict`), as in training; the outcomes come back in image order
+    and are paired per image (:func:`top_detection_hits`). Images without ground
+    truth are left out of the pairs: no top detection can be right on them.
+    Returns (report, inference-mode metrics, training-mode metrics).
+    """
+    x, geoms = preprocess_images(images, spec)
+    ids = [s.image_id for s in dataset.samples]
+    runs = {}
+    for training in (False, True):
+        out = predict(
+            model,
+            postprocess,
+            x,
+            training=training,
+            batch_size=batch_size,
+            shuffle_seed=shuffle_seed if training else None,
+        )
+        dets = detections_to_coco(ids, out, geoms, dataset.category_ids)
+        metrics = coco_metrics(dataset.to_coco(), dets, dataset.labels)
+        runs[training] = (top_detection_hits(out, dataset, geoms), metrics)
+    has_gt = np.array([bool((~s.crowd).any()) for s in dataset.samples], bool)
+    report = paired_parity(runs[False][0][has_gt], runs[True][0][has_gt], tolerance=tolerance)
+    return report, runs[False][1], runs[True][1]

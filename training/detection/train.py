@@ -3,16 +3,19 @@
 The run, in order:
 
 1. data: a COCO-format dataset (``--data annotations.json --images DIR``, with
-   ``--val-data`` or a seeded held-out fraction), or the built-in synthetic set
-   written in COCO format and read back by the same loader;
+   ``--val-data`` or seeded held-out fractions), or the built-in synthetic set
+   written in COCO format and read back by the same loader, in three splits
+   (:mod:`training.detection.splits`): train, validation, test;
 2. model: :func:`training.detection.model.build_detector`, anchors from the
    same :class:`AnchorConfig`;
 3. BN momentum set for the run length (:func:`contract.bn.momentum_for_steps`);
 4. training: augmented batches (:mod:`training.detection.pipeline`), focal +
-   smooth L1 loss, AdamW with warm-up and cosine decay;
+   smooth L1 loss, AdamW with warm-up and cosine decay; validation mAP@.5 every
+   few epochs stops training early and chooses the kept weights;
 5. precise BN over un-augmented training images, then COCO evaluation on the
-   held-out set in inference mode and the parity check (inference-mode vs
-   training-mode mAP@.5); a failed check stops the export unless forced;
+   test split in inference mode and the paired parity gate (per-image top
+   detection in inference vs training mode, :func:`detection_parity`); a failed
+   check stops the export unless forced;
 6. export (:func:`contract.export.export_model`) with the decode + NMS in the
    graph and the model card's ``detection`` and ``metrics`` sections.
 
@@ -42,16 +45,11 @@ from training.classifier import ParityError, WarmupSchedule
 from training.detection.anchors import feature_map_sizes, generate_anchors
 from training.detection.boxes import DEFAULT_VARIANCES
 from training.detection.config import DetectorTrainConfig
-from training.detection.data import (
-    DatasetError,
-    DetectionDataset,
-    SyntheticConfig,
-    load_coco,
-    split_dataset,
-    write_synthetic_coco,
-)
+from training.detection.data import DetectionDataset
 from training.detection.evaluate import (
+    PAIRED_ON,
     DetectionMetrics,
+    detection_parity,
     evaluate_detector,
     inference_function,
     preprocess_images,
@@ -62,38 +60,9 @@ from training.detection.pipeline import TrainingBatches, image_batches
 from training.detection.postprocess import make_postprocess
 from training.detection.reference import REFERENCE_SET, reference_set_bytes
 from training.detection.reference import describe as describe_reference_set
+from training.detection.splits import SPLIT_OF, load_datasets
 
 __all__ = ["DetectorTrainConfig", "ParityError", "load_datasets", "train_detector"]
-
-
-# --- data -------------------------------------------------------------------
-
-
-def load_datasets(
-    cfg: DetectorTrainConfig, work_dir: Path
-) -> tuple[DetectionDataset, DetectionDataset]:
-    """(train, held-out) as the config asks; the synthetic set is written under ``work_dir``."""
-    if cfg.data == "synthetic":
-        root = Path(cfg.synthetic_dir) if cfg.synthetic_dir else work_dir
-        synth = SyntheticConfig()
-        train_json = write_synthetic_coco(
-            root / "train", cfg.synthetic_images, seed=cfg.seed, config=synth
-        )
-        # A different seed stream: held-out images are new draws, never copies.
-        val_json = write_synthetic_coco(
-            root / "val", cfg.synthetic_val_images, seed=cfg.seed + 1_000_003, config=synth
-        )
-        return load_coco(train_json), load_coco(val_json)
-    train = load_coco(cfg.data, cfg.images)
-    if cfg.val_data:
-        val = load_coco(cfg.val_data, cfg.val_images)
-        if val.labels != train.labels or val.category_ids != train.category_ids:
-            raise DatasetError(
-                f"held-out categories {list(zip(val.category_ids, val.labels, strict=True))} differ "
-                f"from training categories {list(zip(train.category_ids, train.labels, strict=True))}"
-            )
-        return train, val
-    return split_dataset(train, cfg.val_fraction, seed=cfg.seed)
 
 
 # --- training ---------------------------------------------------------------
@@ -131,11 +100,13 @@ def fit(
     loss: LossConfig | None = None,
     log: Callable[[str], None] | None = None,
     on_epoch_end: Callable[[int], dict[str, float]] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` on ``batches`` for ``epochs``; returns per-epoch mean losses.
 
     ``on_epoch_end(epoch)`` may return extra numbers for the epoch's row (e.g. a
-    held-out mAP); they are logged and kept in the history.
+    validation mAP); they are logged and kept in the history. Training ends early
+    when ``stop()`` says so after an epoch.
     """
     steps = batches.steps_per_epoch
     if steps < 1:
@@ -167,7 +138,51 @@ def fit(
                 f"box {row['box_loss']:.4f}), lr {float(schedule(optimizer.iterations)):.2e}, "
                 f"{row['seconds']:.1f} s" + "".join(f", {k} {v:.4f}" for k, v in extra.items())
             )
+        if stop is not None and stop():
+            break
     return history
+
+
+class EarlyStopping:
+    """Validation mAP@.5 every ``eval_every`` epochs (and after the last); stops after
+    ``patience`` checks without a better one and :meth:`restore` puts back the best
+    checked weights (``patience`` 0: never stops, keeps the last weights)."""
+
+    def __init__(
+        self,
+        model: keras.Model,
+        evaluate: Callable[[], float],
+        *,
+        eval_every: int,
+        patience: int,
+        epochs: int,
+    ):
+        self.model, self.evaluate = model, evaluate
+        self.eval_every, self.patience, self.epochs = eval_every, patience, epochs
+        self.best, self.best_epoch, self.waits, self.weights = -1.0, 0, 0, None
+
+    def __call__(self, epoch: int) -> dict[str, float]:
+        last = epoch == self.epochs
+        if not self.eval_every or (epoch % self.eval_every and not (last and self.patience)):
+            return {}
+        value = float(self.evaluate())
+        if value > self.best:
+            self.best, self.best_epoch, self.waits = value, epoch, 0
+            if self.patience:
+                self.weights = self.model.get_weights()
+        else:
+            self.waits += 1
+        return {"val_map_50": value}
+
+    def should_stop(self) -> bool:
+        return bool(self.patience) and self.waits >= self.patience
+
+    def restore(self) -> int | None:
+        """Put back the best checked weights; returns their epoch (None: none kept)."""
+        if self.weights is None:
+            return None
+        self.model.set_weights(self.weights)
+        return self.best_epoch
 
 
 def inference_timing(
@@ -208,14 +223,16 @@ def train_detector(cfg: DetectorTrainConfig, *, export: bool = True) -> dict[str
     keras.utils.set_random_seed(cfg.seed)
     spec = cfg.spec
     with tempfile.TemporaryDirectory(prefix="detector-data-") as tmp:
-        train_raw, val_raw = load_datasets(cfg, Path(tmp))
-        train, train_images = train_raw.decode_usable()
-        val, val_images = val_raw.decode_usable()
+        splits = load_datasets(cfg, Path(tmp))
+        train, train_images = splits.train.decode_usable()
+        val, val_images = splits.validation.decode_usable()
+        test, test_images = splits.test.decode_usable()
     data_seconds = time.monotonic() - started
     if log:
         log(
-            f"data: {len(train)} training images ({train.num_boxes()} boxes), {len(val)} held-out "
-            f"({val.num_boxes()} boxes), labels {train.labels}; {data_seconds:.1f} s"
+            f"data: {len(train)} training images ({train.num_boxes()} boxes), {len(val)} "
+            f"validation ({val.num_boxes()} boxes), {len(test)} test ({test.num_boxes()} "
+            f"boxes), labels {train.labels}; {data_seconds:.1f} s"
         )
 
     det_cfg = cfg.detector_config(len(train.labels))
@@ -243,13 +260,17 @@ def train_detector(cfg: DetectorTrainConfig, *, export: bool = True) -> dict[str
             f"{total_steps} steps, BN momentum {momentum}"
         )
     eval_bs = min(cfg.batch_size, len(val))
-
-    def progress(epoch: int) -> dict[str, float]:
-        if not cfg.eval_every or epoch % cfg.eval_every or epoch == cfg.epochs:
-            return {}
-        m = evaluate_detector(model, postprocess, val, spec, images=val_images, batch_size=eval_bs)
-        return {"val_map_50": m.map_50, "val_map_50_95": m.map_50_95}
-
+    stopper = EarlyStopping(
+        model,
+        lambda: (
+            evaluate_detector(
+                model, postprocess, val, spec, images=val_images, batch_size=eval_bs
+            ).map_50
+        ),
+        eval_every=cfg.eval_every,
+        patience=cfg.patience,
+        epochs=cfg.epochs,
+    )
     train_started = time.monotonic()
     history = fit(
         model,
@@ -259,26 +280,37 @@ def train_detector(cfg: DetectorTrainConfig, *, export: bool = True) -> dict[str
         warmup_epochs=cfg.warmup_epochs,
         weight_decay=cfg.weight_decay,
         log=log,
-        on_epoch_end=progress,
+        on_epoch_end=stopper,
+        stop=stopper.should_stop,
     )
+    best_epoch = stopper.restore()
+    if log and best_epoch is not None:
+        log(f"kept the weights of epoch {best_epoch} (validation mAP@.5 {stopper.best:.4f})")
     fit_seconds = time.monotonic() - train_started
 
-    before = evaluate_detector(model, postprocess, val, spec, images=val_images, batch_size=eval_bs)
+    # The test split alone judges the model: validation chose the kept weights.
+    test_bs = min(cfg.batch_size, len(test))
+    before = evaluate_detector(
+        model, postprocess, test, spec, images=test_images, batch_size=test_bs
+    )
     if cfg.precise_bn:
         n = min(len(train_images), cfg.precise_bn_images)
         bn.precise_bn(model, image_batches(train_images[:n], spec, batches.batch_size))
-    metrics = evaluate_detector(
-        model, postprocess, val, spec, images=val_images, batch_size=eval_bs
+    parity_report, metrics, training_mode = detection_parity(
+        model,
+        postprocess,
+        test,
+        spec,
+        images=test_images,
+        tolerance=cfg.max_parity_gap,
+        batch_size=test_bs,
+        shuffle_seed=cfg.seed,
     )
-
-    def map50(training: bool) -> float:
-        if not training:
-            return metrics.map_50
-        return evaluate_detector(
-            model, postprocess, val, spec, images=val_images, training=True, batch_size=eval_bs
-        ).map_50
-
-    parity = bn.metric_parity(map50, threshold=cfg.max_parity_gap)
+    parity = {
+        **parity_report.to_dict(),
+        "paired_on": PAIRED_ON,
+        "map_50": {"inference_mode": metrics.map_50, "training_mode": training_mode.map_50},
+    }
     x_val, _ = preprocess_images(val_images[: min(64, len(val_images))], spec)
     timing = inference_timing(model, postprocess, x_val)
     summary: dict[str, Any] = {
@@ -288,14 +320,19 @@ def train_detector(cfg: DetectorTrainConfig, *, export: bool = True) -> dict[str
         "map_75": metrics.map_75,
         "per_class_ap": metrics.per_class_ap,
         "metrics_before_precise_bn": {"map_50_95": before.map_50_95, "map_50": before.map_50},
-        "parity": parity.to_dict(),
+        "parity": parity,
         "bn_momentum": momentum if momentum is not None else "keras-default",
         "labels": train.labels,
         "train_images": len(train),
         "val_images": len(val),
+        "test_images": len(test),
         "train_boxes": train.num_boxes(),
         "val_boxes": val.num_boxes(),
+        "test_boxes": test.num_boxes(),
+        "best_validation_map_50": stopper.best if stopper.best >= 0 else None,
+        "kept_epoch": best_epoch if best_epoch is not None else len(history),
         "epochs": cfg.epochs,
+        "epochs_run": len(history),
         "steps": total_steps,
         "final_loss": history[-1]["loss"],
         "history": history,
@@ -303,22 +340,31 @@ def train_detector(cfg: DetectorTrainConfig, *, export: bool = True) -> dict[str
         "inference": timing,
         "fit_seconds": round(fit_seconds, 1),
         "train_seconds": round(time.monotonic() - started, 1),
-        "skipped": train.skipped + val.skipped,
+        "skipped": list(dict.fromkeys(train.skipped + val.skipped + test.skipped)),
         "model": model,
         "postprocess": postprocess,
     }
     if not export:
         return summary
     try:
-        if not parity.passed and not cfg.force:
+        if not parity_report.passed and not cfg.force:
             raise ParityError(
-                f"parity check failed: inference-mode mAP@.5 {parity.inference_metric:.3f} vs "
-                f"training-mode {parity.training_metric:.3f} (gap {parity.gap:.3f} > "
-                f"{parity.threshold}); moving statistics do not describe the data. "
-                "Not exported (use --force to export anyway)."
+                f"parity check failed: {parity_report.failure}; per-image top-detection hit "
+                f"rate {parity_report.inference_metric:.3f} in inference mode vs "
+                f"{parity_report.training_metric:.3f} in training mode (mAP@.5 "
+                f"{metrics.map_50:.3f} vs {training_mode.map_50:.3f}); moving statistics do "
+                "not describe the data. Not exported (use --force to export anyway)."
             )
         result = export_detector(
-            model, cfg, det_cfg, anchors, train, train_images, val, val_images, metrics, summary
+            model,
+            cfg,
+            det_cfg,
+            anchors,
+            (train, train_images),
+            (val, val_images),
+            (test, test_images),
+            metrics,
+            summary,
         )
     except ExportRefused as exc:
         exc.summary = {k: v for k, v in summary.items() if k not in ("model", "postprocess")}
@@ -346,16 +392,20 @@ def export_detector(
     cfg: DetectorTrainConfig,
     det_cfg: DetectorConfig,
     anchors: np.ndarray,
-    train: DetectionDataset,
-    train_images: list[np.ndarray],
-    val: DetectionDataset,
-    val_images: list[np.ndarray],
+    train_set: tuple[DetectionDataset, list[np.ndarray]],
+    val_set: tuple[DetectionDataset, list[np.ndarray]],
+    test_set: tuple[DetectionDataset, list[np.ndarray]],
     metrics: DetectionMetrics,
     summary: dict[str, Any],
 ) -> ExportResult:
-    """Export with the model card's ``detection``, ``metrics``, BN, lineage and reference set."""
+    """Export with the model card's ``detection``, ``metrics``, BN, lineage and reference set.
+
+    Each split comes as (dataset, decoded images); ``metrics`` are the test split's.
+    """
     spec = cfg.spec
-    ref_bytes = reference_set_bytes(val, val_images, spec, cfg.reference_images, cfg.seed)
+    (train, train_images), (_, val_images), (test, test_images) = train_set, val_set, test_set
+    # The test split: calibration's mAP gate then judges on the images behind the card's mAP.
+    ref_bytes = reference_set_bytes(test, test_images, spec, cfg.reference_images, cfg.seed)
     nms = cfg.nms_config
     params = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("extra", "verbose")}
     train_x = np.concatenate(list(image_batches(train_images[:1024], spec, 64)))
@@ -389,7 +439,12 @@ def export_detector(
         "metrics": {
             **metrics.to_dict(),
             "parity": summary["parity"],
-            "parity_metric": "map_50",
+            "parity_metric": "top_detection_hit_rate",
+            "test_images": summary["test_images"],
+            "val_images": summary["val_images"],
+            "best_validation_map_50": summary["best_validation_map_50"],
+            # Which split each figure came from: validation chose the kept weights.
+            "splits": SPLIT_OF,
             "evaluated_in": "inference_mode",
             "evaluator": "pycocotools COCOeval bbox, original-image pixels",
             "inference": summary["inference"],

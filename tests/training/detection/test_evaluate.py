@@ -7,7 +7,7 @@ import pytest
 
 from contract.preprocessing import PreprocessSpec, preprocess_pixels
 from training.detection.data import load_coco, write_synthetic_coco
-from training.detection.evaluate import coco_metrics, detections_to_coco
+from training.detection.evaluate import coco_metrics, detections_to_coco, top_detection_hits
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +88,47 @@ def test_signature_style_outputs_map_to_original_pixels(dataset, geometry):
     for d, a in zip(dets, gt.values(), strict=True):
         assert d["image_id"] == a["image_id"] and d["category_id"] == a["category_id"]
         np.testing.assert_allclose(d["bbox"], a["bbox"], atol=2e-3)
+
+
+def _gt_outputs(samples, geoms, *, shift=0.0, class_offset=0, n_classes=4):
+    """Signature-style outputs whose detections are the images' ground-truth boxes, the
+    first one scored highest (optionally shifted by ``shift`` box widths, or relabelled)."""
+    n = max(len(s.boxes) for s in samples)
+    boxes = np.zeros((len(samples), n, 4), np.float32)
+    classes = np.zeros((len(samples), n), np.float32)
+    scores = np.zeros((len(samples), n), np.float32)
+    for i, (s, g) in enumerate(zip(samples, geoms, strict=True)):
+        b = s.boxes.copy()
+        b[:, [1, 3]] += shift * (b[:, 3] - b[:, 1])[:, None]
+        y = (b[:, [0, 2]] * g.scale_y + g.pad_y) / g.input_height
+        x = (b[:, [1, 3]] * g.scale_x + g.pad_x) / g.input_width
+        boxes[i, : len(b)] = np.stack([y[:, 0], x[:, 0], y[:, 1], x[:, 1]], 1)
+        classes[i, : len(b)] = (s.classes + class_offset) % n_classes
+        scores[i, : len(b)] = np.linspace(0.9, 0.5, len(b))
+    counts = np.array([len(s.boxes) for s in samples], np.float32)
+    return {
+        "detection_boxes": boxes,
+        "detection_scores": scores,
+        "detection_classes": classes,
+        "num_detections": counts,
+    }
+
+
+def test_top_detection_hits_pair_one_outcome_per_image(dataset):
+    """The parity gate's per-image outcome: the top detection on an object of its class."""
+    spec = PreprocessSpec(height=64, width=64, geometry="letterbox")
+    geoms = [preprocess_pixels(s.load_pixels(), spec)[1] for s in dataset.samples]
+    n_classes = len(dataset.labels)
+    right = top_detection_hits(_gt_outputs(dataset.samples, geoms), dataset, geoms)
+    assert right.shape == (len(dataset),) and right.all()
+    slight = _gt_outputs(dataset.samples, geoms, shift=0.15)  # IoU 0.74
+    assert top_detection_hits(slight, dataset, geoms).all()
+    far = _gt_outputs(dataset.samples, geoms, shift=1.5)
+    assert not top_detection_hits(far, dataset, geoms).any()
+    relabelled = _gt_outputs(dataset.samples, geoms, class_offset=1, n_classes=n_classes)
+    assert not top_detection_hits(relabelled, dataset, geoms).any()
+    # No detections on the first image: a miss there, hits elsewhere.
+    outputs = _gt_outputs(dataset.samples, geoms)
+    outputs["num_detections"][0] = 0
+    hits = top_detection_hits(outputs, dataset, geoms)
+    assert not hits[0] and hits[1:].all()

@@ -44,7 +44,8 @@ def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("models")
     data = tmp_path_factory.mktemp("data")
     train_json = write_synthetic_coco(data / "train", 160, seed=0, config=EASY)
-    val_json = write_synthetic_coco(data / "val", 48, seed=1, config=EASY)
+    # Held out, split into validation (early stopping) and test (card, parity, reference set).
+    val_json = write_synthetic_coco(data / "val", 96, seed=1, config=EASY)
     cfg = DetectorTrainConfig(
         **{
             **PRESETS["tiny"],
@@ -111,6 +112,41 @@ def test_training_mode_outputs_come_back_in_input_order_when_batches_are_shuffle
     assert shuffled["num_detections"].sum() > 0
     np.testing.assert_array_equal(shuffled["num_detections"], plain["num_detections"])
     np.testing.assert_allclose(shuffled["detection_scores"], plain["detection_scores"], atol=1e-4)
+
+
+def test_parity_pairs_per_image_top_detections_and_refuses_stale_statistics(trained):
+    """The gate pairs each held-out image's top detection in both BN modes; with the
+    moving statistics of an untrained network (Keras's initial 0 / 1) the same model
+    is refused."""
+    from contract import bn
+    from training.detection.evaluate import PAIRED_ON, detection_parity
+
+    cfg, summary, base, data = trained
+    p = summary["parity"]
+    assert p["paired_on"] == PAIRED_ON and p["images"] == summary["test_images"] > 0
+    assert p["discordant"]["training_only"] + p["discordant"]["inference_only"] <= p["images"]
+    assert p["interval"][0] <= p["gap"] <= p["interval"][1] and p["decision"] == "pass"
+    card = load_model_card(base / "tiny_detector" / "1")
+    assert card["metrics"]["parity"]["p_value"] == p["p_value"]
+    assert card["metrics"]["splits"]["map_50"] == card["metrics"]["splits"]["parity"] == "test"
+    assert card["metrics"]["test_images"] == summary["test_images"]
+    model, post = summary["model"], summary["postprocess"]
+    val = load_coco(data / "val" / "annotations.json")
+    layers = bn.bn_layers(model)
+    saved = [(lyr.moving_mean.numpy(), lyr.moving_variance.numpy()) for lyr in layers]
+    try:
+        for lyr in layers:
+            lyr.moving_mean.assign(np.zeros_like(lyr.moving_mean.numpy()))
+            lyr.moving_variance.assign(np.ones_like(lyr.moving_variance.numpy()))
+        stale, _, _ = detection_parity(
+            model, post, val, cfg.spec, images=val.load_images(), tolerance=cfg.max_parity_gap
+        )
+    finally:
+        for lyr, (mean, var) in zip(layers, saved, strict=True):
+            lyr.moving_mean.assign(mean)
+            lyr.moving_variance.assign(var)
+    assert not stale.passed and stale.decision == "refused: gap", stale.to_dict()
+    assert stale.training_metric == pytest.approx(p["training_mode"], abs=0.15)
 
 
 def test_model_card_and_models_config(trained):
@@ -191,7 +227,9 @@ def test_calibration_on_its_own_domain_publishes_a_detector_with_a_reference_set
     _, _, base, _ = trained
     base = _fresh(base, tmp_path)
     card = load_model_card(base / "tiny_detector" / "1")
-    assert card["reference_set"]["images"] == 48 and card["reference_set"]["boxes"] > 48
+    test_images = card["metrics"]["test_images"]
+    assert card["reference_set"]["images"] == test_images > 30
+    assert card["reference_set"]["boxes"] > test_images
     spec = PreprocessSpec.from_dict(card["preprocessing"])
     traffic = load_coco(write_synthetic_coco(tmp_path / "traffic", 128, seed=7, config=EASY))
     _capture_traffic(tmp_path / "samples", spec, traffic.load_images())
