@@ -41,8 +41,8 @@ demo-versions: $(STAMP)
 
 serve: models
 	@echo "imgserve gateway on http://$${IMGSERVE_BIND:-127.0.0.1:8080} (embedded backend, models in $(MODELS)/)"
-	@echo "  curl -s -X POST -H 'Content-Type: image/jpeg' --data-binary @photo.jpg http://127.0.0.1:8080/v1/classify"
-	@echo "  curl -s http://127.0.0.1:8080/v1/models ; API description: http://127.0.0.1:8080/openapi.json"
+	@echo "  try it in a browser: http://127.0.0.1:8080/   API description: http://127.0.0.1:8080/openapi.json"
+	@echo "  curl -s -F image=@docs/examples/chelsea.jpg http://127.0.0.1:8080/v1/classify"
 	IMGSERVE_MODEL_BASE=$(MODELS) $(VENV)/bin/gunicorn -c serving/gunicorn.conf.py 'serving.app:create_app()'
 
 # Two pytest-xdist workers, whole files each (module fixtures and in-file order hold);
