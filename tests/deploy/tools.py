@@ -36,7 +36,8 @@ def find_tool(name: str) -> str:
     candidate = VENV_BIN / name
     if candidate.is_file() and os.access(candidate, os.X_OK):
         return str(candidate)
-    found = shutil.which(name)
+    # Debian installs daemons such as nginx under /usr/sbin, outside a user's PATH.
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if found is None:
         pytest.fail(f"{name} not found; {INSTALL_HINTS.get(name, 'install it')}", pytrace=False)
     return found
