@@ -220,13 +220,14 @@ def test_digits_parity_from_class_sorted_folders_equals_a_shuffled_copys(digits_
     assert np.all(np.diff(test.labels) >= 0) and len(np.unique(test.labels)) == 10
     x = normalize(test.pixels, cfg.spec)
     rng = np.random.default_rng(5)
-    gaps = []
+    gaps, shuffled_training_mode = [], []
     for seed in range(8):  # shuffled copies of the same test images, batched at random again
         perm = rng.permutation(len(x))
         copy = bn.classification_parity(
             model, x[perm], test.labels[perm], batch_size=cfg.batch_size, shuffle_seed=seed
         )
         gaps.append(copy.gap)
+        shuffled_training_mode.append(copy.training_metric)
     # Within noise: two sources, the images (the reported 95% interval) and the random
     # batching of training mode (batch statistics of 16 images; the copies' spread: one
     # run's copies ranged from -0.10 to +0.01). The reported gap is one random batching.
@@ -235,10 +236,18 @@ def test_digits_parity_from_class_sorted_folders_equals_a_shuffled_copys(digits_
     print("reported", reported, "shuffled copies' gaps", gaps)
     assert abs(reported["gap"] - float(np.mean(gaps))) <= allowed, (reported, gaps)
     assert reported["images"] == len(test) and reported["passed"], reported
-    # The premise: read in folder order (one-class batches), training mode scores far lower.
+    # The premise: read in folder order (one-class batches), training mode scores lower
+    # than on shuffled batches, by more than the batching noise (3 standard deviations of
+    # the shuffled copies, at least 10 points). A fixed 15-point margin failed once on a
+    # weak tiny model (shuffled about 0.55, folder order 0.36): the drop scales with what
+    # the model knows.
     in_order = bn.predict_in_mode(model, x, training=True, batch_size=cfg.batch_size)
     in_order_accuracy = float(np.mean(in_order.argmax(-1) == test.labels))
-    assert in_order_accuracy < reported["training_mode"] - 0.15, (in_order_accuracy, reported)
+    noise = max(0.1, 3 * float(np.std(shuffled_training_mode, ddof=1)))
+    assert in_order_accuracy < float(np.mean(shuffled_training_mode)) - noise, (
+        in_order_accuracy,
+        shuffled_training_mode,
+    )
 
 
 @pytest.mark.slow
