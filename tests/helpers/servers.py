@@ -131,9 +131,6 @@ def wait_grpc_ready(address: str, proc: subprocess.Popen, log: Path, timeout: fl
 def grpc_server(model_base: Path, tmp: Path, **env: str) -> tuple[subprocess.Popen, str, Path]:
     """One gRPC server process (``python -m serving.api.grpc``) on a free loopback port,
     SERVING: (process, address, log). ``env`` as for :func:`gunicorn`."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     port = free_port()
     log = tmp / f"grpc-{port}.log"
     settings = {
@@ -145,19 +142,9 @@ def grpc_server(model_base: Path, tmp: Path, **env: str) -> tuple[subprocess.Pop
     settings.update({f"IMGSERVE_{k.upper()}": v for k, v in env.items()})
     proc = start([PYTHON, "-m", "serving.api.grpc"], settings, log)
     address = f"127.0.0.1:{port}"
-    serving = health_pb2.HealthCheckResponse.SERVING
-    with grpc.insecure_channel(address) as channel:
-        check = health_pb2_grpc.HealthStub(channel).Check
-
-        def up() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"gRPC server exited early:\n{log.read_text()[-3000:]}")
-            try:
-                return check(health_pb2.HealthCheckRequest(), timeout=1).status == serving
-            except grpc.RpcError:
-                return False
-
-        if not wait_for(up, timeout=120):
-            stop(proc)
-            raise AssertionError(f"gRPC server not serving after 120s:\n{log.read_text()[-3000:]}")
+    try:
+        wait_grpc_ready(address, proc, log)
+    except AssertionError:
+        stop(proc)
+        raise
     return proc, address, log

@@ -14,12 +14,19 @@ from pathlib import Path
 import grpc
 import pytest
 import requests
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.proto import imgserve_pb2, imgserve_pb2_grpc
 from tests.helpers import tiny_models
 from tests.helpers.log_lines import read_lines
-from tests.helpers.servers import PYTHON, free_port, gunicorn, start, stop, wait_for
+from tests.helpers.servers import (
+    PYTHON,
+    free_port,
+    gunicorn,
+    start,
+    stop,
+    wait_for,
+    wait_grpc_ready,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -132,17 +139,7 @@ def test_http_lines_are_json_and_carry_the_request_id(http_server, images):
 def test_grpc_lines_are_json_carry_the_request_id_and_follow_the_level(grpc_server, images):
     port, log, proc = grpc_server
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-
-        def serving() -> bool:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-            except grpc.RpcError:
-                return False
-            return status == health_pb2.HealthCheckResponse.SERVING
-
-        assert wait_for(serving, 180), log.read_text()[-3000:]
+        wait_grpc_ready(f"127.0.0.1:{port}", proc, log, timeout=180)
         stub = imgserve_pb2_grpc.ImageServiceStub(channel)
         response, call = stub.Classify.with_call(
             imgserve_pb2.ClassifyRequest(images=[images["png"]]),

@@ -74,10 +74,16 @@ def parse_predict_request(request: Request, max_images: int) -> tuple[list[bytes
             f"content type {mimetype or '(none)'!r} is not accepted; send multipart/form-data "
             "with 'image' fields, a raw image/* body, or application/json with 'instances'"
         )
-    timeout = request.headers.get(TIMEOUT_HEADER)
-    if timeout is not None:
-        values["timeout_s"] = _number(TIMEOUT_HEADER, timeout, float)
+    values["timeout_s"] = request_timeout(request)
     return images, options_from(values)
+
+
+def request_timeout(request: Request) -> float | None:
+    """The ``X-Request-Timeout`` header in seconds (None when absent; 400 if not a number).
+
+    ``PredictOptions`` checks that it is positive.
+    """
+    return _number(TIMEOUT_HEADER, request.headers.get(TIMEOUT_HEADER), float)
 
 
 def read_body(request: Request) -> bytes:

@@ -25,7 +25,7 @@ from flask import Blueprint, Response, g, json, jsonify, request
 
 from serving.api import errors, oip
 from serving.api.rest.inference import service
-from serving.api.rest.payload import TIMEOUT_HEADER, parse_json, read_body
+from serving.api.rest.payload import parse_json, read_body, request_timeout
 from serving.errors import BadRequest, InvalidParameter, ServingError
 
 log = logging.getLogger(__name__)
@@ -117,23 +117,9 @@ def infer_request(name: str, version: str) -> tuple[oip.InferRequest, dict[str, 
         inputs=inputs,
         outputs=names,
         parameters=params,
-        timeout_s=_timeout(),
+        timeout_s=request_timeout(request),
     )
     return req, binary_out
-
-
-def _timeout() -> float | None:
-    """The ``X-Request-Timeout`` header (seconds), as ``/v1/classify`` reads it."""
-    value = request.headers.get(TIMEOUT_HEADER)
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise InvalidParameter(f"{TIMEOUT_HEADER} must be a number of seconds") from None
-    if not seconds > 0 or seconds == float("inf"):
-        raise InvalidParameter(f"{TIMEOUT_HEADER} must be > 0 seconds")
-    return seconds
 
 
 def _input(item: Mapping[str, Any], i: int, binary: bytes) -> tuple[oip.InferInput, int]:
