@@ -397,20 +397,26 @@ def grpc_call(port: int, image: bytes, n: int = 1):
     connection of its own (channels with the same target and options share one
     otherwise): SO_REUSEPORT hands connections, not calls, to the gRPC workers.
     """
-    import grpc
-
     from serving.proto import imgserve_pb2, imgserve_pb2_grpc
 
     request = imgserve_pb2.ClassifyRequest(images=[image] * n, top_k=1)
+    return _grpc_unary(port, imgserve_pb2_grpc.ImageServiceStub, "Classify", request)
+
+
+def _grpc_unary(port: int, stub_class, method: str, request):
+    """A load-client call of ``stub_class.method(request)``, on a channel of its own per
+    client thread (``state``), with a local subchannel pool: its own TCP connection."""
+    import grpc
+
     options = [("grpc.use_local_subchannel_pool", 1)]
 
     def call(state: dict) -> bool:
-        stub = state.get("stub")
-        if stub is None:
+        rpc = state.get("rpc")
+        if rpc is None:
             channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
-            stub = state["stub"] = imgserve_pb2_grpc.ImageServiceStub(channel)
+            rpc = state["rpc"] = getattr(stub_class(channel), method)
         try:
-            stub.Classify(request, timeout=60)
+            rpc(request, timeout=60)
             return True
         except grpc.RpcError:
             return False
@@ -452,7 +458,6 @@ def oip_rest_call(port: int, image: bytes, n: int = 1, model: str = ""):
 def oip_grpc_call(port: int, image: bytes, n: int = 1, model: str = ""):
     """One ``inference.GRPCInferenceService/ModelInfer`` of ``n`` images, BYTES in
     ``raw_input_contents`` as tritonclient.grpc sends them; a channel per thread."""
-    import grpc
 
     from serving.proto import grpc_predict_v2_pb2 as pb
     from serving.proto import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -464,20 +469,7 @@ def oip_grpc_call(port: int, image: bytes, n: int = 1, model: str = ""):
         parameters={"top_k": pb.InferParameter(int64_param=1)},
         raw_input_contents=[raw],
     )
-    options = [("grpc.use_local_subchannel_pool", 1)]
-
-    def call(state: dict) -> bool:
-        stub = state.get("stub")
-        if stub is None:
-            channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
-            stub = state["stub"] = pb_grpc.GRPCInferenceServiceStub(channel)
-        try:
-            stub.ModelInfer(request, timeout=60)
-            return True
-        except grpc.RpcError:
-            return False
-
-    return call
+    return _grpc_unary(port, pb_grpc.GRPCInferenceServiceStub, "ModelInfer", request)
 
 
 # -- servers -------------------------------------------------------------------------------
