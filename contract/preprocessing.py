@@ -287,11 +287,7 @@ def decode_image(
             img.seek(0)
             fmt = img.format
             original_mode = img.mode
-            orientation = img.getexif().get(0x0112, 1) if exif_orientation else 1
-            # Orientations 5-8 swap the axes: the upright image is height x width.
-            upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-            if spec is not None and spec.decode_oversample is not None:
-                _draft(img, spec, upright, swapped=upright != (width, height))
+            orientation, upright = _orient_and_draft(img, spec, exif_orientation)
             img.load()
             rotated = False
             if orientation not in (1, None):  # 1 when exif_orientation is off
@@ -310,6 +306,42 @@ def decode_image(
         raise UnusableImageError(f"decoded to unexpected mode {rgb.mode}")
     original = upright if rgb.size != upright else None
     return DecodedImage(rgb, fmt, original_mode, frames, rotated, original_size=original)
+
+
+def _orient_and_draft(
+    img: Image.Image, spec: PreprocessSpec | None, exif_orientation: bool
+) -> tuple[int, tuple[int, int]]:
+    """The EXIF orientation and upright (width, height) of an opened image; with a
+    ``decode_oversample`` spec, also the JPEG draft (before ``load()``)."""
+    width, height = img.size
+    orientation = img.getexif().get(0x0112, 1) if exif_orientation else 1
+    # Orientations 5-8 swap the axes: the upright image is height x width.
+    upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    if spec is not None and spec.decode_oversample is not None:
+        _draft(img, spec, upright, swapped=upright != (width, height))
+    return orientation, upright
+
+
+def decode_pixels(data: bytes, spec: PreprocessSpec | None, *, header: int) -> int:
+    """The pixels :func:`decode_image` will hold for ``data`` under ``spec``, from the
+    header alone: a JPEG's drafted size when the spec sets ``decode_oversample``, else
+    ``header`` (the full image's pixels, which every other decode holds). A header that
+    cannot be read also answers ``header``: its decode reports the error."""
+    if spec is None or spec.decode_oversample is None:
+        return header
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                if img.format != "JPEG":
+                    # Only a JPEG drafts. (And a PNG's getexif() would decode the image to
+                    # look for an eXIf chunk after the pixel data.)
+                    return header
+                _orient_and_draft(img, spec, spec.exif_orientation)
+                width, height = img.size  # the draft sets the size it will decode to
+    except Exception:
+        return header
+    return min(header, width * height) if header else width * height
 
 
 def _draft(

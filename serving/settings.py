@@ -116,10 +116,11 @@ class Settings:
 
     max_worker_pixels: int = 48_000_000
     """Decoded pixels one worker process may hold at once, over all the requests it is
-    decoding (each image reserves its header's width x height from just before its decode
-    until it is preprocessed); an image that would pass it is 503 with Retry-After, not a
-    wait. At least ``max_image_pixels``. 48 M is one image at the per-image limit or four
-    12-MP photos at a time; a decode holds about 4 bytes a pixel (Pillow's RGB), so it
+    decoding (each image reserves the pixels its decode holds, from just before its decode
+    until it is preprocessed: its header's width x height, or for a photo-sized JPEG decode
+    the drafted size); an image that would pass it is 503 with Retry-After, not a wait. At
+    least ``max_image_pixels``. 48 M is one image at the per-image limit, three 12-MP PNGs,
+    or hundreds of 12-MP JPEGs decoded photo-sized at a time; a decode holds about 4 bytes a pixel (Pillow's RGB), so it
     bounds a worker's decode memory near 200 MB whatever the flood."""
 
     multi_frame: str = "first"

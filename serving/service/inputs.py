@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from contract.preprocessing import ImageError, decode_image, preprocess_pixels
+from contract.preprocessing import ImageError, decode_image, decode_pixels, preprocess_pixels
 from serving.catalog import ModelVersion
 from serving.errors import ImageRejected, InvalidParameter, PreprocessTimeout
 from serving.service.worker_pixels import WorkerPixelLimit
@@ -43,9 +43,9 @@ def preprocess_images(
 ) -> tuple[np.ndarray, list[Any]]:
     """The batch [n, H, W, 3] and each image's geometry (for boxes in original pixels).
 
-    ``pixels`` are the images' header pixel counts; each decode reserves its count of
-    the worker's decoded-pixel budget until its image is preprocessed (503 if it does
-    not fit).
+    ``pixels`` are the images' header pixel counts; each decode reserves the pixels it
+    will hold (:func:`contract.preprocessing.decode_pixels`) of the worker's
+    decoded-pixel budget until its image is preprocessed (503 if they do not fit).
     """
     spec = mv.spec
     inputs = np.empty((len(images), spec.height, spec.width, 3), np.float32)
@@ -59,8 +59,9 @@ def preprocess_images(
                 retry_after=settings.retry_after_s,
             )
         t0 = time.perf_counter()
-        # The decoded image lives until it is preprocessed: that is what it reserves.
-        with worker_pixels.reserve(pixels[i]):
+        # The decoded image lives until it is preprocessed: that is what it reserves (a
+        # photo-sized JPEG decode holds its drafted pixels, not the full image's).
+        with worker_pixels.reserve(decode_pixels(data, spec, header=pixels[i])):
             try:
                 decoded = decode_image(
                     data,

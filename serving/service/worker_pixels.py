@@ -6,8 +6,9 @@ memory that follows its pixels (Pillow holds RGB as 4 bytes a pixel, then the ar
 copy). Without a shared bound, a flood of flat 6000x6000 PNGs (a few kilobytes each on
 the wire) has every thread of a worker holding its own 36 M-pixel decode at once.
 
-So each decode first reserves its image's header pixels here and gives them back once
-the image is preprocessed (the model input is small). A reservation that does not fit
+So each decode first reserves the pixels it will hold here (the header's, or a
+photo-sized JPEG decode's drafted size: :func:`contract.preprocessing.decode_pixels`) and
+gives them back once the image is preprocessed (the model input is small). A reservation that does not fit
 is refused at once with :class:`DecodeCapacityExceeded` (503 with Retry-After): a
 busy worker says so instead of queueing work it cannot hold.
 """

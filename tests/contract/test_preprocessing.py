@@ -19,6 +19,7 @@ from contract.preprocessing import (
     PreprocessSpec,
     UnusableImageError,
     decode_image,
+    decode_pixels,
     normalize,
     preprocess_bytes,
     preprocess_pixels,
@@ -315,6 +316,25 @@ def test_letterbox_boxes_map_back_to_the_original_after_a_draft(photos):
     assert (x[:, :8] == -1.0).all() and (x[:, 56:] == -1.0).all()
     box = geom.boxes_to_original(np.array([[0.0, 8 / 64, 1.0, 56 / 64]]))
     np.testing.assert_allclose(box, [[0, 0, 4032, 3024]], atol=1e-6)
+
+
+@pytest.mark.parametrize("geometry", ["stretch", "letterbox"])
+def test_decode_pixels_are_what_the_decode_holds(photos, geometry):
+    """The worker's pixel reservation: a drafted JPEG holds its drafted size (an EXIF
+    sideways phone photo included); PNG and TIFF, and every card without the field,
+    hold the full image."""
+    spec = PreprocessSpec(96, 80, geometry=geometry, decode_oversample=2.0)
+    full = dataclasses.replace(spec, decode_oversample=None)
+    for name, data in photos.items():
+        header = Image.open(io.BytesIO(data)).size
+        header_pixels = header[0] * header[1]
+        held = decode_image(data, spec=spec).image.size
+        assert decode_pixels(data, spec, header=header_pixels) == held[0] * held[1], name
+        assert decode_pixels(data, full, header=header_pixels) == header_pixels
+        assert decode_pixels(data, None, header=header_pixels) == header_pixels
+    jpeg = photos["jpeg_12mp_exif"]
+    assert decode_pixels(jpeg, spec, header=4032 * 3024) < 4032 * 3024 // 16
+    assert decode_pixels(b"not an image", spec, header=0) == 0
 
 
 def test_decode_oversample_is_validated_and_round_trips():

@@ -101,6 +101,32 @@ def test_setting_is_read_from_the_environment_and_checked():
         Settings.from_env(environ={}, max_worker_pixels=0, max_image_pixels=1)
 
 
+def test_a_drafted_phone_jpeg_reserves_only_the_pixels_its_decode_holds(serving_repo: Path):
+    """The served classifier decodes JPEGs photo-sized (``decode_oversample``): a 12 MP
+    phone JPEG fits beside other decodes that a 12 MP PNG would not fit beside."""
+    from tests.helpers.photos import phone_jpeg
+
+    phone = phone_jpeg()
+    header = 4032 * 3024
+    flat = png(Image.new("RGB", (2000, 1500), (90, 120, 150)))
+    settings = settings_for(
+        "embedded", serving_repo, max_worker_pixels=header, max_image_pixels=header
+    )
+    app = create_app(settings)
+    try:
+        service = app.extensions["imgserve"]
+        mv = service.catalog.version("tiny_classifier", 1)
+        assert mv.spec.decode_oversample is not None
+        client = app.test_client()
+        with service.worker_pixels.reserve(header - 1_000_000):
+            response = client.post("/v1/classify", data=phone, content_type="image/jpeg")
+            assert response.status_code == 200, response.get_json()
+            assert_problem(classify(client, [flat]), 503, "decode_capacity_exceeded")
+        assert service.worker_pixels.in_flight == 0
+    finally:
+        service.close()
+
+
 # -- REST and gRPC -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def limited_app(serving_repo: Path):
