@@ -45,6 +45,13 @@ def kserve_v1_b64(image: bytes, spec: dict[str, Any]) -> tuple[str, bytes, dict[
     )
 
 
+def json_b64(image: bytes, spec: dict[str, Any]) -> tuple[str, bytes, dict[str, str]]:
+    """A JSON object with one field (``field``, default ``image``) holding the base64 of
+    the file: what frameworks that parse every body as JSON (LitServe) take."""
+    body = json.dumps({spec.get("field", "image"): base64.b64encode(image).decode()}).encode()
+    return "application/json", body, {}
+
+
 def oip_json_b64(image: bytes, spec: dict[str, Any]) -> tuple[str, bytes, dict[str, str]]:
     """Open Inference Protocol v2 JSON: one BYTES input holding the base64 of the file."""
     tensor = {
@@ -80,6 +87,7 @@ def oip_binary(image: bytes, spec: dict[str, Any]) -> tuple[str, bytes, dict[str
 BUILDERS = {
     "jpeg": jpeg,
     "multipart": multipart,
+    "json-b64": json_b64,
     "kserve-v1-b64": kserve_v1_b64,
     "oip-json-b64": oip_json_b64,
     "oip-binary": oip_binary,
