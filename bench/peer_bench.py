@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "profile": profiled,
     }
-    out.write_text(json.dumps(doc, indent=1))
+    out.write_text(json.dumps(report.jsonable(doc), indent=1, allow_nan=False))
     print(f"wrote {out}; server logs in {log_dir}")
     return 0
 

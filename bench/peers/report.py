@@ -114,3 +114,15 @@ def targets(rows: list[Row], largest: str) -> list[str]:
                 f"  >= 3x everywhere: {'yes' if mine[worst] >= 3 else 'NO'} (lowest {mine[worst]:.2f}x)"
             )
     return lines
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float as None: strict JSON (a row that timed
+    nothing has no p50; a peer that answered nothing has no finite ratio)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
