@@ -4,7 +4,8 @@ Written as BentoML's "Services" and "Adaptive batching" pages write one: a
 ``@bentoml.service`` class that loads the model in ``__init__`` and a
 ``@bentoml.api(batchable=True)`` method taking ``PIL.Image`` inputs, which BentoML
 reads from a multipart upload (field ``images``, one file per request) and groups across
-concurrent requests up to ``max_batch_size`` / ``max_latency_ms``. Served with
+concurrent requests up to ``max_batch_size`` (``max_latency_ms`` left at its
+default, 60 s: a tighter one answers 503 to what it cannot batch in time). Served with
 ``bentoml serve service:Classifier``; the model version comes from ``MODEL_DIR`` and the
 worker count from ``PEER_WORKERS`` (one per core, as BentoML's workers guide advises for
 a CPU-bound model). Preprocessing is the model card's, through ``common``.
@@ -35,7 +36,7 @@ class Classifier:
         self.labels = list(self.card["labels"])
         self.predict = common.load_signature(model_dir)
 
-    @bentoml.api(batchable=True, max_batch_size=32, max_latency_ms=1000)
+    @bentoml.api(batchable=True, max_batch_size=32)
     def classify(self, images: list[Image.Image]) -> list[dict[str, Any]]:
         batch = np.stack([self._input(image) for image in images])
         return [common.answer(scores, self.labels) for scores in self.predict(batch)]
