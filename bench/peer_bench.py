@@ -16,6 +16,9 @@ of a real photo (scikit-image's chelsea, upscaled, quality 90); the 4032x3024 on
 stored sideways with an EXIF orientation tag, as a phone stores it, with sensor-like
 noise so that the file has a phone photo's size. Forms: ``raw`` (the framework's most
 direct way to send one image's bytes) and ``multipart`` (a form upload, where taken).
+A row's images/s counts answers of 200; any other status (imgserve sheds load with 503
+when a worker's decoded-pixel budget is full) is an error, shown beside it. A slow server
+at high concurrency may finish few requests in a row's window: those figures are coarse.
 
     python bench/peer_bench.py --model-base models --model demo_classifier --json out.json
 """
