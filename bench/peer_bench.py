@@ -16,6 +16,9 @@ of a real photo (scikit-image's chelsea, upscaled, quality 90); the 4032x3024 on
 stored sideways with an EXIF orientation tag, as a phone stores it, with sensor-like
 noise so that the file has a phone photo's size. Forms: ``raw`` (the framework's most
 direct way to send one image's bytes) and ``multipart`` (a form upload, where taken).
+A row's images/s counts answers of 200; any other status (imgserve sheds load with 503
+when a worker's decoded-pixel budget is full) is an error, shown beside it. A slow server
+at high concurrency may finish few requests in a row's window: those figures are coarse.
 
     python bench/peer_bench.py --model-base models --model demo_classifier --json out.json
 """
@@ -190,14 +193,24 @@ def wait_all_ready(
 
 
 def stop(server: Server) -> None:
+    """SIGTERM to the server (to its process group where it leads one: a peer and its
+    worker children), SIGKILL after 30 s."""
     proc = server.proc
     if proc is None or proc.poll() is not None:
         return
+    group = os.getpgid(proc.pid) == proc.pid
+
+    def send(sig: int) -> None:
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        send(signal.SIGTERM)
         proc.wait(30)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        send(signal.SIGKILL)
         proc.wait(10)
     except ProcessLookupError:
         pass
@@ -242,8 +255,10 @@ def check_answers(servers: list[Server], reference: Server) -> None:
     """Each (form, size) of each peer answers once; a status other than 200 or a top-1
     label other than imgserve's (raw form, same image) keeps that pair from the timing."""
     expected = {}
-    for size in {size for _, size in reference.requests}:
-        status, body = ask(reference.port, reference.requests[("raw", size)])
+    for (_, size), req in sorted(reference.requests.items(), reverse=True):  # "raw" first
+        if size in expected:
+            continue
+        status, body = ask(reference.port, req)
         expected[size] = report.top1_label(json.loads(body)) if status == 200 else None
     for s in servers:
         for (form, size), req in s.requests.items():
@@ -289,7 +304,9 @@ def run_cells(servers: list[Server], args, probe: gb.RawProbe) -> list[report.Ro
     return rows
 
 
-def profile(servers: list[Server], args, image_size: str, version_dir: Path, log_dir: Path) -> dict:
+def profile(
+    servers: list[Server], args, image_size: str, image: bytes, version_dir: Path, log_dir: Path
+) -> dict:
     """Where each server's time goes on ``image_size`` JPEGs, one request at a time."""
     out: dict = {"image": image_size}
     try:
@@ -313,10 +330,7 @@ def profile(servers: list[Server], args, image_size: str, version_dir: Path, log
         print(
             "  py-spy could not sample here; timing the stages in this process instead", flush=True
         )
-        out["stage_timing"] = profiling.stage_timing(
-            make_images([image_size], read_model_card(version_dir).preprocess_spec)[image_size],
-            version_dir,
-        )
+        out["stage_timing"] = profiling.stage_timing(image, version_dir)
         print(f"  {out['stage_timing']}", flush=True)
     return out
 
@@ -346,9 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="model,640x480,4032x3024")
     parser.add_argument("--forms", default="raw,multipart")
     parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--seconds", type=float, default=3.0, help="per row (after 1 s of warm-up)")
     parser.add_argument(
-        "--probe-seconds", type=float, default=1.0, help="raw-limit probe between rows"
+        "--seconds",
+        type=float,
+        default=2.0,
+        help="per row, after 1 s of warm-up (the default keeps a run of six servers near 12 min)",
+    )
+    parser.add_argument(
+        "--probe-seconds", type=float, default=0.5, help="raw-limit probe between rows"
     )
     parser.add_argument("--json", default=".bench/peers.json")
     parser.add_argument("--setup-only", action="store_true", help="make the peer venvs, then stop")
@@ -357,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--profile-seconds", type=float, default=6.0)
     args = parser.parse_args(argv)
+    started = time.monotonic()
     args.sizes, args.forms = args.sizes.split(","), args.forms.split(",")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
 
@@ -418,7 +438,11 @@ def main(argv: list[str] | None = None) -> int:
         raw = probe.measure()[0]
         rows = run_cells(servers, args, probe)
         largest = max(args.sizes, key=lambda s: 0 if s == "model" else int(s.split("x")[0]))
-        profiled = profile(servers, args, largest, version_dir, log_dir) if args.profile else None
+        profiled = (
+            profile(servers, args, largest, images[largest], version_dir, log_dir)
+            if args.profile
+            else None
+        )
     finally:
         if probe is not None:
             probe.close()
@@ -432,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
-        "host": host_info(raw),
+        "host": {**host_info(raw), "wall_seconds": round(time.monotonic() - started)},
         "model": f"{args.model}/{args.version}",
         "images": {k: len(v) for k, v in images.items()},
         "servers": {s.name: {"status": s.status, "doc": s.config.get("doc", "")} for s in servers},
@@ -444,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         "profile": profiled,
     }
     out.write_text(json.dumps(report.jsonable(doc), indent=1, allow_nan=False))
-    print(f"wrote {out}; server logs in {log_dir}")
+    print(f"wrote {out} after {time.monotonic() - started:.0f} s; server logs in {log_dir}")
     return 0
 
 

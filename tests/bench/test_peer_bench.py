@@ -45,9 +45,16 @@ def test_every_requirement_is_pinned(lock):
     assert not loose, f"{lock}: not pinned with ==: {loose}"
     requested = lock.with_name("requirements.in")
     if requested.exists():  # the top-level pins are in the lock, at the same versions
-        locked = {ln.split("==")[0].lower().replace("_", "-"): ln for ln in reqs}
+        locked = dict(pin(ln) for ln in reqs)
         for ln in requested.read_text().split():
-            assert locked[ln.split("==")[0].lower().replace("_", "-")].lower() == ln.lower()
+            name, version = pin(ln)
+            assert locked.get(name) == version, f"{lock}: {ln} is locked at {locked.get(name)}"
+
+
+def pin(line: str) -> tuple[str, str]:
+    """(normalised name, version) of ``name==version`` (PEP 503: ``Foo_Bar`` is ``foo-bar``)."""
+    name, _, version = line.partition("==")
+    return re.sub(r"[-_.]+", "-", name.split("[")[0]).lower(), version
 
 
 @pytest.mark.parametrize("peer_dir", PEER_DIRS, ids=lambda p: p.name)
