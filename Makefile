@@ -8,7 +8,7 @@ CLIENT_VENV := .venv-clients
 CLIENT_STAMP := $(CLIENT_VENV)/.installed
 MODELS ?= models
 
-.PHONY: setup models demo-versions serve test test-fast lint bench k8s docs clean
+.PHONY: setup models demo-versions serve test test-fast lint bench bench-peers k8s docs clean
 
 setup: $(STAMP) $(CLIENT_STAMP)
 
@@ -76,6 +76,11 @@ bench: models
 	$(PY) bench/calibration_acceptance.py --model-base $(MODELS) --name demo_classifier
 	$(PY) bench/detector_calibration.py --model-base $(MODELS) --name demo_detector
 	$(PY) bench/real_data.py
+
+# imgserve beside other model servers on the same model (bench/peers/<peer>/, each in
+# its own .venv-peers/<peer> from its pinned lock); minutes, not part of `make test`.
+bench-peers: $(STAMP) models
+	$(PY) bench/peer_bench.py --model-base $(MODELS) --model demo_classifier --json .bench/peers.json
 
 clean:
 	rm -rf $(VENV) $(CLIENT_VENV) .pytest_cache .ruff_cache
