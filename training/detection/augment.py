@@ -241,7 +241,8 @@ def decoded_frame(
     b = np.asarray(boxes, np.float32).reshape(-1, 4)
     if not isinstance(image, DecodedImage):
         return image, b
-    pixels = image.pixels
+    # Not the cached ``image.pixels``: a training set then keeps one copy of each image.
+    pixels = np.asarray(image.image, dtype=np.uint8)
     (w, h), (dw, dh) = image.size, image.image.size
     if (dw, dh) != (w, h):
         b = b * np.array([dh / h, dw / w, dh / h, dw / w], np.float32)

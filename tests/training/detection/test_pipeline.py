@@ -21,6 +21,7 @@ from contract.preprocessing import (
     normalize,
     preprocess_pixels,
 )
+from tests.helpers.photo_coco import write_photo_coco
 from tests.helpers.photos import photo_sized_image_bytes
 from training.detection.anchors import generate_anchors
 from training.detection.augment import (
@@ -41,38 +42,7 @@ from training.detection.reference import boxes_to_input_pixels, reference_set_by
 ROOT = Path(__file__).resolve().parents[3]
 #: A card written before photo-sized decoding: the kept demo detector's.
 OLD_CARD = ROOT / "models" / "demo_detector" / "1"
-#: Boxes as fractions of the upright image (ymin, xmin, ymax, xmax), with their classes.
-FRACTIONS = np.array([[0.1, 0.2, 0.5, 0.6], [0.55, 0.05, 0.95, 0.45], [0.3, 0.7, 0.6, 0.98]])
-CLASSES = np.array([0, 1, 0])
 TINY = DetectorTrainConfig(**PRESETS["tiny"])
-
-
-def write_photo_coco(root: Path, photos: dict[str, bytes]) -> Path:
-    """``photos`` as a COCO dataset, boxes at :data:`FRACTIONS` of each upright size."""
-    (root / "images").mkdir(parents=True)
-    images, annotations = [], []
-    for i, (name, data) in enumerate(photos.items(), start=1):
-        file_name = f"{name}.{Image.open(io.BytesIO(data)).format.lower()}"
-        (root / "images" / file_name).write_bytes(data)
-        w, h = decode_image(data).image.size  # upright, in full
-        images.append({"id": i, "file_name": file_name, "width": w, "height": h})
-        for (y0, x0, y1, x1), cls in zip(FRACTIONS, CLASSES, strict=True):
-            bbox = [x0 * w, y0 * h, (x1 - x0) * w, (y1 - y0) * h]
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": i,
-                    "category_id": int(cls) + 1,
-                    "bbox": bbox,
-                }
-            )
-    doc = {
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
-    }
-    (root / "annotations.json").write_text(json.dumps(doc))
-    return root / "annotations.json"
 
 
 @pytest.fixture(scope="module")
