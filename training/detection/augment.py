@@ -14,6 +14,12 @@ Applied to decoded RGB uint8 images at their native size, in this order:
 5. the final resize and normalise by :mod:`contract.preprocessing` (the same
    code serving runs), whose geometry maps the boxes into the model input.
 
+An image decoded for the model input may be drafted (photo-sized decoding): its
+pixels are smaller than the original ones its boxes are in. Augmentation works on
+the decoded pixels, so :func:`decoded_frame` first scales the boxes into them; an
+image that is not augmented goes to :func:`to_model_input` as decoded, whose
+geometry then is the gateway's (in original pixels).
+
 Everything draws from the ``numpy.random.Generator`` it is given: a seed
 reproduces a run.
 """
@@ -25,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from contract.preprocessing import ImageGeometry, PreprocessSpec, normalize, resize
+from contract.preprocessing import DecodedImage, ImageGeometry, PreprocessSpec, normalize, resize
 from training.detection.boxes import area, pixel_boxes_to_input
 
 
@@ -224,11 +230,32 @@ def augment(
     return pixels, b, c
 
 
+def decoded_frame(
+    image: np.ndarray | DecodedImage, boxes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The image's decoded RGB uint8 pixels and ``boxes`` (original pixels) scaled into them.
+
+    Only a drafted decode moves the boxes: the decoded image spans the whole original
+    one (as the gateway's resize takes it), so each axis scales by decoded / original.
+    """
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    if not isinstance(image, DecodedImage):
+        return image, b
+    # Not the cached ``image.pixels``: a training set then keeps one copy of each image.
+    pixels = np.asarray(image.image, dtype=np.uint8)
+    (w, h), (dw, dh) = image.size, image.image.size
+    if (dw, dh) != (w, h):
+        b = b * np.array([dh / h, dw / w, dh / h, dw / w], np.float32)
+    return pixels, b
+
+
 def to_model_input(
-    pixels: np.ndarray, boxes: np.ndarray, spec: PreprocessSpec
+    pixels: np.ndarray | DecodedImage, boxes: np.ndarray, spec: PreprocessSpec
 ) -> tuple[np.ndarray, np.ndarray, ImageGeometry]:
     """The final step, shared with serving: resize + normalise by the spec.
 
+    ``pixels``: RGB uint8 with ``boxes`` in its pixels, or a :class:`DecodedImage` as
+    decoded (boxes in its full upright size, which the geometry then refers to).
     Returns the float32 model input, the boxes normalised to it (clipped to
     [0, 1]) and the geometry (which maps predictions back to original pixels).
     """

@@ -104,6 +104,7 @@ class DetectorTrainConfig:
             width=self.image_size,
             resize_method=self.resize_method,
             geometry=self.geometry,
+            decode_oversample=2.0,  # photo-sized decoding (contract.preprocessing)
         )
 
     @property

@@ -5,7 +5,11 @@ with ``bbox = [x, y, width, height]`` in pixels, ``categories``) and a folder of
 images. :func:`load_coco` reads it into a :class:`DetectionDataset`; pixels are
 decoded on demand by :func:`contract.preprocessing.decode_image` (the project's
 only decoder), so every format, EXIF rotation and colour rule is the same as in
-serving.
+serving. Given the model's :class:`~contract.preprocessing.PreprocessSpec`, the
+decode is the gateway's own (``decode_image(spec=...)``): a photo-sized JPEG may
+come back drafted (smaller than its annotations), as a
+:class:`~contract.preprocessing.DecodedImage` whose ``size`` is still the full
+upright size the boxes are in.
 
 :func:`write_synthetic_coco` writes the built-in synthetic set *in COCO format*,
 so the same loader reads it: 2-6 shapes per image (the shapes of
@@ -31,7 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from contract.preprocessing import ImageError, decode_image
+from contract.preprocessing import DecodedImage, ImageError, PreprocessSpec, decode_image
 from training.detection.boxes import xywh_to_yxyx, yxyx_to_xywh
 from training.synthetic import TRAINING_BACKGROUNDS, background_pixels, distinct_colour, draw_shape
 
@@ -39,6 +43,12 @@ from training.synthetic import TRAINING_BACKGROUNDS, background_pixels, distinct
 SYNTHETIC_CLASSES = ("circle", "square", "triangle", "cross")
 ANNOTATIONS_FILE = "annotations.json"
 IMAGES_DIR = "images"
+
+
+#: A decoded dataset image: full-size RGB uint8 pixels (decoded without a spec), or the
+#: :class:`DecodedImage` decoded for a model input (possibly drafted; boxes refer to its
+#: ``size``). Everything that preprocesses images takes either.
+DetectionImage = np.ndarray | DecodedImage
 
 
 class DatasetError(ValueError):
@@ -58,17 +68,31 @@ class DetectionSample:
     crowd: np.ndarray  # [N] bool: COCO crowd regions (evaluated as "ignore", not trained on)
 
     def load_pixels(self) -> np.ndarray:
-        """Decode the image file to RGB uint8 (``DatasetError`` if it cannot be)."""
+        """Decode the image file in full to RGB uint8 (``DatasetError`` if it cannot be)."""
+        return self.decode().pixels
+
+    def decode(self, spec: PreprocessSpec | None = None) -> DecodedImage:
+        """Decode the image file, for ``spec``'s model input when given (as the gateway
+        does: photo-sized decoding when the spec sets it), else in full.
+
+        Raises ``DatasetError`` if it cannot be decoded or its full upright size is not
+        the annotated one (the boxes would not fit it).
+        """
         try:
-            decoded = decode_image(self.path.read_bytes())
+            decoded = decode_image(self.path.read_bytes(), spec=spec)
         except (OSError, ImageError) as exc:
             raise DatasetError(f"image {self.path} cannot be used: {exc}") from exc
-        h, w = decoded.pixels.shape[:2]
+        w, h = decoded.size
         if (h, w) != (self.height, self.width):
             raise DatasetError(
                 f"image {self.path} is {w}x{h} but the annotations say {self.width}x{self.height}"
             )
-        return decoded.pixels
+        return decoded
+
+    def load(self, spec: PreprocessSpec | None = None) -> DetectionImage:
+        """The image as training keeps it: decoded for ``spec`` (a :class:`DecodedImage`),
+        or without one the full-size pixels."""
+        return self.decode(spec) if spec is not None else self.load_pixels()
 
 
 @dataclass
@@ -96,16 +120,20 @@ class DetectionDataset:
             list(self.skipped),
         )
 
-    def load_images(self) -> list[np.ndarray]:
-        """Every image decoded to RGB uint8 (native sizes); ``DatasetError`` on a bad one."""
-        return [s.load_pixels() for s in self.samples]
+    def load_images(self, spec: PreprocessSpec | None = None) -> list[DetectionImage]:
+        """Every image decoded (:meth:`DetectionSample.load`: for ``spec`` when given, else
+        RGB uint8 at native size); ``DatasetError`` on a bad one."""
+        return [s.load(spec) for s in self.samples]
 
-    def decode_usable(self) -> tuple[DetectionDataset, list[np.ndarray]]:
-        """Decode every image; ones that cannot be used are dropped and listed in ``skipped``."""
+    def decode_usable(
+        self, spec: PreprocessSpec | None = None
+    ) -> tuple[DetectionDataset, list[DetectionImage]]:
+        """Decode every image (as :meth:`load_images`); ones that cannot be used are dropped
+        and listed in ``skipped``."""
         kept, pixels, skipped = [], [], list(self.skipped)
         for s in self.samples:
             try:
-                pixels.append(s.load_pixels())
+                pixels.append(s.load(spec))
                 kept.append(s)
             except DatasetError as exc:
                 skipped.append(str(exc))

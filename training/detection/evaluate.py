@@ -26,7 +26,7 @@ from contract import bn
 from contract.parity import ParityReport, paired_parity
 from contract.preprocessing import ImageGeometry, PreprocessSpec, preprocess_pixels
 from training.detection.boxes import iou_matrix, yxyx_to_xywh
-from training.detection.data import DetectionDataset
+from training.detection.data import DetectionDataset, DetectionImage
 
 Postprocess = Callable[[list[tf.Tensor]], dict[str, tf.Tensor]]
 
@@ -135,9 +135,10 @@ def detections_to_coco(
 
 
 def preprocess_images(
-    images: Sequence[np.ndarray], spec: PreprocessSpec
+    images: Sequence[DetectionImage], spec: PreprocessSpec
 ) -> tuple[np.ndarray, list[ImageGeometry]]:
-    """Decoded RGB images -> stacked model input and each image's geometry."""
+    """Decoded images (RGB uint8, or as decoded for ``spec``) -> stacked model input and
+    each image's geometry (in original pixels)."""
     xs, geoms = [], []
     for pixels in images:
         x, g = preprocess_pixels(pixels, spec)
@@ -204,14 +205,14 @@ def evaluate_detector(
     dataset: DetectionDataset,
     spec: PreprocessSpec,
     *,
-    images: Sequence[np.ndarray] | None = None,
+    images: Sequence[DetectionImage] | None = None,
     training: bool = False,
     batch_size: int = 32,
     shuffle_seed: int | None = None,
 ) -> DetectionMetrics:
     """COCO metrics of ``model`` on ``dataset`` (decoded ``images`` may be passed in);
     ``shuffle_seed``: see :func:`predict`."""
-    pixels = list(images) if images is not None else dataset.load_images()
+    pixels = list(images) if images is not None else dataset.load_images(spec)
     x, geoms = preprocess_images(pixels, spec)
     outputs = predict(
         model, postprocess, x, training=training, batch_size=batch_size, shuffle_seed=shuffle_seed
@@ -263,7 +264,7 @@ def detection_parity(
     dataset: DetectionDataset,
     spec: PreprocessSpec,
     *,
-    images: Sequence[np.ndarray],
+    images: Sequence[DetectionImage],
     tolerance: float,
     batch_size: int = 32,
     shuffle_seed: int = 0,

@@ -1,8 +1,11 @@
 """The training input pipeline: augment -> shared preprocessing -> anchor targets -> batches.
 
-Per example: :func:`training.detection.augment.augment` on native pixels, the
-final resize/normalise by :mod:`contract.preprocessing` (as serving does),
-then :func:`training.detection.matching.match_anchors`. Batches are built in
+Per example: :func:`training.detection.augment.augment` on the decoded pixels
+(boxes moved into a drafted decode's pixels first), the final resize/normalise by
+:mod:`contract.preprocessing` (as serving does), then
+:func:`training.detection.matching.match_anchors`. Images decoded for the model
+input (:meth:`training.detection.data.DetectionDataset.decode_usable` with the
+spec) and not augmented give the gateway's tensor and geometry exactly. Batches are built in
 NumPy by a generator that ``tf.data`` prefetches, so the next batch is prepared
 while the current training step runs.
 """
@@ -16,9 +19,15 @@ import numpy as np
 import tensorflow as tf
 
 from contract.preprocessing import PreprocessSpec
-from training.detection.augment import NO_AUGMENT, AugmentConfig, augment, to_model_input
+from training.detection.augment import (
+    NO_AUGMENT,
+    AugmentConfig,
+    augment,
+    decoded_frame,
+    to_model_input,
+)
 from training.detection.boxes import DEFAULT_VARIANCES
-from training.detection.data import DetectionDataset
+from training.detection.data import DetectionDataset, DetectionImage
 from training.detection.matching import MatchConfig, match_anchors
 
 
@@ -32,7 +41,7 @@ class Example:
 
 
 def encode_example(
-    pixels: np.ndarray,
+    pixels: DetectionImage,
     boxes: np.ndarray,
     classes: np.ndarray,
     *,
@@ -43,8 +52,10 @@ def encode_example(
     rng: np.random.Generator,
     variances: Sequence[float] = DEFAULT_VARIANCES,
 ) -> Example:
-    """Augment (if configured), preprocess and assign anchor targets for one image."""
+    """Augment (if configured), preprocess and assign anchor targets for one image
+    (``boxes`` in its original pixels)."""
     if augment_config != NO_AUGMENT:
+        pixels, boxes = decoded_frame(pixels, boxes)
         pixels, boxes, classes = augment(pixels, boxes, classes, rng, augment_config)
     x, norm_boxes, _ = to_model_input(pixels, boxes, spec)
     # Boxes squeezed to nothing by clipping cannot be learned from.
@@ -61,7 +72,7 @@ class TrainingBatches:
     def __init__(
         self,
         dataset: DetectionDataset,
-        images: Sequence[np.ndarray],
+        images: Sequence[DetectionImage],
         *,
         spec: PreprocessSpec,
         anchors: np.ndarray,
@@ -128,7 +139,7 @@ class TrainingBatches:
 
 
 def image_batches(
-    images: Sequence[np.ndarray], spec: PreprocessSpec, batch_size: int
+    images: Sequence[DetectionImage], spec: PreprocessSpec, batch_size: int
 ) -> Iterator[np.ndarray]:
     """Un-augmented preprocessed images in batches (precise BN, pixel statistics)."""
     for i in range(0, len(images), batch_size):

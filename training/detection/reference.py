@@ -23,7 +23,7 @@ import keras
 import numpy as np
 
 from contract.preprocessing import ImageGeometry, PreprocessSpec, normalize, resize
-from training.detection.data import DetectionDataset, DetectionSample
+from training.detection.data import DetectionDataset, DetectionImage, DetectionSample
 from training.detection.evaluate import (
     DetectionMetrics,
     Postprocess,
@@ -49,7 +49,7 @@ class ReferenceSet:
 
 def reference_set_bytes(
     dataset: DetectionDataset,
-    images: list[np.ndarray],
+    images: list[DetectionImage],
     spec: PreprocessSpec,
     count: int,
     seed: int = 0,

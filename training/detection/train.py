@@ -45,7 +45,7 @@ from training.classifier import ParityError, WarmupSchedule
 from training.detection.anchors import feature_map_sizes, generate_anchors
 from training.detection.boxes import DEFAULT_VARIANCES
 from training.detection.config import DetectorTrainConfig
-from training.detection.data import DetectionDataset
+from training.detection.data import DetectionDataset, DetectionImage
 from training.detection.evaluate import (
     PAIRED_ON,
     DetectionMetrics,
@@ -224,9 +224,10 @@ def train_detector(cfg: DetectorTrainConfig, *, export: bool = True) -> dict[str
     spec = cfg.spec
     with tempfile.TemporaryDirectory(prefix="detector-data-") as tmp:
         splits = load_datasets(cfg, Path(tmp))
-        train, train_images = splits.train.decode_usable()
-        val, val_images = splits.validation.decode_usable()
-        test, test_images = splits.test.decode_usable()
+        # Decoded as the gateway decodes for this input (photo-sized decoding included).
+        train, train_images = splits.train.decode_usable(spec)
+        val, val_images = splits.validation.decode_usable(spec)
+        test, test_images = splits.test.decode_usable(spec)
     data_seconds = time.monotonic() - started
     if log:
         log(
@@ -392,9 +393,9 @@ def export_detector(
     cfg: DetectorTrainConfig,
     det_cfg: DetectorConfig,
     anchors: np.ndarray,
-    train_set: tuple[DetectionDataset, list[np.ndarray]],
-    val_set: tuple[DetectionDataset, list[np.ndarray]],
-    test_set: tuple[DetectionDataset, list[np.ndarray]],
+    train_set: tuple[DetectionDataset, list[DetectionImage]],
+    val_set: tuple[DetectionDataset, list[DetectionImage]],
+    test_set: tuple[DetectionDataset, list[DetectionImage]],
     metrics: DetectionMetrics,
     summary: dict[str, Any],
 ) -> ExportResult:

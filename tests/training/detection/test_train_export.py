@@ -21,12 +21,19 @@ from calibration.dispatch import calibrate
 from contract.model_card import load_model_card
 from contract.preprocessing import PreprocessSpec, preprocess_pixels
 from contract.repository import ModelRepository
+from serving.app import create_app
+from tests.helpers.gateway import settings_for
+from tests.helpers.photo_coco import write_photo_coco
+from tests.helpers.photos import photo_sized_image_bytes
+from tests.helpers.problems import Capture
 from training.detection import cli as cli_module
-from training.detection.anchors import AnchorConfig, num_anchors
+from training.detection.anchors import AnchorConfig, generate_anchors, num_anchors
+from training.detection.augment import NO_AUGMENT, to_model_input
 from training.detection.cli import add_detector_arguments, run_detector
 from training.detection.config import PRESETS, DetectorTrainConfig
 from training.detection.data import SyntheticConfig, load_coco, write_synthetic_coco
 from training.detection.evaluate import predict, preprocess_images
+from training.detection.pipeline import encode_example
 from training.detection.postprocess import OUTPUT_KEYS
 from training.detection.train import ParityError, train_detector
 
@@ -173,6 +180,60 @@ def test_model_card_and_models_config(trained):
     entry = {c.name: c for c in config.model_config_list.config}["tiny_detector"]
     assert entry.version_labels["stable"] == 1
     json.dumps(card, allow_nan=False)
+
+
+def test_the_gateway_serves_the_training_input_path_for_photo_sized_images(trained, tmp_path):
+    """The exported card decodes photo-sized; the real gateway, configured from it, feeds the
+    model the tensors the training input path made (12 MP EXIF JPEG, 1920x1080 PNG, 16-bit
+    TIFF) and maps the model's boxes back by the geometry training mapped the ground truth in."""
+    cfg, _, base, _ = trained
+    spec = PreprocessSpec.from_dict(load_model_card(base / "tiny_detector" / "1")["preprocessing"])
+    assert spec == cfg.spec and spec.decode_oversample == 2.0
+    photos = photo_sized_image_bytes()
+    dataset, images = load_coco(write_photo_coco(tmp_path, photos)).decode_usable(spec)
+    anchors = generate_anchors(cfg.anchor_config, spec.height, spec.width)
+    app = create_app(settings_for("embedded", base))
+    service = app.extensions["imgserve"]
+    capture = Capture()
+    service.add_observer(capture)
+    client = app.test_client()
+    try:
+        for image, sample, data in zip(images, dataset.samples, photos.values(), strict=True):
+            response = client.post(
+                "/v1/detect?model=tiny_detector&score_threshold=0",
+                data=data,
+                content_type="application/octet-stream",
+            )
+            assert response.status_code == 200, response.get_json()
+            served = capture.events[-1]
+            example = encode_example(
+                image,
+                sample.boxes,
+                sample.classes,
+                spec=spec,
+                anchors=anchors,
+                match=cfg.match_config,
+                augment_config=NO_AUGMENT,
+                rng=np.random.default_rng(0),
+            )
+            assert np.array_equal(served.inputs[0], example.x), sample.path.name
+            _, _, geometry = to_model_input(image, sample.boxes, spec)
+            prediction = response.get_json()["predictions"][0]
+            assert (prediction["width"], prediction["height"]) == (sample.width, sample.height)
+            n = int(served.outputs["num_detections"][0])
+            scores = served.outputs["detection_scores"][0, :n]
+            order = np.argsort(-scores, kind="stable")
+            want = geometry.boxes_to_original(served.outputs["detection_boxes"][0, :n][order])
+            got = [
+                [d["box"][k] for k in ("ymin", "xmin", "ymax", "xmax")]
+                for d in prediction["detections"]
+            ]
+            assert len(got) == n > 0
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    finally:
+        service.remove_observer(capture)
+        service.close()
+    assert len(capture.events) == len(photos)
 
 
 def test_a_refused_export_prints_the_run_and_exits_3(trained, tmp_path, monkeypatch, capsys):

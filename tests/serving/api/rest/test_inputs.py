@@ -17,9 +17,12 @@ from PIL import Image
 from contract.preprocessing import PreprocessSpec
 from serving.app import create_app
 from tests.helpers.gateway import settings_for
+from tests.helpers.photo_coco import write_photo_coco
 from tests.helpers.photos import exif_rotated_jpeg, photo_sized_image_bytes
 from tests.helpers.problems import Capture, assert_problem
 from training.data import load_directory, normalized_batches
+from training.detection.augment import to_model_input
+from training.detection.data import load_coco
 
 
 def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
@@ -213,9 +216,10 @@ def test_preprocessing_parity_with_the_training_input_path(embedded_app, images,
     """Every decode path (JPEG, PNG, grey, palette, RGBA, 16-bit, CMYK, EXIF, multi-frame ...),
     and photo-sized inputs (12 MP EXIF-rotated JPEG, 1920x1080 PNG, 16-bit TIFF).
 
-    Training path: files in class folders -> ``training.data.load_directory`` ->
-    ``normalized_batches``. Gateway path: the same bytes over HTTP; the tensor the
-    model received is captured by a prediction observer. The classifier is a fresh
+    Training path of the classifier: files in class folders -> ``training.data.load_directory``
+    -> ``normalized_batches``; of the detector: a COCO set -> ``decode_usable(spec)`` -> the
+    input pipeline's ``to_model_input``. Gateway path: the same bytes over HTTP; the tensor
+    the model received is captured by a prediction observer. The classifier is a fresh
     export (photo-sized decoding on); the detector's card predates the field (full decode).
     """
     service = embedded_app.extensions["imgserve"]
@@ -223,19 +227,10 @@ def test_preprocessing_parity_with_the_training_input_path(embedded_app, images,
     spec = PreprocessSpec.from_dict(card["preprocessing"])
     assert spec.decode_oversample == (2.0 if model == "tiny_classifier" else None)
     images = {**images, **photo_sized_image_bytes()}
-    root = tmp_path / "data"
-    for name, data in images.items():
-        (root / "a").mkdir(parents=True, exist_ok=True)
-        (root / "a" / f"{name}.{_ext(data)}").write_bytes(data)
-    (root / "b").mkdir()
-    (root / "b" / "extra.png").write_bytes(images["png"])
-    training_set = load_directory(root, spec)
-    assert not training_set.skipped
-    expected = dict(
-        zip(
-            training_set.keys, next(normalized_batches(training_set.pixels, spec, 100)), strict=True
-        )
-    )
+    if model == "tiny_classifier":
+        expected = _classifier_training_inputs(images, spec, tmp_path / "data")
+    else:
+        expected = _detector_training_inputs(images, spec, tmp_path / "coco")
     capture = Capture()
     service.add_observer(capture)
     client = embedded_app.test_client()
@@ -247,12 +242,41 @@ def test_preprocessing_parity_with_the_training_input_path(embedded_app, images,
             )
             assert response.status_code == 200, (name, response.get_json())
             served = capture.events[-1].inputs[0]
-            train = expected[f"a/{name}.{_ext(data)}"]
+            train = expected[name]
             assert served.dtype == train.dtype == np.float32
             assert np.array_equal(served, train), f"{name}: gateway and training tensors differ"
     finally:
         service.remove_observer(capture)
     assert len(capture.events) == len(images)
+
+
+def _classifier_training_inputs(
+    images: dict[str, bytes], spec: PreprocessSpec, root: Path
+) -> dict[str, np.ndarray]:
+    for name, data in images.items():
+        (root / "a").mkdir(parents=True, exist_ok=True)
+        (root / "a" / f"{name}.{_ext(data)}").write_bytes(data)
+    (root / "b").mkdir()
+    (root / "b" / "extra.png").write_bytes(images["png"])
+    training_set = load_directory(root, spec)
+    assert not training_set.skipped
+    tensors = dict(
+        zip(
+            training_set.keys, next(normalized_batches(training_set.pixels, spec, 100)), strict=True
+        )
+    )
+    return {name: tensors[f"a/{name}.{_ext(data)}"] for name, data in images.items()}
+
+
+def _detector_training_inputs(
+    images: dict[str, bytes], spec: PreprocessSpec, root: Path
+) -> dict[str, np.ndarray]:
+    dataset, decoded = load_coco(write_photo_coco(root, images)).decode_usable(spec)
+    assert not dataset.skipped
+    return {
+        name: to_model_input(image, sample.boxes, spec)[0]
+        for name, image, sample in zip(images, decoded, dataset.samples, strict=True)
+    }
 
 
 def _ext(data: bytes) -> str:
