@@ -55,6 +55,8 @@ from contract.preprocessing import ImageGeometry
 #: clipped to the border. Half a pixel absorbs rounding of pixel-centre
 #: coordinates and of boxes read back from a response (which are clipped exactly).
 BOX_TOLERANCE_PX = 0.5
+#: A box's coordinates in order; a box may also be given as an object with these keys.
+BOX_KEYS = ("ymin", "xmin", "ymax", "xmax")
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,8 @@ def record_box_feedback(
 
     Each object is ``{"label": class name or index, "box": [ymin, xmin, ymax, xmax]}``
     in the original (upright) image's pixels, the coordinates the detect response
-    used; other keys (a ``score`` copied from a response) are ignored. A box may
+    used (its ``{"ymin": ..., "xmin": ..., "ymax": ..., "xmax": ...}`` form is taken
+    too); other keys (a ``score`` copied from a response) are ignored. A box may
     reach :data:`BOX_TOLERANCE_PX` past the border and is clipped to it. Labels are
     stored as class names: ``allowed`` (the model's labels) checks names and turns
     indices into names; without it only names are accepted, unchecked.
@@ -255,6 +258,8 @@ def _normalise_objects(
             raise InvalidFeedbackError(f"{where} must be an object with 'label' and 'box'")
         label = _box_label(where, obj["label"], allowed)
         box = obj["box"]
+        if isinstance(box, Mapping) and set(box) == set(BOX_KEYS):
+            box = [box[k] for k in BOX_KEYS]  # the detect response's form
         if (
             not isinstance(box, Sequence)
             or isinstance(box, str | bytes)
