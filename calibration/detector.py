@@ -1,24 +1,38 @@
-"""Calibration of a detector: AdaBN on captured traffic, gated on mAP and parity.
+"""Calibration of a detector: AdaBN on captured traffic, box feedback, gated on mAP and parity.
 
 :func:`calibrate_detector` follows the classifier's path (same sample split,
 precise-BN re-estimation, prior, drift and staleness checks, private export,
 publish or reject, label moves), with what differs for boxes:
 
-- feedback is image labels, not boxes, so nothing is fine-tuned and no
-  temperature is fitted (the parent's is kept; a detector's scores are
+- no temperature is fitted (the parent's is kept; a detector's scores are
   per-class sigmoids the exported graph does not rescale);
 - ``prior_strength="auto"`` tries the source weights of
   :data:`calibration.reestimate.AUTO_SOURCE_WEIGHTS` and keeps the most adapted
   one within the mAP tolerance that leaves the held-out traffic below the
   drift alarm;
+- with at least ``min_fine_tune_labels`` box-labelled samples (box feedback,
+  :func:`calibration.feedback.record_box_feedback`) the weights are fine-tuned
+  on the box-labelled fit samples plus the reference set
+  (:mod:`calibration.detector_fine_tune`). The order is AdaBN, prior, then
+  fine-tuning with BN frozen in inference mode and the statistics collected
+  again after every epoch: the weights learn under the normalisation the
+  exported graph applies to the traffic, and the last statistics describe the
+  final weights. (Fine-tuning first, under the source statistics, would teach
+  the weights to undo a shift that AdaBN then undoes a second time.) The
+  box-labelled held-out samples, seen by neither the statistics nor the
+  weights, judge parent and candidate;
 - the gate judges mAP on the shipped reference set
   (:mod:`training.detection.reference`), agreement between inference and
-  training mode, and whether the candidate still detects objects
-  (:mod:`calibration.detector_gate`).
+  training mode, and whether the candidate still detects objects; with box
+  feedback also mAP on the held-out box-labelled traffic, whether the parent
+  finds the feedback's boxes at all, and the balance of their classes
+  (:mod:`calibration.detector_gate`). Without enough box feedback the path and
+  its checks are those of AdaBN alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +42,13 @@ import numpy as np
 
 from calibration import detector_gate
 from calibration.config import CalibrationConfig
+from calibration.detector_fine_tune import (
+    BoxFeedback,
+    collect_box_feedback,
+    fine_tune_on_boxes,
+    score_boxes,
+    why_not_fine_tuned,
+)
 from calibration.detector_gate import (
     CONFIDENT_SCORE,
     confident_classes,
@@ -92,31 +113,61 @@ def calibrate_detector(config: CalibrationConfig, parent: StableParent) -> Calib
     ref_path, ref_bytes = parent.reference_set(REFERENCE_SET, hint)
     ref = load_reference_set(ref_path, spec, labels)
     postprocess = postprocess_from_card(parent.card)
-    # Feedback labels are image labels: not used for boxes.
     data = load_enough_samples(
         config.samples_dir, config.name, spec, config.max_samples, config.min_samples
     )
     x, split = data.inputs, split_samples(data, config.holdout_fraction)
+    boxes = collect_box_feedback(data.objects, labels, (spec.height, spec.width), split)
+    why_not = why_not_fine_tuned(config, boxes)
     model = load_keras_model(parent.dir)
     bs = config.batch_size
     before = measure_parent(model, postprocess, parent, ref, x, split, bs)
+    judged = None if why_not else BoxesJudged.of_parent(model, postprocess, x, boxes, bs)
     rng = np.random.default_rng(config.seed)
     stats = reestimate_statistics(model, x[split.fit], rng, bs)
     agreement = mode_agreement_on_traffic(model, postprocess, stats, x[split.held], labels, rng, bs)
     prior = choose_prior(model, postprocess, stats, parent, ref, x[split.held], before, config)
     stats.assign(prior[0])
+    if judged is None:
+        fine_tune = {"ran": False, "why_not": why_not or ""}
+    else:
+        fine_tune = fine_tune_on_boxes(model, stats, prior[0], x, boxes, ref, parent.card, config)
+        # The weights changed: parity is judged on them, under the traffic's own statistics.
+        agreement = mode_agreement_on_traffic(
+            model, postprocess, stats, x[split.held], labels, rng, bs, recollect=True
+        )
+        stats.collect_again(prior[0])
+        judged = judged.with_candidate(model, postprocess, x, boxes, bs)
+        fine_tune.update(judged.lineage())
     cand_ref = evaluate_reference(model, postprocess, ref, batch_size=bs)
     drift = (before.drift, stats.source_weight(prior[0]))
     checks, parity = gate(
-        model, postprocess, parent, ref, x, split, before, cand_ref, agreement, drift, config
+        model,
+        postprocess,
+        parent,
+        ref,
+        x,
+        split,
+        before,
+        cand_ref,
+        agreement,
+        drift,
+        config,
+        box_feedback=judged is not None,
     )
+    if judged is not None:
+        checks[1:1] = box_checks(judged, boxes, before, labels, config)
     samples = samples_summary(config.samples_dir, data, split, int(data.labelled.sum()), 0)
-    fine_tune = {"ran": False, "why_not": "detector feedback has no boxes"}
+    samples["box_labelled"] = len(boxes)
     drifted, temperature = before.drift.drifted, parent.temperature
+    method = "adabn-precise-bn" + ("+box-feedback-fine-tune" if judged is not None else "")
     lineage = lineage_entry(
-        parent, "adabn-precise-bn", stats, fine_tune, prior, samples, temperature, drifted, checks
+        parent, method, stats, fine_tune, prior, samples, temperature, drifted, checks
     )
-    note = "detectors: no temperature is fitted (feedback carries no boxes)"
+    note = "detectors: no temperature is fitted (the parent's is kept)"
+    metrics = card_metrics(before.reference, cand_ref, parity)
+    if judged is not None:
+        metrics["box_feedback_held_out"] = judged.traffic_dict()
     candidate = CandidateExport(
         model=model,
         task="detection",
@@ -125,7 +176,7 @@ def calibrate_detector(config: CalibrationConfig, parent: StableParent) -> Calib
         postprocess=postprocess,
         card_fields=candidate_card_fields(
             parent.card,
-            metrics=card_metrics(before.reference, cand_ref, parity),
+            metrics=metrics,
             x_fit=x[split.fit],
             calibration=inherited_calibration(temperature, note),
             lineage=lineage,
@@ -137,7 +188,87 @@ def calibrate_detector(config: CalibrationConfig, parent: StableParent) -> Calib
         "reference_set": {"parent": before.reference.to_dict(), "candidate": cand_ref.to_dict()},
         "metric": "map_50_95",
     }
+    if judged is not None:
+        accuracy["traffic"] = judged.traffic_dict()
     return published.result(checks, temperature, None, accuracy, samples, prior)
+
+
+@dataclass(frozen=True)
+class BoxesJudged:
+    """Parent (and candidate) against the box feedback: what the box checks judge."""
+
+    parent_all: DetectionMetrics  # every box-labelled sample (none was trained on yet)
+    parent_held: DetectionMetrics  # the held-out box-labelled samples
+    candidate_held: DetectionMetrics | None = None
+
+    @classmethod
+    def of_parent(
+        cls,
+        model: keras.Model,
+        postprocess: Callable,
+        x: np.ndarray,
+        boxes: BoxFeedback,
+        batch_size: int,
+    ) -> BoxesJudged:
+        """The parent's mAP against the feedback, on all of it and on its held-out part."""
+        every = np.ones(len(boxes), bool)
+        return cls(
+            score_boxes(model, postprocess, x, boxes, every, batch_size),
+            score_boxes(model, postprocess, x, boxes, boxes.held, batch_size),
+        )
+
+    def with_candidate(
+        self,
+        model: keras.Model,
+        postprocess: Callable,
+        x: np.ndarray,
+        boxes: BoxFeedback,
+        batch_size: int,
+    ) -> BoxesJudged:
+        """The same, with the candidate's mAP on the held-out part."""
+        held = score_boxes(model, postprocess, x, boxes, boxes.held, batch_size)
+        return dataclasses.replace(self, candidate_held=held)
+
+    def traffic_dict(self) -> dict[str, Any]:
+        """The result's and the card's held-out traffic mAP, parent and candidate."""
+        cand = self.candidate_held
+        return {
+            "parent": self.parent_held.to_dict(),
+            "candidate": cand.to_dict() if cand is not None else None,
+            "evaluated_on": "box-labelled held-out samples (model-input pixels)",
+        }
+
+    def lineage(self) -> dict[str, Any]:
+        """What the lineage's ``fine_tune`` entry adds: the held-out mAP, parent vs candidate."""
+        cand = self.candidate_held
+        return {
+            "held_out_images": self.parent_held.images,
+            "held_out_map_50_95": {
+                "parent": self.parent_held.map_50_95,
+                "candidate": cand.map_50_95 if cand is not None else None,
+            },
+        }
+
+
+def box_checks(
+    judged: BoxesJudged,
+    boxes: BoxFeedback,
+    before: DetectorParent,
+    labels: list[str],
+    config: CalibrationConfig,
+) -> list[GateCheck]:
+    """The checks box feedback adds (:mod:`calibration.detector_gate`)."""
+    classes = np.concatenate([s.classes for s in boxes.dataset.samples] or [np.zeros(0, int)])
+    _, held_set = boxes.part(boxes.held)
+    return [
+        detector_gate.feedback_class_balance_check(classes, labels, config.max_class_share),
+        detector_gate.feedback_agreement_check(
+            judged.parent_all, before.reference, boxes.dataset.num_boxes()
+        ),
+        detector_gate.map_traffic_check(
+            judged.parent_held, judged.candidate_held, held_set.num_boxes()
+        ),
+    ]
 
 
 def mode_agreement_on_traffic(
@@ -148,13 +279,19 @@ def mode_agreement_on_traffic(
     labels: list[str],
     rng: np.random.Generator,
     batch_size: int,
+    *,
+    recollect: bool = False,
 ) -> dict[str, Any]:
     """Inference vs training mode on held-out traffic under the traffic's own statistics.
 
     Measured before any mixing with the source: a mix differs from batch
-    statistics by design. Leaves those statistics assigned.
+    statistics by design. Leaves those statistics assigned. ``recollect``
+    collects them again first (the weights changed since the first collection).
     """
-    stats.assign(0.0)
+    if recollect:
+        stats.collect_again(0.0)
+    else:
+        stats.assign(0.0)
     mix = rng.permutation(len(x_held))  # batch statistics need mixed batches
     return mode_agreement(
         model, postprocess, x_held[mix], labels, CONFIDENT_SCORE, batch_size=batch_size
@@ -229,10 +366,13 @@ def gate(
     agreement: dict[str, Any],
     drift: tuple[ParentDrift, float],
     config: CalibrationConfig,
+    *,
+    box_feedback: bool = False,
 ) -> tuple[list[GateCheck], dict[str, Any]]:
-    """Every check but the export's, and the card's parity entry.
+    """Every check but the export's and box feedback's, and the card's parity entry.
 
-    ``drift`` is the parent's drift alarm and the candidate's source weight.
+    ``drift`` is the parent's drift alarm and the candidate's source weight;
+    ``box_feedback``: the candidate was fine-tuned on box feedback.
     """
     held = int(split.held.sum())
     held_out = predict(model, postprocess, x[split.held], batch_size=config.batch_size)
@@ -251,6 +391,7 @@ def gate(
             (len(ref), ref.dataset.num_boxes()),
             config.accuracy_tolerance,
             before.drift.drifted,
+            box_feedback=box_feedback,
         ),
         detector_gate.detects_objects_check(
             cand_rate, before.reference_rate, before.confident, held
