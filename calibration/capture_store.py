@@ -29,7 +29,13 @@ A shard holds one sampled request (all its images): ``inputs`` (float32 model
 input, exactly what the model saw), ``request_id``, ``model``, ``version``,
 ``captured_at`` (unix seconds), ``predictions`` (the served prediction per
 image, e.g. the class index) and, only when the store keeps raw bytes,
-``raw_bytes``/``raw_offsets`` with the client's encoded images.
+``raw_bytes``/``raw_offsets`` with the client's encoded images. Requests whose
+images were decoded by the gateway also carry ``geometry`` (float64 ``[n, 8]``,
+one :meth:`contract.preprocessing.ImageGeometry.to_array` row per image: how each
+original image maps into the model input) and ``task`` ("classification" or
+"detection"); the index entry repeats ``task`` and whether the shard has a
+geometry. Box feedback (see :mod:`calibration.feedback`) needs both; shards
+written before them can take image labels only.
 
 This module holds the layout and the writer (:class:`SampleStore`);
 :mod:`calibration.feedback` records and reads feedback, and
@@ -56,6 +62,7 @@ from typing import Any
 import numpy as np
 
 from contract.errors import DomainError
+from contract.preprocessing import ImageGeometry
 
 SHARDS = "shards"
 INDEX = "index"
@@ -67,6 +74,8 @@ _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _MAX_REQUEST_ID = 256
 #: Temp files older than this belong to a writer that crashed.
 _STALE_TMP_SECONDS = 3600.0
+#: What a capture's ``task`` may be (the model card's task names).
+TASKS = ("classification", "detection")
 
 Label = str | int
 
@@ -229,13 +238,18 @@ class SampleStore:
         *,
         raw: Sequence[bytes] | None = None,
         force: bool = False,
+        geometry: Sequence[ImageGeometry] | np.ndarray | None = None,
+        task: str | None = None,
     ) -> Path | None:
         """Sample one request and, if chosen (or ``force``), write it as a shard.
 
         ``inputs`` is the preprocessed batch the model saw (``[n, H, W, C]``);
         ``predictions`` one served prediction per image; ``raw`` the client's
-        encoded images, kept only if the store keeps raw bytes. Returns the shard
-        path, or None when the request was not sampled.
+        encoded images, kept only if the store keeps raw bytes; ``geometry`` how
+        each original image maps into the input (one :class:`ImageGeometry` or
+        ``to_array()`` row per image; None when the inputs came as a tensor);
+        ``task`` the served model's task. Returns the shard path, or None when
+        the request was not sampled.
         """
         if not force and not self.should_capture(model):
             return None
@@ -244,6 +258,12 @@ class SampleStore:
         if x.ndim != 4 or x.shape[0] < 1:
             raise ValueError(f"inputs must be a non-empty [n, H, W, C] batch, got shape {x.shape}")
         arrays = self._shard_arrays(model, version, request_id, x, predictions, raw)
+        if geometry is not None:
+            arrays["geometry"] = _geometry_array(geometry, x.shape[0])
+        if task is not None:
+            if task not in TASKS:
+                raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+            arrays["task"] = np.array(task)
         mdir = self.model_dir(model)
         shards = mdir / SHARDS
         shards.mkdir(parents=True, exist_ok=True)
@@ -260,6 +280,8 @@ class SampleStore:
             "images": int(x.shape[0]),
             "version": int(version),
             "captured_at": float(arrays["captured_at"]),
+            "task": task,
+            "geometry": "geometry" in arrays,
         }
         _write_atomic(
             keyed_path(mdir / INDEX, request_id), json.dumps(entry).encode(), durable=False
@@ -372,6 +394,25 @@ class SampleStore:
                         os.unlink(keyed_path(mdir / sub, rid))
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tomb)
+
+
+def _geometry_array(geometry: Sequence[ImageGeometry] | np.ndarray, n: int) -> np.ndarray:
+    """``geometry`` as the shard's float64 ``[n, 8]``; ValueError unless one row per image."""
+    if isinstance(geometry, np.ndarray):
+        g = np.asarray(geometry, dtype=np.float64)
+    else:
+        g = np.array([ImageGeometry.to_array(x) for x in geometry], dtype=np.float64)
+    if g.shape != (n, 8) or not np.isfinite(g).all():
+        raise ValueError(f"geometry must be {n} row(s) of 8 finite numbers, got shape {g.shape}")
+    for row in g:
+        ImageGeometry.from_array(row)  # the fields parse back
+    return g
+
+
+def read_geometry(path: Path) -> np.ndarray | None:
+    """The ``[n, 8]`` geometry of a shard, or None for a shard written without one."""
+    with np.load(path, allow_pickle=False) as z:
+        return z["geometry"] if "geometry" in z.files else None
 
 
 def shard_time_ns(name: str) -> int:

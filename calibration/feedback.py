@@ -1,21 +1,36 @@
 """Ground-truth feedback joined to captured requests (see :mod:`calibration.capture_store`).
 
+Two kinds, one file per request id:
+
+- image labels, ``{"request_id", "labels": [one per image], "recorded_at"}``
+  (:func:`record_feedback`), for any captured request;
+- boxes, ``{"request_id", "objects": [[{"label", "box", "input_box"}, ...] per
+  image], "recorded_at"}`` (:func:`record_box_feedback`), for a captured detect
+  request: ``box`` is (ymin, xmin, ymax, xmax) in the original image's pixels
+  (what the detect response used), ``input_box`` the same box in model-input
+  pixels, mapped by the captured :class:`~contract.preprocessing.ImageGeometry`
+  (the arithmetic the response's boxes came through, inverted), ``label`` a
+  class name. An empty list says the image shows no object.
+
 Feedback is created with ``os.link`` of a finished temp file, which fails if
-the name exists: the first label for a request id wins atomically across
-processes, a repeat of the same label is a no-op and a different one is a
-conflict.
+the name exists: the first feedback for a request id wins atomically across
+processes, a repeat of the same feedback is a no-op and a different one
+(other labels, other boxes, or boxes after labels) is a conflict.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from calibration.capture_store import (
     FEEDBACK,
@@ -32,17 +47,33 @@ from calibration.capture_store import (
     fsync_dir,
     keyed_path,
     model_names,
+    read_geometry,
 )
+from contract.preprocessing import ImageGeometry
+
+#: How far (original pixels) a box may reach past the image's border; it is then
+#: clipped to the border. Half a pixel absorbs rounding of pixel-centre
+#: coordinates and of boxes read back from a response (which are clipped exactly).
+BOX_TOLERANCE_PX = 0.5
+#: A box's coordinates in order; a box may also be given as an object with these keys.
+BOX_KEYS = ("ymin", "xmin", "ymax", "xmax")
 
 
 @dataclass(frozen=True)
 class FeedbackResult:
-    """What :func:`record_feedback` did: ``created`` is False for an idempotent repeat."""
+    """What :func:`record_feedback` / :func:`record_box_feedback` did.
+
+    ``created`` is False for an idempotent repeat. ``objects`` (box feedback
+    only, else None) holds per image the recorded objects, each
+    ``{"label": name, "box": [4 original px], "input_box": [4 input px]}``;
+    ``labels`` is empty then.
+    """
 
     model: str
     request_id: str
     labels: tuple[Label, ...]
     created: bool
+    objects: tuple[tuple[dict[str, Any], ...], ...] | None = None
 
 
 def _lookup(mdir: Path, request_id: str) -> dict[str, Any] | None:
@@ -109,12 +140,184 @@ def record_feedback(
     target = keyed_path(mdir / FEEDBACK, request_id)
     if _link_first(target, json.dumps(record)):
         return FeedbackResult(m, request_id, labs, True)
-    existing = tuple(json.loads(target.read_text())["labels"])
+    stored = json.loads(target.read_text())
+    if "labels" not in stored:
+        raise FeedbackConflictError(
+            f"request {request_id!r} already has box feedback; got image labels {list(labs)}"
+        )
+    existing = tuple(stored["labels"])
     if existing != labs:
         raise FeedbackConflictError(
             f"request {request_id!r} already has labels {list(existing)}; got {list(labs)}"
         )
     return FeedbackResult(m, request_id, labs, False)
+
+
+def record_box_feedback(
+    store_dir: str | os.PathLike[str],
+    request_id: str,
+    objects: Sequence[Sequence[Mapping[str, Any]]],
+    *,
+    model: str | None = None,
+    allowed: Sequence[str] | None = None,
+) -> FeedbackResult:
+    """Join boxes to a captured detect request: one list of objects per image, in order.
+
+    Each object is ``{"label": class name or index, "box": [ymin, xmin, ymax, xmax]}``
+    in the original (upright) image's pixels, the coordinates the detect response
+    used (its ``{"ymin": ..., "xmin": ..., "ymax": ..., "xmax": ...}`` form is taken
+    too); other keys (a ``score`` copied from a response) are ignored. A box may
+    reach :data:`BOX_TOLERANCE_PX` past the border and is clipped to it. Labels are
+    stored as class names: ``allowed`` (the model's labels) checks names and turns
+    indices into names; without it only names are accepted, unchecked.
+
+    Raises :class:`InvalidFeedbackError` for a malformed object, a box that is empty
+    or outside the image, an unknown label, a list count that does not match the
+    captured images, or a request that cannot take boxes (captured for a
+    classifier, or without geometry); :class:`UnknownRequestError`,
+    :class:`ExpiredRequestError` and :class:`FeedbackConflictError` as
+    :func:`record_feedback` does. The same objects twice: ``created`` is False.
+    """
+    check_request_id(request_id)
+    if not isinstance(objects, Sequence) or isinstance(objects, str | bytes) or not objects:
+        raise InvalidFeedbackError(
+            "objects must be a non-empty list with one list of objects per image"
+        )
+    m, entry = _find_capture(Path(store_dir), request_id, model)
+    mdir = Path(store_dir) / m
+    shard = mdir / SHARDS / entry["shard"]
+    if entry.get("task") == "classification":
+        raise InvalidFeedbackError(
+            f"request {request_id!r} was a classification; box feedback needs a detect request"
+        )
+    try:
+        geometry = read_geometry(shard)
+    except FileNotFoundError:
+        geometry = None
+        if not shard.exists():
+            raise ExpiredRequestError(
+                f"the sample of request {request_id!r} has been dropped from the store "
+                "(size or age limit)"
+            ) from None
+    if geometry is None:
+        raise InvalidFeedbackError(
+            f"request {request_id!r} was captured without image geometry "
+            "(a tensor request, or an older capture): it takes image labels only"
+        )
+    if len(objects) != int(entry["images"]):
+        raise InvalidFeedbackError(
+            f"request {request_id!r} had {entry['images']} image(s); "
+            f"got {len(objects)} object list(s)"
+        )
+    per_image = tuple(
+        _normalise_objects(i, objs, ImageGeometry.from_array(geometry[i]), allowed)
+        for i, objs in enumerate(objects)
+    )
+    record = {"request_id": request_id, "objects": per_image, "recorded_at": time.time()}
+    # Through JSON and back: what a repeat is compared with is what the file holds.
+    per_image = tuple(tuple(objs) for objs in json.loads(json.dumps(per_image)))
+    target = keyed_path(mdir / FEEDBACK, request_id)
+    if _link_first(target, json.dumps(record)):
+        return FeedbackResult(m, request_id, (), True, per_image)
+    stored = json.loads(target.read_text())
+    if "objects" not in stored:
+        raise FeedbackConflictError(
+            f"request {request_id!r} already has image labels {stored.get('labels')}; "
+            "got box feedback"
+        )
+    existing = tuple(tuple(objs) for objs in stored["objects"])
+    if _boxes_only(existing) != _boxes_only(per_image):
+        raise FeedbackConflictError(
+            f"request {request_id!r} already has different box feedback "
+            f"{[[dict(label=o['label'], box=o['box']) for o in objs] for objs in existing]}"
+        )
+    return FeedbackResult(m, request_id, (), False, existing)
+
+
+def _boxes_only(per_image: tuple[tuple[dict[str, Any], ...], ...]) -> list[list[tuple]]:
+    """What makes two box feedbacks the same: labels and original-pixel boxes."""
+    return [[(o["label"], tuple(o["box"])) for o in objs] for objs in per_image]
+
+
+def _normalise_objects(
+    image: int,
+    objs: Any,
+    geometry: ImageGeometry,
+    allowed: Sequence[str] | None,
+) -> tuple[dict[str, Any], ...]:
+    """One image's objects checked against its size and the labels, with ``input_box``."""
+    if not isinstance(objs, Sequence) or isinstance(objs, str | bytes):
+        raise InvalidFeedbackError(
+            f"objects[{image}] must be a list of objects (an empty list: no object)"
+        )
+    h, w = geometry.original_height, geometry.original_width
+    out = []
+    for j, obj in enumerate(objs):
+        where = f"objects[{image}][{j}]"
+        if not isinstance(obj, Mapping) or "label" not in obj or "box" not in obj:
+            raise InvalidFeedbackError(f"{where} must be an object with 'label' and 'box'")
+        label = _box_label(where, obj["label"], allowed)
+        box = obj["box"]
+        if isinstance(box, Mapping) and set(box) == set(BOX_KEYS):
+            box = [box[k] for k in BOX_KEYS]  # the detect response's form
+        if (
+            not isinstance(box, Sequence)
+            or isinstance(box, str | bytes)
+            or len(box) != 4
+            or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                for v in box
+            )
+        ):
+            raise InvalidFeedbackError(
+                f"{where}.box must be 4 finite numbers [ymin, xmin, ymax, xmax], got {box!r}"
+            )
+        ymin, xmin, ymax, xmax = (float(v) for v in box)
+        if ymin >= ymax or xmin >= xmax:
+            raise InvalidFeedbackError(
+                f"{where}.box {list(box)} is empty: need ymin < ymax and xmin < xmax"
+            )
+        tol = BOX_TOLERANCE_PX
+        if ymin < -tol or xmin < -tol or ymax > h + tol or xmax > w + tol:
+            raise InvalidFeedbackError(
+                f"{where}.box {list(box)} lies outside the {w}x{h} (width x height) image "
+                "(original pixels, after EXIF rotation)"
+            )
+        clipped = [
+            min(max(ymin, 0.0), h),
+            min(max(xmin, 0.0), w),
+            min(max(ymax, 0.0), h),
+            min(max(xmax, 0.0), w),
+        ]
+        if clipped[0] >= clipped[2] or clipped[1] >= clipped[3]:
+            raise InvalidFeedbackError(f"{where}.box {list(box)} has no area inside the image")
+        mapped = geometry.boxes_to_input(np.array([clipped]))[0]
+        out.append({"label": label, "box": clipped, "input_box": [float(v) for v in mapped]})
+    return tuple(out)
+
+
+def _box_label(where: str, label: Any, allowed: Sequence[str] | None) -> str:
+    """A box's label as a class name; InvalidFeedbackError if unknown or malformed."""
+    if isinstance(label, bool) or not isinstance(label, str | int):
+        raise InvalidFeedbackError(f"{where}.label must be a class name or index, got {label!r}")
+    if isinstance(label, int):
+        if allowed is None:
+            raise InvalidFeedbackError(
+                f"{where}.label {label} is an index, but the model's labels are not known: "
+                "give the class name (or the model)"
+            )
+        if not 0 <= label < len(allowed):
+            raise InvalidFeedbackError(
+                f"{where}.label: class index {label} out of range for {len(allowed)} classes"
+            )
+        return str(allowed[label])
+    if not label.strip():
+        raise InvalidFeedbackError(f"{where}.label must not be empty")
+    if allowed is not None and label not in allowed:
+        raise InvalidFeedbackError(
+            f"{where}.label: unknown label {label!r}; expected one of {list(allowed)}"
+        )
+    return label
 
 
 def _check_allowed(labs: tuple[Label, ...], allowed: Sequence[str]) -> None:
@@ -124,6 +327,15 @@ def _check_allowed(labs: tuple[Label, ...], allowed: Sequence[str]) -> None:
             raise InvalidFeedbackError(f"unknown label {lab!r}; expected one of {list(allowed)}")
         if isinstance(lab, int) and lab >= len(allowed):
             raise InvalidFeedbackError(f"class index {lab} out of range for {len(allowed)} classes")
+
+
+def find_capture(
+    store_dir: str | os.PathLike[str], request_id: str, model: str | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The model and index entry (``shard``, ``images``, ``version``, ``task``, ...) of a
+    captured request id; UnknownRequestError if none."""
+    check_request_id(request_id)
+    return _find_capture(Path(store_dir), request_id, model)
 
 
 def _find_capture(root: Path, request_id: str, model: str | None) -> tuple[str, dict[str, Any]]:
@@ -158,9 +370,18 @@ def _link_first(target: Path, text: str) -> bool:
     return created
 
 
-def read_feedback(mdir: Path, request_id: str) -> tuple[Label, ...] | None:
-    """The recorded labels of a request in a model's store directory, or None."""
+def read_feedback_record(mdir: Path, request_id: str) -> dict[str, Any] | None:
+    """The feedback file of a request in a model's store directory (labels or objects), or None."""
     try:
-        return tuple(json.loads(keyed_path(mdir / FEEDBACK, request_id).read_text())["labels"])
+        return json.loads(keyed_path(mdir / FEEDBACK, request_id).read_text())
     except FileNotFoundError:
         return None
+
+
+def read_feedback(mdir: Path, request_id: str) -> tuple[Label, ...] | None:
+    """The recorded image labels of a request in a model's store directory, or None
+    (none recorded, or box feedback)."""
+    record = read_feedback_record(mdir, request_id)
+    if record is None or "labels" not in record:
+        return None
+    return tuple(record["labels"])

@@ -5,18 +5,34 @@ from __future__ import annotations
 import os
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from calibration.capture_store import SHARDS, TMP_PREFIX, Label, check_model, shard_time_ns
-from calibration.feedback import read_feedback
+from calibration.feedback import read_feedback_record
+
+
+@dataclass(frozen=True)
+class BoxLabel:
+    """One labelled object of box feedback, in the captured model input.
+
+    ``box`` is (ymin, xmin, ymax, xmax) in model-input pixels (of ``Sample.input``),
+    mapped from the client's original-pixel box by the captured geometry.
+    """
+
+    label: str
+    box: tuple[float, float, float, float]
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One captured image, with its ground truth when feedback has arrived."""
+    """One captured image, with its ground truth when feedback has arrived.
+
+    ``label`` is the image label of label feedback; ``objects`` the boxes of box
+    feedback (an empty tuple: the image shows no object), None without it.
+    """
 
     model: str
     request_id: str
@@ -27,11 +43,16 @@ class Sample:
     prediction: np.ndarray | None
     label: Label | None
     raw: bytes | None
+    objects: tuple[BoxLabel, ...] | None = None
 
 
 @dataclass
 class SampleSet:
-    """Captured images as arrays (what calibration consumes)."""
+    """Captured images as arrays (what calibration consumes).
+
+    ``labels`` and ``labelled`` are image-label feedback; ``objects`` and
+    ``box_labelled`` box feedback (boxes in model-input pixels).
+    """
 
     inputs: np.ndarray  # [n, H, W, C] float32
     labels: list[Label | None]
@@ -40,6 +61,7 @@ class SampleSet:
     captured_at: np.ndarray  # [n] float64
     predictions: list[np.ndarray | None]
     skipped: dict[str, int]
+    objects: list[tuple[BoxLabel, ...] | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -48,6 +70,12 @@ class SampleSet:
     def labelled(self) -> np.ndarray:
         """Boolean mask of the images that have ground truth."""
         return np.array([lab is not None for lab in self.labels], dtype=bool)
+
+    @property
+    def box_labelled(self) -> np.ndarray:
+        """Boolean mask of the images that have box feedback."""
+        objects = self.objects or [None] * len(self)
+        return np.array([objs is not None for objs in objects], dtype=bool)
 
 
 def iter_samples(
@@ -61,8 +89,8 @@ def iter_samples(
 ) -> Iterator[Sample]:
     """Every captured image of ``model``, oldest first (or newest first).
 
-    ``labelled=True`` yields only images with feedback, ``False`` only those
-    without, None all. ``since`` (unix seconds) skips older captures. A shard
+    ``labelled=True`` yields only images with feedback (image labels or boxes),
+    ``False`` only those without, None all. ``since`` (unix seconds) skips older captures. A shard
     that vanishes (evicted while reading) or cannot be parsed is skipped and
     counted in ``skipped``.
     """
@@ -88,9 +116,11 @@ def iter_samples(
             skipped["unreadable"] = skipped.get("unreadable", 0) + 1
             continue
         request_id = str(data["request_id"])
-        labels = read_feedback(mdir, request_id)
-        if labelled is True and labels is None or labelled is False and labels is not None:
+        record = read_feedback_record(mdir, request_id)
+        if labelled is True and record is None or labelled is False and record is not None:
             continue
+        labels = None if record is None else record.get("labels")
+        boxes = None if record is None else record.get("objects")
         x = data["inputs"]
         preds = data.get("predictions")
         raw_b, raw_o = data.get("raw_bytes"), data.get("raw_offsets")
@@ -108,7 +138,15 @@ def iter_samples(
                 prediction=None if preds is None else preds[i],
                 label=None if labels is None or i >= len(labels) else labels[i],
                 raw=raw,
+                objects=None if boxes is None or i >= len(boxes) else _box_labels(boxes[i]),
             )
+
+
+def _box_labels(objs: list[dict]) -> tuple[BoxLabel, ...]:
+    return tuple(
+        BoxLabel(str(o["label"]), tuple(float(v) for v in o["input_box"]))  # type: ignore[arg-type]
+        for o in objs
+    )
 
 
 def load_samples(
@@ -146,4 +184,5 @@ def load_samples(
         captured_at=np.array([s.captured_at for s in picked], dtype=np.float64),
         predictions=[s.prediction for s in picked],
         skipped=skipped,
+        objects=[s.objects for s in picked],
     )

@@ -52,12 +52,21 @@ class CaptureObserver:
             preds = None
             if "probabilities" in out:
                 preds = np.asarray(out["probabilities"]).argmax(-1)
+            inputs = np.asarray(event.inputs)
+            # Geometry is known for decoded images only (not for a tensor request);
+            # with it the shard can take box feedback in original pixels.
+            geoms = tuple(getattr(event, "geometries", ()) or ())
+            geometry = (
+                np.stack([g.to_array() for g in geoms]) if len(geoms) == len(inputs) else None
+            )
             item = (
                 name,
                 int(event.model.version),
                 event.request_id,
-                np.asarray(event.inputs),
+                inputs,
                 preds,
+                geometry,
+                event.task,
             )
             try:
                 self._queue.put_nowait(item)
@@ -66,9 +75,18 @@ class CaptureObserver:
 
     def _run(self) -> None:
         while True:
-            name, version, request_id, inputs, preds = self._queue.get()
+            name, version, request_id, inputs, preds, geometry, task = self._queue.get()
             try:
-                self.store.capture(name, version, request_id, inputs, preds, force=True)
+                self.store.capture(
+                    name,
+                    version,
+                    request_id,
+                    inputs,
+                    preds,
+                    force=True,
+                    geometry=geometry,
+                    task=task,
+                )
                 self.captured.labels(name).inc()
             except Exception:
                 with log_fields(request_id=request_id):  # this thread serves no request

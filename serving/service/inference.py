@@ -309,7 +309,9 @@ class InferenceService:
             self.metrics.observe_stage(stage, mv.name, seconds)
         self.metrics.images.labels(mv.name).inc(len(images))
         if self._observers:
-            event = PredictionEvent(request_id, mv.task, mv, inputs, batch.outputs, result)
+            event = PredictionEvent(
+                request_id, mv.task, mv, inputs, batch.outputs, result, tuple(geometries)
+            )
             for observer in self._observers:
                 try:
                     observer.on_prediction(event)

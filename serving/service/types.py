@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
+from contract.preprocessing import ImageGeometry
 from serving.catalog import ModelVersion
 from serving.errors import InvalidParameter
 
@@ -120,7 +121,8 @@ class PredictionEvent:
 
     ``inputs`` are the preprocessed images [n, H, W, 3]; ``outputs`` every
     signature output for these images, [n, ...] (``bn_input_mean``,
-    ``bn_input_sqmean`` among them); ``result`` the response.
+    ``bn_input_sqmean`` among them); ``result`` the response; ``geometries``
+    how each original image maps into ``inputs`` (empty for a tensor request).
     """
 
     request_id: str
@@ -129,6 +131,7 @@ class PredictionEvent:
     inputs: np.ndarray
     outputs: Mapping[str, np.ndarray]
     result: ClassifyResult | DetectResult | TensorResult
+    geometries: tuple[ImageGeometry, ...] = ()
 
 
 class PredictionObserver(Protocol):

@@ -1,7 +1,8 @@
-"""The capture store: atomic shards, size cap, several writer processes."""
+"""The capture store: atomic shards, size cap, several writer processes, image geometry."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -20,6 +21,7 @@ from calibration.capture_store import (
 )
 from calibration.feedback import record_feedback
 from calibration.samples import iter_samples, load_samples
+from contract.preprocessing import ImageGeometry, PreprocessSpec, resize
 from tests.helpers.capture_store import MODEL, image_batch, join_or_fail
 
 
@@ -31,6 +33,25 @@ def _shard_bytes(root: Path, model: str = MODEL) -> list[int]:
 
 
 # -- writing and reading ---------------------------------------------------------
+
+
+def test_shards_carry_the_geometry_and_task(tmp_path):
+    store = SampleStore(tmp_path, rate=1.0)
+    spec = PreprocessSpec(8, 8, geometry="letterbox")
+    geoms = [resize(np.zeros((h, 20, 3), np.uint8), spec)[1] for h in (10, 40)]
+    path = store.capture(MODEL, 1, "with", image_batch(2), geometry=geoms, task="detection")
+    with np.load(path) as z:
+        assert z["geometry"].dtype == np.float64 and z["geometry"].shape == (2, 8)
+        assert [ImageGeometry.from_array(row) for row in z["geometry"]] == geoms
+        assert str(z["task"]) == "detection"
+    entry = json.loads(samples.keyed_path(tmp_path / MODEL / samples.INDEX, "with").read_text())
+    assert entry["task"] == "detection" and entry["geometry"] is True
+    old = store.capture(MODEL, 1, "without", image_batch())
+    assert samples.read_geometry(old) is None
+    with pytest.raises(ValueError, match="geometry"):
+        store.capture(MODEL, 1, "short", image_batch(2), geometry=geoms[:1])
+    with pytest.raises(ValueError, match="task"):
+        store.capture(MODEL, 1, "bad-task", image_batch(), task="segmentation")
 
 
 def test_captured_samples_read_back_exactly(tmp_path):

@@ -15,6 +15,7 @@ from PIL import Image
 
 from contract.preprocessing import (
     ImageDecodeError,
+    ImageGeometry,
     ImageTooLargeError,
     PreprocessSpec,
     UnusableImageError,
@@ -190,6 +191,46 @@ def test_letterbox_keeps_aspect_and_maps_boxes_back():
     assert (out[:16] == 0).all() and (out[48:] == 0).all() and (out[16:48] == 255).all()
     box = geom.boxes_to_original(np.array([[16 / 64, 0.0, 48 / 64, 1.0]]))
     np.testing.assert_allclose(box, [[0, 0, 100, 200]], atol=1e-6)
+
+
+@pytest.mark.parametrize("geometry", ["stretch", "letterbox"])
+def test_boxes_to_input_inverts_boxes_to_original(geometry):
+    spec = PreprocessSpec(64, 48, geometry=geometry, pad_value=0)
+    _, geom = resize(np.zeros((90, 200, 3), np.uint8), spec)
+    original = np.array([[10.0, 20.0, 80.0, 150.0], [0.0, 0.0, 90.0, 200.0]])
+    inp = geom.boxes_to_input(original)
+    back = geom.boxes_to_original(inp / [64, 48, 64, 48])
+    np.testing.assert_allclose(back, original, atol=1e-9)
+    # The whole image covers exactly the resized part of the input (not the padding).
+    if geometry == "stretch":
+        np.testing.assert_allclose(inp[1], [0, 0, 64, 48], atol=1e-9)
+    else:  # 200x90 scaled by 0.24 -> 48x22 (rounded), centred: 21 rows of padding above
+        np.testing.assert_allclose(inp[1], [21, 0, 43, 48], atol=1e-9)
+
+
+def test_boxes_to_input_lands_on_the_object_pixels():
+    """A box drawn on an image covers the same pixels in the letterboxed input."""
+    px = np.zeros((120, 300, 3), np.uint8)
+    px[30:90, 100:220] = (255, 0, 0)
+    spec = PreprocessSpec(96, 96, geometry="letterbox", pad_value=0)
+    out, geom = resize(px, spec)
+    y0, x0, y1, x1 = geom.boxes_to_input(np.array([[30, 100, 90, 220]]))[0]
+    inner = out[int(np.ceil(y0)) + 1 : int(y1) - 1, int(np.ceil(x0)) + 1 : int(x1) - 1]
+    assert inner.size and (inner[..., 0] > 200).all() and (inner[..., 1:] < 50).all()
+    ring = out[int(y0) - 3 : int(y1) + 3, int(x0) - 3 : int(x1) + 3]
+    assert (ring[..., 0] > 200).mean() < 0.9  # the box is not larger than the image
+
+
+def test_image_geometry_round_trips_through_an_array():
+    _, geom = resize(np.zeros((90, 200, 3), np.uint8), PreprocessSpec(64, 48, geometry="letterbox"))
+    a = geom.to_array()
+    assert a.dtype == np.float64 and a.shape == (8,)
+    assert a.tolist() == [getattr(geom, f.name) for f in dataclasses.fields(geom)]
+    assert ImageGeometry.from_array(a) == geom
+    assert isinstance(ImageGeometry.from_array(a).original_height, int)
+    for bad in (a[:7], np.append(a, 1.0), np.where(np.arange(8) == 2, np.nan, a)):
+        with pytest.raises(ValueError):
+            ImageGeometry.from_array(bad)
 
 
 def test_normalisation_is_the_spec_affine_map():

@@ -4,6 +4,11 @@
   joins true labels (class names or indices, one per image of the request) to a
   captured request. 201 recorded, 200 the same labels again; 404 unknown id,
   410 expired sample, 409 different labels recorded before, 422 bad labels.
+  For a captured detect request, ``"objects"`` instead of ``"labels"``: per image
+  a list of ``{"label": name or index, "box": [ymin, xmin, ymax, xmax]}`` in the
+  original image's pixels (the detect response's coordinates), checked against
+  the image size and the captured version's labels (422 otherwise, and for a
+  classify request id); both keys at once is a 400.
 - ``POST /v1/admin/calibrations`` ``{"model": ..., "prior_strength": N,
   "promote": "canary"|"stable", "min_samples": N}`` (admin token): starts a
   calibration job in a separate process; 202 with the job, 409 if one runs.
@@ -17,7 +22,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify, request
 
-from calibration.feedback import record_feedback
+from calibration.feedback import find_capture, record_box_feedback, record_feedback
 from calibration.jobs import UnknownJob
 from serving.api.rest.admin import require_admin
 from serving.api.rest.inference import service
@@ -66,13 +71,22 @@ def feedback():
         raise NotFound("feedback is disabled: no capture store (IMGSERVE_CAPTURE_DIR)")
     body = _json_body()
     request_id, labels, model = body.get("request_id"), body.get("labels"), body.get("model")
+    objects = body.get("objects")
     if not isinstance(request_id, str) or not request_id:
         raise BadRequest("'request_id' (string) is required")
-    if labels is None:
-        raise BadRequest("'labels' is required: one class name or index per image")
-    allowed = None
+    if labels is not None and objects is not None:
+        raise BadRequest("give either 'labels' (image labels) or 'objects' (boxes), not both")
+    if labels is None and objects is None:
+        raise BadRequest(
+            "'labels' (one class name or index per image) or 'objects' (boxes of a "
+            "detect request, one list per image) is required"
+        )
     if model is not None:
         g.metric_model = served_model(model)
+    if objects is not None:
+        return _box_feedback(svc, request_id, objects, model)
+    allowed = None
+    if model is not None:
         mv = svc.catalog.repository.versions(model)
         if mv:
             allowed = list(svc.catalog.version(model, mv[-1]).class_labels)
@@ -88,6 +102,39 @@ def feedback():
         "created": result.created,
     }
     return jsonify(payload), 201 if result.created else 200
+
+
+def _box_feedback(svc: Any, request_id: str, objects: Any, model: str | None):
+    """Box feedback: labels checked against the version that served the request."""
+    store = svc.settings.capture_dir
+    # Unknown id: the store's 404, before any label lookup.
+    found, entry = find_capture(store, request_id, model)
+    g.metric_model = svc.known_model(found)
+    allowed = _captured_labels(svc, found, entry.get("version"))
+    result = record_box_feedback(store, request_id, objects, model=found, allowed=allowed)
+    payload = {
+        "request_id": result.request_id,
+        "model": result.model,
+        "objects": [[_public(o) for o in objs] for objs in result.objects or ()],
+        "created": result.created,
+    }
+    return jsonify(payload), 201 if result.created else 200
+
+
+def _public(obj: dict[str, Any]) -> dict[str, Any]:
+    return {"label": obj["label"], "box": obj["box"], "input_box": obj["input_box"]}
+
+
+def _captured_labels(svc: Any, model: str, version: Any) -> list[str] | None:
+    """The class labels of the version that served a request (else the newest version's);
+    None when the model has left the repository (class names are then taken unchecked)."""
+    if not svc.known_model(model):
+        return None
+    versions = svc.catalog.repository.versions(model)
+    if not versions:
+        return None
+    v = version if isinstance(version, int) and version in versions else versions[-1]
+    return list(svc.catalog.version(model, v).class_labels)
 
 
 @bp.post("/v1/admin/calibrations")
