@@ -117,7 +117,9 @@ def calibrate_detector(config: CalibrationConfig, parent: StableParent) -> Calib
         config.samples_dir, config.name, spec, config.max_samples, config.min_samples
     )
     x, split = data.inputs, split_samples(data, config.holdout_fraction)
-    boxes = collect_box_feedback(data.objects, labels, (spec.height, spec.width), split)
+    boxes = collect_box_feedback(
+        data.objects or [None] * len(data), labels, (spec.height, spec.width), split
+    )
     why_not = why_not_fine_tuned(config, boxes)
     model = load_keras_model(parent.dir)
     bs = config.batch_size
