@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             report["reference_set"] = attach_reference_set(parent_dir, spec, work)
             if shift == "noise images":
                 traffic = list(
-                    rng.integers(0, 256, (args.traffic // 4, 120, 130, 3), dtype=np.uint8)
+                    rng.integers(0, 256, (max(64, args.traffic // 4), 120, 130, 3), dtype=np.uint8)
                 )
             else:
                 kind = SHIFTS[0] if shift == "garbage feedback" else shift
@@ -334,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{fmt(point_rec, recovered, 100, '.0f')} % | {fmt(*m['candidate_clean'])} | "
                 f"{fmt(source_delta, boot_delta, 100, '+.1f')} | {entry['seconds']:.0f} s |"
             )
-            print(rows[-1], flush=True)
+            print(
+                rows[-1] + (f" ({'; '.join(result.reasons)})" if result.reasons else ""), flush=True
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(

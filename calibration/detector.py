@@ -71,6 +71,7 @@ from calibration.traffic import TrafficSplit, load_enough_samples, samples_summa
 from contract.json_sections import thaw
 from contract.model_card import ModelCard
 from training.detection.anchors import AnchorConfig, generate_anchors
+from training.detection.data import DetectionDataset
 from training.detection.evaluate import DetectionMetrics, predict
 from training.detection.postprocess import NmsConfig, make_postprocess
 from training.detection.reference import (
@@ -128,7 +129,12 @@ def calibrate_detector(config: CalibrationConfig, parent: StableParent) -> Calib
     rng = np.random.default_rng(config.seed)
     stats = reestimate_statistics(model, x[split.fit], rng, bs)
     agreement = mode_agreement_on_traffic(model, postprocess, stats, x[split.held], labels, rng, bs)
-    prior = choose_prior(model, postprocess, stats, parent, ref, x[split.held], before, config)
+    fit_boxes = None if judged is None else boxes.part(boxes.fit)
+    if fit_boxes is not None:
+        fit_boxes = (x[fit_boxes[0]], fit_boxes[1])
+    prior = choose_prior(
+        model, postprocess, stats, parent, ref, x[split.held], before, config, fit_boxes
+    )
     stats.assign(prior[0])
     if judged is None:
         fine_tune = {"ran": False, "why_not": why_not or ""}
@@ -331,28 +337,54 @@ def choose_prior(
     x_held: np.ndarray,
     before: DetectorParent,
     config: CalibrationConfig,
+    fit_boxes: tuple[np.ndarray, DetectionDataset] | None = None,
 ) -> tuple[float, list[dict[str, Any]]]:
     """The prior strength asked for, or for ``"auto"`` the most adapted weight that passes.
 
     Among the weights within the mAP tolerance that clear the drift alarm the
     least source wins; when every weight loses mAP, the least loss (rejected
-    by the gate).
+    by the gate). With box feedback to fine-tune on (``fit_boxes``: the
+    box-labelled fit samples) the weight with the best mAP on them wins, as
+    labelled accuracy chooses a classifier's; the reference set then bounds the
+    choice only where it gates (traffic below the drift alarm).
     """
     if config.prior_strength != "auto":
         return float(config.prior_strength), []
     bs = config.batch_size
-    return search_prior(
-        stats,
-        lambda w: {
+    floor = before.reference.map_50_95 - config.accuracy_tolerance
+
+    def measure(w: float) -> dict[str, Any]:
+        trial = {
             "reference_map_50_95": evaluate_reference(
                 model, postprocess, ref, batch_size=bs
             ).map_50_95
-        },
+        }
+        if fit_boxes is not None:
+            out = predict(model, postprocess, fit_boxes[0], batch_size=bs)
+            trial["box_feedback_fit_map_50_95"] = score_outputs(out, fit_boxes[1]).map_50_95
+        return trial
+
+    def by_adaptation(t: dict[str, Any]) -> float:
+        return -t["source_weight"]
+
+    def by_reference(t: dict[str, Any]) -> tuple[float, float]:
+        return t["reference_map_50_95"], -t["source_weight"]
+
+    def by_feedback(t: dict[str, Any]) -> tuple[float, float]:
+        return t["box_feedback_fit_map_50_95"], -t["source_weight"]
+
+    rank, fallback = by_adaptation, by_reference
+    if fit_boxes is not None:
+        rank = fallback = by_feedback
+        floor = -np.inf if before.drift.drifted else floor
+    return search_prior(
+        stats,
+        measure,
         traffic_drifts(model, parent.probe_names, x_held, before.drift, bs),
         reference_key="reference_map_50_95",
-        floor=before.reference.map_50_95 - config.accuracy_tolerance,
-        rank=lambda t: -t["source_weight"],
-        fallback_rank=lambda t: (t["reference_map_50_95"], -t["source_weight"]),
+        floor=floor,
+        rank=rank,
+        fallback_rank=fallback,
     )
 
 
