@@ -231,6 +231,7 @@ def run_one(
         "reasons": result.reasons,
         "box_feedback_images": boxes,
         "prior_strength": result.prior_strength,
+        "prior_search": result.prior_search,
         "seconds": round(time.monotonic() - started, 1),
         "gate": [c.to_dict() for c in result.checks],
         "accuracy": result.accuracy,

@@ -164,6 +164,7 @@ def calibrate_detector(config: CalibrationConfig, parent: StableParent) -> Calib
         box_feedback=judged is not None,
     )
     if judged is not None:
+        checks = [drift_after_fine_tuning(c) for c in checks]
         checks[1:1] = box_checks(judged, boxes, before, labels, config)
     samples = samples_summary(config.samples_dir, data, split, int(data.labelled.sum()), 0)
     samples["box_labelled"] = len(boxes)
@@ -256,6 +257,22 @@ class BoxesJudged:
                 "candidate": cand.map_50_95 if cand is not None else None,
             },
         }
+
+
+def drift_after_fine_tuning(check: GateCheck) -> GateCheck:
+    """The ``drift`` check of a fine-tuned candidate: reported, not gating.
+
+    The alarm thresholds are the parent's: the spread of the parent's features
+    around its statistics on its own domain. Fine-tuned weights make other
+    features with another spread, so those limits no longer say whether the
+    statistics describe the traffic; ``statistics_converged`` judges that on the
+    candidate itself, the held-out box mAP whether it serves the traffic, and
+    the published version's own thresholds are computed on its own features.
+    """
+    if check.name != "drift" or not check.gating:
+        return check
+    note = "; informational: the thresholds are the parent's, the weights were fine-tuned"
+    return dataclasses.replace(check, gating=False, reason=check.reason + note)
 
 
 def box_checks(
