@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from calibration.config import CalibrationConfig
+from calibration.detector import drift_after_fine_tuning
 from calibration.detector_fine_tune import (
     anchor_targets,
     collect_box_feedback,
@@ -20,6 +21,7 @@ from calibration.detector_gate import (
     map_reference_check,
     map_traffic_check,
 )
+from calibration.gate import GateCheck
 from calibration.traffic import TrafficSplit
 from training.detection.anchors import AnchorConfig, generate_anchors
 from training.detection.boxes import decode_boxes
@@ -132,3 +134,15 @@ def test_reference_map_gates_unless_drifted_traffic_with_boxes_decides(
         box_feedback=box_feedback,
     )
     assert not check.passed and check.gating is gates
+
+
+def test_after_fine_tuning_only_the_drift_check_stops_gating():
+    drift = GateCheck("drift", False, True, "held-out traffic still drifts", {"images": 20})
+    reported = drift_after_fine_tuning(drift)
+    assert not reported.passed and not reported.gating
+    assert (
+        reported.reason.startswith("held-out traffic still drifts")
+        and "parent's" in reported.reason
+    )
+    other = GateCheck("parity", False, True, "modes disagree")
+    assert drift_after_fine_tuning(other) is other
