@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import secrets
 import time
@@ -193,12 +194,10 @@ def record_box_feedback(
     try:
         geometry = read_geometry(shard)
     except FileNotFoundError:
-        geometry = None
-        if not shard.exists():
-            raise ExpiredRequestError(
-                f"the sample of request {request_id!r} has been dropped from the store "
-                "(size or age limit)"
-            ) from None
+        raise ExpiredRequestError(
+            f"the sample of request {request_id!r} has been dropped from the store "
+            "(size or age limit)"
+        ) from None
     if geometry is None:
         raise InvalidFeedbackError(
             f"request {request_id!r} was captured without image geometry "
@@ -260,14 +259,13 @@ def _normalise_objects(
         box = obj["box"]
         if isinstance(box, Mapping) and set(box) == set(BOX_KEYS):
             box = [box[k] for k in BOX_KEYS]  # the detect response's form
+        elif isinstance(box, np.ndarray):
+            box = box.tolist()
         if (
             not isinstance(box, Sequence)
             or isinstance(box, str | bytes)
             or len(box) != 4
-            or not all(
-                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-                for v in box
-            )
+            or not all(_is_number(v) and math.isfinite(v) for v in box)
         ):
             raise InvalidFeedbackError(
                 f"{where}.box must be 4 finite numbers [ymin, xmin, ymax, xmax], got {box!r}"
@@ -296,11 +294,17 @@ def _normalise_objects(
     return tuple(out)
 
 
+def _is_number(v: Any) -> bool:
+    """A real number that is not a bool (JSON numbers, Python and NumPy scalars)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_)
+
+
 def _box_label(where: str, label: Any, allowed: Sequence[str] | None) -> str:
     """A box's label as a class name; InvalidFeedbackError if unknown or malformed."""
-    if isinstance(label, bool) or not isinstance(label, str | int):
+    if isinstance(label, bool | np.bool_) or not isinstance(label, str | numbers.Integral):
         raise InvalidFeedbackError(f"{where}.label must be a class name or index, got {label!r}")
-    if isinstance(label, int):
+    if isinstance(label, numbers.Integral):
+        label = int(label)
         if allowed is None:
             raise InvalidFeedbackError(
                 f"{where}.label {label} is an index, but the model's labels are not known: "

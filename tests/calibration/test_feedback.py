@@ -217,6 +217,15 @@ def test_box_feedback_errors(tmp_path):
     invalid([[{"label": "cat", "box": box}]], "without image geometry", request_id="old")
     with pytest.raises(UnknownRequestError):
         record_box_feedback(tmp_path, "never", [[]])
+    # NumPy values (a calibration bench's own boxes) are taken as their numbers.
+    _detect_capture(store, "numpy")
+    arr = record_box_feedback(
+        tmp_path,
+        "numpy",
+        [[{"label": np.int64(1), "box": np.array([10, 20, 80, 150], np.float32)}]],
+        allowed=CLASSES,
+    )
+    assert arr.objects[0][0]["label"] == "dog" and arr.objects[0][0]["box"] == box
     # Within half a pixel of the border the box is clipped to it.
     r = record_box_feedback(
         tmp_path, "r", [[{"label": "cat", "box": [-0.5, -0.4, 90.5, 200.3]}]], allowed=CLASSES

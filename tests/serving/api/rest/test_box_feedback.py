@@ -248,6 +248,28 @@ def test_box_feedback_validation_through_the_gateway(gateway):
     copied = post([[detection]], request_id="copied")
     assert copied.status_code == 201, copied.text
     assert [(o["label"], o["box"]) for o in copied.json()["objects"][0]] == [("cross", box)]
+    # A tensor request (the Open Inference Protocol's preprocessed ``input``): no
+    # geometry, so no boxes.
+    shape = [1, 128, 128, 3]
+    tensor = requests.post(
+        f"{url}/v2/models/{DETECTOR}/infer",
+        json={
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": shape,
+                    "data": [0.0] * (128 * 128 * 3),
+                }
+            ]
+        },
+        headers={"X-Request-ID": "tensor"},
+        timeout=60,
+    )
+    assert tensor.status_code == 200, tensor.text
+    _captured(capture, "tensor")
+    doc = _problem(post([[ok]], request_id="tensor"), 422, "unprocessable")
+    assert "without image geometry" in doc["detail"]
     # Image labels on a detect request keep working.
     _detect(url, jpeg, "labels-only")
     _captured(capture, "labels-only")
