@@ -1,24 +1,38 @@
-"""Calibration of a detector: AdaBN on captured traffic, gated on mAP and parity.
+"""Calibration of a detector: AdaBN on captured traffic, box feedback, gated on mAP and parity.
 
 :func:`calibrate_detector` follows the classifier's path (same sample split,
 precise-BN re-estimation, prior, drift and staleness checks, private export,
 publish or reject, label moves), with what differs for boxes:
 
-- feedback is image labels, not boxes, so nothing is fine-tuned and no
-  temperature is fitted (the parent's is kept; a detector's scores are
+- no temperature is fitted (the parent's is kept; a detector's scores are
   per-class sigmoids the exported graph does not rescale);
 - ``prior_strength="auto"`` tries the source weights of
   :data:`calibration.reestimate.AUTO_SOURCE_WEIGHTS` and keeps the most adapted
   one within the mAP tolerance that leaves the held-out traffic below the
   drift alarm;
+- with at least ``min_fine_tune_labels`` box-labelled samples (box feedback,
+  :func:`calibration.feedback.record_box_feedback`) the weights are fine-tuned
+  on the box-labelled fit samples plus the reference set
+  (:mod:`calibration.detector_fine_tune`). The order is AdaBN, prior, then
+  fine-tuning with BN frozen in inference mode and the statistics collected
+  again after every epoch: the weights learn under the normalisation the
+  exported graph applies to the traffic, and the last statistics describe the
+  final weights. (Fine-tuning first, under the source statistics, would teach
+  the weights to undo a shift that AdaBN then undoes a second time.) The
+  box-labelled held-out samples, seen by neither the statistics nor the
+  weights, judge parent and candidate;
 - the gate judges mAP on the shipped reference set
   (:mod:`training.detection.reference`), agreement between inference and
-  training mode, and whether the candidate still detects objects
-  (:mod:`calibration.detector_gate`).
+  training mode, and whether the candidate still detects objects; with box
+  feedback also mAP on the held-out box-labelled traffic, whether the parent
+  finds the feedback's boxes at all, and the balance of their classes
+  (:mod:`calibration.detector_gate`). Without enough box feedback the path and
+  its checks are those of AdaBN alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +42,13 @@ import numpy as np
 
 from calibration import detector_gate
 from calibration.config import CalibrationConfig
+from calibration.detector_fine_tune import (
+    BoxFeedback,
+    collect_box_feedback,
+    fine_tune_on_boxes,
+    score_boxes,
+    why_not_fine_tuned,
+)
 from calibration.detector_gate import (
     CONFIDENT_SCORE,
     confident_classes,
@@ -50,6 +71,7 @@ from calibration.traffic import TrafficSplit, load_enough_samples, samples_summa
 from contract.json_sections import thaw
 from contract.model_card import ModelCard
 from training.detection.anchors import AnchorConfig, generate_anchors
+from training.detection.data import DetectionDataset
 from training.detection.evaluate import DetectionMetrics, predict
 from training.detection.postprocess import NmsConfig, make_postprocess
 from training.detection.reference import (
@@ -92,31 +114,69 @@ def calibrate_detector(config: CalibrationConfig, parent: StableParent) -> Calib
     ref_path, ref_bytes = parent.reference_set(REFERENCE_SET, hint)
     ref = load_reference_set(ref_path, spec, labels)
     postprocess = postprocess_from_card(parent.card)
-    # Feedback labels are image labels: not used for boxes.
     data = load_enough_samples(
         config.samples_dir, config.name, spec, config.max_samples, config.min_samples
     )
     x, split = data.inputs, split_samples(data, config.holdout_fraction)
+    boxes = collect_box_feedback(
+        data.objects or [None] * len(data), labels, (spec.height, spec.width), split
+    )
+    why_not = why_not_fine_tuned(config, boxes)
     model = load_keras_model(parent.dir)
     bs = config.batch_size
     before = measure_parent(model, postprocess, parent, ref, x, split, bs)
+    judged = None if why_not else BoxesJudged.of_parent(model, postprocess, x, boxes, bs)
     rng = np.random.default_rng(config.seed)
     stats = reestimate_statistics(model, x[split.fit], rng, bs)
     agreement = mode_agreement_on_traffic(model, postprocess, stats, x[split.held], labels, rng, bs)
-    prior = choose_prior(model, postprocess, stats, parent, ref, x[split.held], before, config)
+    fit_boxes = None if judged is None else boxes.part(boxes.fit)
+    if fit_boxes is not None:
+        fit_boxes = (x[fit_boxes[0]], fit_boxes[1])
+    prior = choose_prior(
+        model, postprocess, stats, parent, ref, x[split.held], before, config, fit_boxes
+    )
     stats.assign(prior[0])
+    if judged is None:
+        fine_tune = {"ran": False, "why_not": why_not or ""}
+    else:
+        fine_tune = fine_tune_on_boxes(model, stats, prior[0], x, boxes, ref, parent.card, config)
+        # The weights changed: parity is judged on them, under the traffic's own statistics.
+        agreement = mode_agreement_on_traffic(
+            model, postprocess, stats, x[split.held], labels, rng, bs, recollect=True
+        )
+        stats.collect_again(prior[0])
+        judged = judged.with_candidate(model, postprocess, x, boxes, bs)
+        fine_tune.update(judged.lineage())
     cand_ref = evaluate_reference(model, postprocess, ref, batch_size=bs)
     drift = (before.drift, stats.source_weight(prior[0]))
     checks, parity = gate(
-        model, postprocess, parent, ref, x, split, before, cand_ref, agreement, drift, config
+        model,
+        postprocess,
+        parent,
+        ref,
+        x,
+        split,
+        before,
+        cand_ref,
+        agreement,
+        drift,
+        config,
+        box_feedback=judged is not None,
     )
+    if judged is not None:
+        checks = [drift_after_fine_tuning(c) for c in checks]
+        checks[1:1] = box_checks(judged, boxes, before, labels, config)
     samples = samples_summary(config.samples_dir, data, split, int(data.labelled.sum()), 0)
-    fine_tune = {"ran": False, "why_not": "detector feedback has no boxes"}
+    samples["box_labelled"] = len(boxes)
     drifted, temperature = before.drift.drifted, parent.temperature
+    method = "adabn-precise-bn" + ("+box-feedback-fine-tune" if judged is not None else "")
     lineage = lineage_entry(
-        parent, "adabn-precise-bn", stats, fine_tune, prior, samples, temperature, drifted, checks
+        parent, method, stats, fine_tune, prior, samples, temperature, drifted, checks
     )
-    note = "detectors: no temperature is fitted (feedback carries no boxes)"
+    note = "detectors: no temperature is fitted (the parent's is kept)"
+    metrics = card_metrics(before.reference, cand_ref, parity)
+    if judged is not None:
+        metrics["box_feedback_held_out"] = judged.traffic_dict()
     candidate = CandidateExport(
         model=model,
         task="detection",
@@ -125,7 +185,7 @@ def calibrate_detector(config: CalibrationConfig, parent: StableParent) -> Calib
         postprocess=postprocess,
         card_fields=candidate_card_fields(
             parent.card,
-            metrics=card_metrics(before.reference, cand_ref, parity),
+            metrics=metrics,
             x_fit=x[split.fit],
             calibration=inherited_calibration(temperature, note),
             lineage=lineage,
@@ -137,7 +197,103 @@ def calibrate_detector(config: CalibrationConfig, parent: StableParent) -> Calib
         "reference_set": {"parent": before.reference.to_dict(), "candidate": cand_ref.to_dict()},
         "metric": "map_50_95",
     }
+    if judged is not None:
+        accuracy["traffic"] = judged.traffic_dict()
     return published.result(checks, temperature, None, accuracy, samples, prior)
+
+
+@dataclass(frozen=True)
+class BoxesJudged:
+    """Parent (and candidate) against the box feedback: what the box checks judge."""
+
+    parent_all: DetectionMetrics  # every box-labelled sample (none was trained on yet)
+    parent_held: DetectionMetrics  # the held-out box-labelled samples
+    candidate_held: DetectionMetrics | None = None
+
+    @classmethod
+    def of_parent(
+        cls,
+        model: keras.Model,
+        postprocess: Callable,
+        x: np.ndarray,
+        boxes: BoxFeedback,
+        batch_size: int,
+    ) -> BoxesJudged:
+        """The parent's mAP against the feedback, on all of it and on its held-out part."""
+        every = np.ones(len(boxes), bool)
+        return cls(
+            score_boxes(model, postprocess, x, boxes, every, batch_size),
+            score_boxes(model, postprocess, x, boxes, boxes.held, batch_size),
+        )
+
+    def with_candidate(
+        self,
+        model: keras.Model,
+        postprocess: Callable,
+        x: np.ndarray,
+        boxes: BoxFeedback,
+        batch_size: int,
+    ) -> BoxesJudged:
+        """The same, with the candidate's mAP on the held-out part."""
+        held = score_boxes(model, postprocess, x, boxes, boxes.held, batch_size)
+        return dataclasses.replace(self, candidate_held=held)
+
+    def traffic_dict(self) -> dict[str, Any]:
+        """The result's and the card's held-out traffic mAP, parent and candidate."""
+        cand = self.candidate_held
+        return {
+            "parent": self.parent_held.to_dict(),
+            "candidate": cand.to_dict() if cand is not None else None,
+            "evaluated_on": "box-labelled held-out samples (model-input pixels)",
+        }
+
+    def lineage(self) -> dict[str, Any]:
+        """What the lineage's ``fine_tune`` entry adds: the held-out mAP, parent vs candidate."""
+        cand = self.candidate_held
+        return {
+            "held_out_images": self.parent_held.images,
+            "held_out_map_50_95": {
+                "parent": self.parent_held.map_50_95,
+                "candidate": cand.map_50_95 if cand is not None else None,
+            },
+        }
+
+
+def drift_after_fine_tuning(check: GateCheck) -> GateCheck:
+    """The ``drift`` check of a fine-tuned candidate: reported, not gating.
+
+    The alarm thresholds are the parent's: the spread of the parent's features
+    around its statistics on its own domain. Fine-tuned weights make other
+    features with another spread, so those limits no longer say whether the
+    statistics describe the traffic; ``statistics_converged`` judges that on the
+    candidate itself, the held-out box mAP whether it serves the traffic, and
+    the published version's own thresholds are computed on its own features.
+    """
+    if check.name != "drift" or not check.gating:
+        return check
+    note = "; informational: the thresholds are the parent's, the weights were fine-tuned"
+    return dataclasses.replace(check, gating=False, reason=check.reason + note)
+
+
+def box_checks(
+    judged: BoxesJudged,
+    boxes: BoxFeedback,
+    before: DetectorParent,
+    labels: list[str],
+    config: CalibrationConfig,
+) -> list[GateCheck]:
+    """The checks box feedback adds (:mod:`calibration.detector_gate`)."""
+    classes = np.concatenate([s.classes for s in boxes.dataset.samples] or [np.zeros(0, int)])
+    _, held_set = boxes.part(boxes.held)
+    return [
+        detector_gate.feedback_class_balance_check(classes, labels, config.max_class_share),
+        detector_gate.feedback_agreement_check(
+            judged.parent_all, before.reference, boxes.dataset.num_boxes()
+        ),
+        detector_gate.map_traffic_check(
+            judged.parent_held, judged.candidate_held, held_set.num_boxes()
+        ),
+    ]
 
 
 def mode_agreement_on_traffic(
@@ -148,13 +304,19 @@ def mode_agreement_on_traffic(
     labels: list[str],
     rng: np.random.Generator,
     batch_size: int,
+    *,
+    recollect: bool = False,
 ) -> dict[str, Any]:
     """Inference vs training mode on held-out traffic under the traffic's own statistics.
 
     Measured before any mixing with the source: a mix differs from batch
-    statistics by design. Leaves those statistics assigned.
+    statistics by design. Leaves those statistics assigned. ``recollect``
+    collects them again first (the weights changed since the first collection).
     """
-    stats.assign(0.0)
+    if recollect:
+        stats.collect_again(0.0)
+    else:
+        stats.assign(0.0)
     mix = rng.permutation(len(x_held))  # batch statistics need mixed batches
     return mode_agreement(
         model, postprocess, x_held[mix], labels, CONFIDENT_SCORE, batch_size=batch_size
@@ -192,28 +354,54 @@ def choose_prior(
     x_held: np.ndarray,
     before: DetectorParent,
     config: CalibrationConfig,
+    fit_boxes: tuple[np.ndarray, DetectionDataset] | None = None,
 ) -> tuple[float, list[dict[str, Any]]]:
     """The prior strength asked for, or for ``"auto"`` the most adapted weight that passes.
 
     Among the weights within the mAP tolerance that clear the drift alarm the
     least source wins; when every weight loses mAP, the least loss (rejected
-    by the gate).
+    by the gate). With box feedback to fine-tune on (``fit_boxes``: the
+    box-labelled fit samples) the weight with the best mAP on them wins, as
+    labelled accuracy chooses a classifier's; the reference set then bounds the
+    choice only where it gates (traffic below the drift alarm).
     """
     if config.prior_strength != "auto":
         return float(config.prior_strength), []
     bs = config.batch_size
-    return search_prior(
-        stats,
-        lambda w: {
+    floor = before.reference.map_50_95 - config.accuracy_tolerance
+
+    def measure(w: float) -> dict[str, Any]:
+        trial = {
             "reference_map_50_95": evaluate_reference(
                 model, postprocess, ref, batch_size=bs
             ).map_50_95
-        },
+        }
+        if fit_boxes is not None:
+            out = predict(model, postprocess, fit_boxes[0], batch_size=bs)
+            trial["box_feedback_fit_map_50_95"] = score_outputs(out, fit_boxes[1]).map_50_95
+        return trial
+
+    def by_adaptation(t: dict[str, Any]) -> float:
+        return -t["source_weight"]
+
+    def by_reference(t: dict[str, Any]) -> tuple[float, float]:
+        return t["reference_map_50_95"], -t["source_weight"]
+
+    def by_feedback(t: dict[str, Any]) -> tuple[float, float]:
+        return t["box_feedback_fit_map_50_95"], -t["source_weight"]
+
+    rank, fallback = by_adaptation, by_reference
+    if fit_boxes is not None:
+        rank = fallback = by_feedback
+        floor = -np.inf if before.drift.drifted else floor
+    return search_prior(
+        stats,
+        measure,
         traffic_drifts(model, parent.probe_names, x_held, before.drift, bs),
         reference_key="reference_map_50_95",
-        floor=before.reference.map_50_95 - config.accuracy_tolerance,
-        rank=lambda t: -t["source_weight"],
-        fallback_rank=lambda t: (t["reference_map_50_95"], -t["source_weight"]),
+        floor=floor,
+        rank=rank,
+        fallback_rank=fallback,
     )
 
 
@@ -229,10 +417,13 @@ def gate(
     agreement: dict[str, Any],
     drift: tuple[ParentDrift, float],
     config: CalibrationConfig,
+    *,
+    box_feedback: bool = False,
 ) -> tuple[list[GateCheck], dict[str, Any]]:
-    """Every check but the export's, and the card's parity entry.
+    """Every check but the export's and box feedback's, and the card's parity entry.
 
-    ``drift`` is the parent's drift alarm and the candidate's source weight.
+    ``drift`` is the parent's drift alarm and the candidate's source weight;
+    ``box_feedback``: the candidate was fine-tuned on box feedback.
     """
     held = int(split.held.sum())
     held_out = predict(model, postprocess, x[split.held], batch_size=config.batch_size)
@@ -251,6 +442,7 @@ def gate(
             (len(ref), ref.dataset.num_boxes()),
             config.accuracy_tolerance,
             before.drift.drifted,
+            box_feedback=box_feedback,
         ),
         detector_gate.detects_objects_check(
             cand_rate, before.reference_rate, before.confident, held

@@ -1,15 +1,17 @@
 """The gate checks of a detector candidate, and how detections stand in for labels.
 
-Feedback is image labels, not boxes, so the detector's checks judge the
-candidate on its own detections and on the version's reference set:
+Without box feedback the detector's checks judge the candidate on its own
+detections and on the version's reference set:
 
 - ``class_balance`` counts the classes of the parent's confident detections;
   *confident* means a score of at least :func:`confident_score`: 0.5, or the
   parent's median best score on its reference set when that is lower (a weak
   detector's scores rarely reach 0.5);
 - ``map_reference``: the candidate's COCO mAP@[.5:.95] on the reference set
-  may not fall more than ``accuracy_tolerance`` below the parent's. There is
-  no labelled traffic to decide instead, so it always gates;
+  may not fall more than ``accuracy_tolerance`` below the parent's. Without
+  box feedback there is no labelled traffic to decide instead, so it gates;
+  with box feedback it gates unless the traffic raised the parent's drift
+  alarm (the classifier's rule: the traffic's own boxes then decide);
 - ``detects_objects``: on the held-out traffic the candidate makes at least
   :data:`MIN_DETECTION_SHARE` of the confident detections per image the parent
   makes on its reference set. Without labels this is what tells images with
@@ -21,6 +23,20 @@ candidate on its own detections and on the version's reference set:
   against the training-mode detections with score >= 0.5 as ground truth
   (judged from :data:`MIN_PARITY_BOXES` of them). Statistics that do not
   describe the traffic make the two modes disagree; the gap is 1 - agreement.
+
+With box feedback (the candidate was fine-tuned on it, :mod:`calibration.detector_fine_tune`):
+
+- ``map_traffic``: the candidate's COCO mAP@[.5:.95] on the box-labelled
+  held-out samples (trained on by neither) must beat the parent's;
+- ``feedback_agreement``: the parent's mAP@.5 against the feedback boxes on
+  every box-labelled sample is at least :data:`MIN_FEEDBACK_AGREEMENT` of its
+  mAP@.5 on its reference set. A shift costs the parent part of its mAP; boxes
+  it cannot find at all are not the objects of the images (random boxes,
+  labels of another task). Judged on the parent, which trained on none of them;
+- ``feedback_class_balance``: the classes of the feedback boxes, as
+  ``class_balance`` counts the parent's detections. Feedback that calls every
+  object one class teaches the model one class, and the held-out part of the
+  same feedback would approve it.
 """
 
 from __future__ import annotations
@@ -48,6 +64,9 @@ MIN_PARITY_BOXES = 10
 MIN_DETECTION_SHARE = 0.25
 #: Default largest parity gap (1 - agreement); ``parity_threshold`` overrides it.
 DEFAULT_PARITY_GAP = 0.1
+#: The parent's mAP@.5 against the box feedback, as a share of its reference-set mAP@.5,
+#: below which the feedback is taken for boxes of something else than the images' objects.
+MIN_FEEDBACK_AGREEMENT = 0.25
 
 Outputs = dict[str, np.ndarray]
 
@@ -145,26 +164,123 @@ def class_balance_check(
     )
 
 
+def feedback_class_balance_check(
+    feedback_classes: np.ndarray, labels: list[str], limit: float
+) -> GateCheck:
+    """``feedback_class_balance``: the largest share of one class among the feedback boxes.
+
+    Gating whenever the feedback has boxes: a candidate fine-tuned on it learns
+    what it says.
+    """
+    share, top = largest_share(feedback_classes)
+    counted = len(feedback_classes) > 0
+    return GateCheck(
+        "feedback_class_balance",
+        share <= limit,
+        counted,
+        says(
+            share <= limit,
+            "one class dominates the box feedback",
+            f"{share:.0%} of the {len(feedback_classes)} feedback boxes are "
+            f"{labels[top] if top is not None else '?'} (limit {limit:.0%})",
+        )
+        if counted
+        else "not checked: the box feedback has no boxes",
+        {
+            "largest_share": share,
+            "class": top,
+            "source": "box_feedback",
+            "boxes": int(len(feedback_classes)),
+            "limit": limit,
+        },
+    )
+
+
+def feedback_agreement_check(
+    parent_feedback: DetectionMetrics, parent_reference: DetectionMetrics, boxes: int
+) -> GateCheck:
+    """``feedback_agreement``: the parent's mAP@.5 against the feedback vs on its reference set."""
+    floor = MIN_FEEDBACK_AGREEMENT * parent_reference.map_50
+    ok = parent_feedback.map_50 >= floor
+    return GateCheck(
+        "feedback_agreement",
+        ok,
+        True,
+        says(
+            ok,
+            "the parent finds almost none of the feedback boxes (not the images' objects?)",
+            f"the parent's mAP@.5 against {boxes} feedback boxes on {parent_feedback.images} "
+            f"images {parent_feedback.map_50:.3f} vs {parent_reference.map_50:.3f} on its "
+            f"reference set (at least {MIN_FEEDBACK_AGREEMENT:.0%} of it)",
+        ),
+        {
+            "parent_on_feedback": parent_feedback.to_dict(),
+            "parent_reference_map_50": parent_reference.map_50,
+            "min_share": MIN_FEEDBACK_AGREEMENT,
+            "boxes": boxes,
+        },
+    )
+
+
+def map_traffic_check(
+    parent: DetectionMetrics, candidate: DetectionMetrics, boxes: int
+) -> GateCheck:
+    """``map_traffic``: mAP@[.5:.95] on the box-labelled held-out samples must improve."""
+    ok = candidate.map_50_95 > parent.map_50_95
+    return GateCheck(
+        "map_traffic",
+        ok,
+        True,
+        says(
+            ok,
+            "no better than the parent on the box-labelled held-out traffic",
+            f"mAP@[.5:.95] on {candidate.images} box-labelled held-out images ({boxes} boxes) "
+            f"{candidate.map_50_95:.3f} vs parent {parent.map_50_95:.3f}; mAP@.5 "
+            f"{candidate.map_50:.3f} vs {parent.map_50:.3f}",
+        ),
+        {
+            "parent": parent.to_dict(),
+            "candidate": candidate.to_dict(),
+            "images": candidate.images,
+            "boxes": boxes,
+        },
+    )
+
+
 def map_reference_check(
     parent: DetectionMetrics,
     candidate: DetectionMetrics,
     reference: tuple[int, int],
     tolerance: float,
     drifted: bool,
+    *,
+    box_feedback: bool = False,
 ) -> GateCheck:
-    """``map_reference``: mAP@[.5:.95] on the ``(images, boxes)`` reference set vs the parent."""
+    """``map_reference``: mAP@[.5:.95] on the ``(images, boxes)`` reference set vs the parent.
+
+    Gating, except when box feedback from traffic past the drift alarm decides
+    instead (``box_feedback`` and ``drifted``).
+    """
     ok = candidate.map_50_95 >= parent.map_50_95 - tolerance
+    gates = not (box_feedback and drifted)
+    notes = (
+        ""
+        if gates
+        else "; informational: the traffic has drifted from the reference domain "
+        "and its box feedback decides"
+    ) + ("; in-sample: the reference set was fine-tuned on" if box_feedback else "")
     return GateCheck(
         "map_reference",
         ok,
-        True,
+        gates,
         says(
             ok,
             "worse than the parent on the version's reference set",
             f"mAP@[.5:.95] on {reference[0]} reference images {candidate.map_50_95:.3f} vs "
             f"parent {parent.map_50_95:.3f} (tolerance {tolerance}); mAP@.5 "
             f"{candidate.map_50:.3f} vs {parent.map_50:.3f}",
-        ),
+        )
+        + notes,
         {
             "parent": parent.to_dict(),
             "candidate": candidate.to_dict(),
@@ -172,6 +288,7 @@ def map_reference_check(
             "boxes": reference[1],
             "tolerance": tolerance,
             "traffic_drifted": drifted,
+            "fine_tuned_on": box_feedback,
         },
     )
 
