@@ -331,8 +331,9 @@ def http_request_bytes(port: int, image: bytes, n: int = 1) -> bytes:
     return head.encode() + body
 
 
-def read_response(sock: socket.socket, buf: bytearray) -> int:
-    """Read one HTTP/1.1 response with a Content-Length from ``sock``; returns its status.
+def read_response(sock: socket.socket, buf: bytearray) -> tuple[int, bool]:
+    """Read one HTTP/1.1 response with a Content-Length from ``sock``; (status, whether
+    the server closes the connection after it).
 
     ``buf`` carries bytes read past the response (none with a closed-loop client).
     """
@@ -343,11 +344,12 @@ def read_response(sock: socket.socket, buf: bytearray) -> int:
         buf += chunk
     head = bytes(buf[:end]).lower()
     status = int(head[9:12])
-    length = 0
+    length, close = 0, head.startswith(b"http/1.0")
     for line in head.split(b"\r\n")[1:]:
         if line.startswith(b"content-length:"):
             length = int(line[15:])
-            break
+        elif line.startswith(b"connection:"):
+            close = b"close" in line
     total = end + 4 + length
     while len(buf) < total:
         chunk = sock.recv(65536)
@@ -355,7 +357,7 @@ def read_response(sock: socket.socket, buf: bytearray) -> int:
             raise ConnectionError("server closed the connection")
         buf += chunk
     del buf[:total]
-    return status
+    return status, close
 
 
 def http_call(port: int, image: bytes, n: int = 1):
@@ -370,22 +372,30 @@ def http_call(port: int, image: bytes, n: int = 1):
 
 def socket_call(port: int, payload: bytes):
     """A closed-loop client's call: send ``payload`` on the thread's kept-alive socket,
-    read one response; True for a 200."""
+    read one response; True for a 200.
+
+    A server that answers ``Connection: close`` (gunicorn's sync workers keep no
+    connection alive, by design) or a failure gets a new connection for the next call,
+    as an HTTP client would open one.
+    """
 
     def call(state: dict) -> bool:
         sock = state.get("sock")
+        close = True
         try:
             if sock is None:
-                sock = state["sock"] = socket.create_connection(("127.0.0.1", port), timeout=60)
+                sock = state["sock"] = socket.create_connection(("127.0.0.1", port), timeout=120)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 state["buf"] = bytearray()
             sock.sendall(payload)
-            return read_response(sock, state["buf"]) == 200
+            status, close = read_response(sock, state["buf"])
+            return status == 200
         except (OSError, ValueError):
-            if sock is not None:
-                sock.close()
-            state.pop("sock", None)
             return False
+        finally:
+            if close and sock is not None:
+                sock.close()
+                state.pop("sock", None)
 
     return call
 

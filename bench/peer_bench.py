@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import gateway_bench as gb  # noqa: E402
 
-from bench.peers import client, profiling, report  # noqa: E402
+from bench.peers import profiling, report  # noqa: E402
 from bench.peers.bodies import build_body  # noqa: E402
 from bench.peers.venvs import ensure_venv  # noqa: E402
 from contract.model_card import read_model_card  # noqa: E402
@@ -290,7 +290,7 @@ def run_cells(servers: list[Server], args, probe: gb.RawProbe) -> list[report.Ro
                 row.status = s.status if s.status != "ok" else s.refused[(form, size)]
                 continue
             ok, err, lat, elapsed = gb.closed_loop(
-                client.socket_call(s.port, s.requests[(form, size)]), c, args.seconds
+                gb.socket_call(s.port, s.requests[(form, size)]), c, args.seconds
             )
             after = probe.measure()[0]
             row.images_per_s, row.errors, row.requests = ok / elapsed, err, ok + err
@@ -320,7 +320,7 @@ def profile(
         req = s.requests.get(("raw", image_size))
         if s.status != "ok" or req is None or py_spy is None:
             continue
-        call = client.socket_call(s.port, req)
+        call = gb.socket_call(s.port, req)
         load = lambda call=call: gb.closed_loop(call, 1, args.profile_seconds, warmup=0.0)  # noqa: E731
         out[s.name] = profiling.record(
             py_spy, s.proc.pid, args.profile_seconds + 2, log_dir / f"{s.name}.spy", load

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from bench import gateway_bench
 from bench.peer_bench import photo_jpeg
-from bench.peers import bodies, client, common, profiling, report
+from bench.peers import bodies, common, profiling, report
 from contract.preprocessing import PreprocessSpec, preprocess_bytes
 
 PEERS = Path(__file__).resolve().parents[2] / "bench" / "peers"
@@ -224,17 +225,17 @@ def test_table_and_targets_say_what_was_found():
     assert "  >= 3x everywhere: yes (lowest 6.00x)" in lines
 
 
-def test_client_reads_a_closing_answer_and_a_kept_alive_one():
+def test_the_load_client_reads_a_closing_answer_and_a_kept_alive_one():
     a, b = socket.socketpair()
     with a, b:
         b.sendall(
             b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 503"
         )
         buf = bytearray()
-        assert client.read_response(a, buf) == (200, True)
+        assert gateway_bench.read_response(a, buf) == (200, True)
         assert buf == b"HTTP/1.1 503"
         b.sendall(b" Busy\r\nContent-Length: 0\r\n\r\n")
-        assert client.read_response(a, buf) == (503, False)
+        assert gateway_bench.read_response(a, buf) == (503, False)
 
 
 def test_profile_stages_from_collapsed_stacks():
