@@ -40,9 +40,10 @@ demo-versions: $(STAMP)
 	$(MAKE) models
 
 serve: models
-	@echo "imgserve gateway on http://$${IMGSERVE_BIND:-127.0.0.1:8080} (embedded backend, models in $(MODELS)/)"
-	@echo "  try it in a browser: http://127.0.0.1:8080/   API description: http://127.0.0.1:8080/openapi.json"
-	@echo "  curl -s -F image=@docs/examples/chelsea.jpg http://127.0.0.1:8080/v1/classify"
+	@url="http://$${IMGSERVE_BIND:-127.0.0.1:8080}"; \
+	echo "imgserve gateway on $$url (embedded backend, models in $(MODELS)/)"; \
+	echo "  try it in a browser: $$url/   API description: $$url/openapi.json"; \
+	echo "  curl -s -F image=@docs/examples/chelsea.jpg $$url/v1/classify"
 	IMGSERVE_MODEL_BASE=$(MODELS) $(VENV)/bin/gunicorn -c serving/gunicorn.conf.py 'serving.app:create_app()'
 
 # Two pytest-xdist workers, whole files each (module fixtures and in-file order hold);

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -45,13 +44,15 @@ import time
 import uuid
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from contract.tf_environment import prepare_tensorflow_environment  # noqa: E402
+
+prepare_tensorflow_environment()  # before TensorFlow's import: no doomed cuInit on a CPU host
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from calibration.capture_store import SampleStore  # noqa: E402
 from calibration.config import CalibrationConfig  # noqa: E402

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -44,13 +43,15 @@ import time
 import uuid
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from contract.tf_environment import prepare_tensorflow_environment  # noqa: E402
+
+prepare_tensorflow_environment()  # before TensorFlow's import: no doomed cuInit on a CPU host
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from calibration.capture_store import SampleStore  # noqa: E402
 from calibration.config import CalibrationConfig  # noqa: E402
@@ -223,6 +224,7 @@ def run_one(
             min_fine_tune_labels=args.min_fine_tune_labels,
             fine_tune_epochs=args.epochs,
             fine_tune_learning_rate=args.learning_rate,
+            fine_tune_weight_mix=args.weight_mix,
             seed=args.seed,
         )
     )
@@ -250,8 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--traffic", type=int, default=512, help="captured shifted images")
     ap.add_argument("--test", type=int, default=250, help="test images per domain")
     ap.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples")
-    ap.add_argument("--epochs", type=int, default=5, help="fine_tune_epochs of the run")
-    ap.add_argument("--learning-rate", type=float, default=1e-3, help="fine_tune_learning_rate")
+    ap.add_argument("--epochs", type=int, help="fine_tune_epochs (default: the detector's)")
+    ap.add_argument("--learning-rate", type=float, help="fine_tune_learning_rate (same)")
+    ap.add_argument(
+        "--weight-mix",
+        type=float,
+        default=CalibrationConfig.fine_tune_weight_mix,
+        help="fine_tune_weight_mix",
+    )
     ap.add_argument("--min-fine-tune-labels", type=int, default=96)
     ap.add_argument("--seed", type=int, default=2024)
     ap.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK}")

@@ -18,19 +18,23 @@ Usage: python bench/drift_acceptance.py [--model-base models] [--name demo_class
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np
-import tensorflow as tf
+from contract.tf_environment import prepare_tensorflow_environment  # noqa: E402
 
-from contract import drift_scores
-from contract.model_card import ModelCard, read_model_card
-from contract.preprocessing import PreprocessSpec, preprocess_pixels
-from contract.repository import ModelRepository
-from training import synthetic
+prepare_tensorflow_environment()  # before TensorFlow's import: no doomed cuInit on a CPU host
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from contract import drift_scores  # noqa: E402
+from contract.model_card import ModelCard, read_model_card  # noqa: E402
+from contract.preprocessing import PreprocessSpec, preprocess_pixels  # noqa: E402
+from contract.repository import ModelRepository  # noqa: E402
+from training import synthetic  # noqa: E402
 
 SHIFTS = [
     "brightness+30%",

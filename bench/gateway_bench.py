@@ -49,12 +49,14 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import numpy as np  # noqa: E402
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from contract.tf_environment import prepare_tensorflow_environment  # noqa: E402
+
+prepare_tensorflow_environment()  # before TensorFlow's import: no doomed cuInit on a CPU host
+
+import numpy as np  # noqa: E402
 
 from contract.model_card import ModelCard, read_model_card  # noqa: E402
 from contract.preprocessing import PreprocessSpec, preprocess_bytes  # noqa: E402

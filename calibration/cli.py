@@ -14,7 +14,7 @@ import json
 import sys
 from types import MappingProxyType
 
-from calibration.config import PROMOTE_LABELS, CalibrationConfig
+from calibration.config import FINE_TUNE_DEFAULTS, PROMOTE_LABELS, CalibrationConfig
 from calibration.dispatch import calibrate
 from calibration.errors import CalibrationError, LabelError, NotEnoughSamplesError
 from calibration.labels import promote, rollback
@@ -73,7 +73,8 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
         type=_prior_arg,
         default=c.prior_strength,
         help="source statistics as N pseudo-images (0: the samples alone); 'auto' (default) "
-        "picks the best on labelled feedback that keeps the reference set within tolerance",
+        "picks the best on labelled feedback that keeps the reference set within tolerance "
+        "(a detector fine-tuned on box feedback: the best on the reference set)",
     )
     parser.add_argument(
         "--min-samples", type=int, default=c.min_samples, help="fewest images to calibrate on"
@@ -109,9 +110,22 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
         "--fine-tune-epochs",
         type=int,
         default=c.fine_tune_epochs,
-        help="epochs of fine-tuning on labelled feedback from drifted traffic (0: off)",
+        help="epochs of fine-tuning on labelled feedback from drifted traffic (0: off; "
+        f"default by task: {_task_defaults(0)})",
     )
-    parser.add_argument("--fine-tune-learning-rate", type=float, default=c.fine_tune_learning_rate)
+    parser.add_argument(
+        "--fine-tune-learning-rate",
+        type=float,
+        default=c.fine_tune_learning_rate,
+        help=f"Adam learning rate of fine-tuning (default by task: {_task_defaults(1)})",
+    )
+    parser.add_argument(
+        "--fine-tune-weight-mix",
+        type=float,
+        default=c.fine_tune_weight_mix,
+        help="detectors: share of the fine-tuned change kept in the candidate's weights "
+        "(parent + mix x (fine-tuned - parent); 1: the fine-tuned weights)",
+    )
     parser.add_argument(
         "--min-fine-tune-labels",
         type=int,
@@ -119,6 +133,10 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
         help="fewest labelled fit samples to fine-tune on",
     )
     parser.add_argument("--seed", type=int, default=c.seed)
+
+
+def _task_defaults(which: int) -> str:
+    return ", ".join(f"{task} {v[which]:g}" for task, v in FINE_TUNE_DEFAULTS.items())
 
 
 def _prior_arg(value: str) -> float | str:

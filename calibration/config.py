@@ -16,6 +16,12 @@ from typing import Any, Literal
 #: Version labels a published candidate may be pointed at.
 PROMOTE_LABELS = ("canary", "stable")
 
+#: Fine-tuning epochs and Adam learning rate where the options leave them unset, by
+#: task. Measured: `bench/calibration_acceptance.py` (classifier) and
+#: `bench/detector_calibration.py` (detector; a cosine-decayed 2e-3 over 10 epochs
+#: recovers more of the shift than 3e-4 over 4, docs/calibration.md).
+FINE_TUNE_DEFAULTS = {"classification": (4, 3e-4), "detection": (10, 2e-3)}
+
 
 @dataclass(frozen=True)
 class CalibrationConfig:
@@ -39,8 +45,11 @@ class CalibrationConfig:
     accuracy_tolerance: float = 0.02
     max_class_share: float = 0.75
     promote: str = "canary"
-    fine_tune_epochs: int = 4
-    fine_tune_learning_rate: float = 3e-4
+    #: None: the task's default (:data:`FINE_TUNE_DEFAULTS`); 0 turns fine-tuning off.
+    fine_tune_epochs: int | None = None
+    fine_tune_learning_rate: float | None = None
+    #: Detectors: the candidate's weights are parent + mix x (fine-tuned - parent).
+    fine_tune_weight_mix: float = 0.6
     min_fine_tune_labels: int = 96
     seed: int = 0
     holdout_fraction: float = 0.25
@@ -67,14 +76,26 @@ class CalibrationConfig:
             raise ValueError(f"prior_strength must be >= 0 or 'auto', got {strength!r}")
         if self.min_samples < 1 or self.min_labelled < 1 or not 0 <= self.holdout_fraction < 1:
             raise ValueError("min_samples >= 1, min_labelled >= 1, 0 <= holdout < 1")
+        epochs, rate = self.fine_tune_epochs, self.fine_tune_learning_rate
         if (
-            self.fine_tune_epochs < 0
-            or self.fine_tune_learning_rate <= 0
+            (epochs is not None and epochs < 0)
+            or (rate is not None and rate <= 0)
             or not 0 < self.fine_tune_fraction <= 1
+            or not 0 < self.fine_tune_weight_mix <= 1
         ):
             raise ValueError(
-                "fine_tune_epochs >= 0, fine_tune_learning_rate > 0, 0 < fraction <= 1"
+                "fine_tune_epochs >= 0, fine_tune_learning_rate > 0, 0 < fraction <= 1, "
+                "0 < weight mix <= 1"
             )
+
+    def fine_tune(self, task: str) -> tuple[int, float]:
+        """Epochs and learning rate of fine-tuning a ``task`` model (unset: the task's default)."""
+        epochs, rate = FINE_TUNE_DEFAULTS[task]
+        if self.fine_tune_epochs is not None:
+            epochs = self.fine_tune_epochs
+        if self.fine_tune_learning_rate is not None:
+            rate = self.fine_tune_learning_rate
+        return epochs, rate
 
     def to_dict(self) -> dict[str, Any]:
         """The options as a JSON-ready dict (:meth:`from_dict` rebuilds the config)."""

@@ -107,7 +107,7 @@ def collect_box_feedback(
 
 def why_not_fine_tuned(config: CalibrationConfig, boxes: BoxFeedback) -> str | None:
     """Why the detector is not fine-tuned on box feedback, or None when it is."""
-    if not config.fine_tune_epochs:
+    if not config.fine_tune("detection")[0]:
         return "disabled (fine_tune_epochs=0)"
     if not len(boxes):
         return "no box feedback"
@@ -157,6 +157,7 @@ def fine_tune_detector(
     epochs: int,
     learning_rate: float,
     reestimate: Callable[[], None],
+    weight_mix: float = 1.0,
     batch_size: int = 32,
     seed: int = 0,
     loss: LossConfig | None = None,
@@ -169,16 +170,29 @@ def fine_tune_detector(
     applies; after every epoch ``reestimate()`` collects the statistics again
     for the changed weights (called with the BN layers frozen, leaving them so).
     The other layers train as the parent left them. Training's focal + smooth
-    L1 loss and train step, Adam with training's gradient clipping, shuffled
-    mini-batches. Returns what the lineage records.
+    L1 loss and train step, Adam with training's gradient clipping and the
+    learning rate decayed to 0 over the run on a cosine, shuffled mini-batches.
+
+    Then the weights keep ``weight_mix`` of their change: parent + mix x
+    (fine-tuned - parent), weight-space ensembling (WiSE-FT, Wortsman et al.,
+    CVPR 2022). A few hundred images move every weight; the part of the move
+    that fits those images rather than the shift is what costs the source
+    domain, and halfway between two solutions of the same loss basin keeps most
+    of both (measured in docs/calibration.md). ``reestimate()`` runs once more
+    on the mixed weights. Returns what the lineage records.
     """
+    if not 0.0 < weight_mix <= 1.0:
+        raise ValueError(f"weight_mix must be in (0, 1], got {weight_mix}")
     layers = bn.bn_layers(model)
     flags = [layer.trainable for layer in layers]
     y_labels, y_boxes = targets
     try:
         for layer in layers:
             layer.trainable = False
-        optimizer = keras.optimizers.Adam(learning_rate, global_clipnorm=CLIP_NORM)
+        parent = [v.numpy() for v in model.trainable_variables]
+        steps = max(1, round(len(x) / batch_size))
+        schedule = keras.optimizers.schedules.CosineDecay(learning_rate, max(1, epochs * steps))
+        optimizer = keras.optimizers.Adam(schedule, global_clipnorm=CLIP_NORM)
         step = make_train_step(model, optimizer, loss or LossConfig())
         rng = np.random.default_rng(seed)
         losses = []
@@ -187,12 +201,16 @@ def fine_tune_detector(
             order = rng.permutation(len(x))
             rows = [
                 step(tf.constant(x[idx]), tf.constant(y_labels[idx]), tf.constant(y_boxes[idx]))
-                for idx in np.array_split(order, max(1, round(len(order) / batch_size)))
+                for idx in np.array_split(order, steps)
             ]
             mean = float(np.mean([float(r["loss"]) for r in rows]))
             if not np.isfinite(mean):
                 raise FloatingPointError(f"fine-tuning diverged at epoch {epoch + 1}")
             losses.append(mean)
+            reestimate()
+        if weight_mix < 1.0:
+            for var, start in zip(model.trainable_variables, parent, strict=True):
+                var.assign(start + weight_mix * (var.numpy() - start))
             reestimate()
         trainable = len(model.trainable_variables)
     finally:
@@ -203,6 +221,8 @@ def fine_tune_detector(
         "loss": "focal + smooth L1 (training's)",
         "epochs": epochs,
         "learning_rate": learning_rate,
+        "learning_rate_schedule": "cosine decay to 0",
+        "weight_mix": weight_mix,
         "images": int(len(x)),
         "positive_anchors": int((y_labels > 0).sum()),
         "trainable_variables": trainable,
@@ -256,13 +276,15 @@ def fine_tune_on_boxes(
         np.concatenate([feedback[0], ref_targets[0]]),
         np.concatenate([feedback[1], ref_targets[1]]),
     )
+    epochs, learning_rate = config.fine_tune("detection")
     run = fine_tune_detector(
         model,
         xs,
         targets,
-        epochs=config.fine_tune_epochs,
-        learning_rate=config.fine_tune_learning_rate,
+        epochs=epochs,
+        learning_rate=learning_rate,
         reestimate=lambda: stats.collect_again(prior_strength),
+        weight_mix=config.fine_tune_weight_mix,
         seed=config.seed,
     )
     return {

@@ -34,7 +34,7 @@ def fine_tune_share(
 
 def why_not_fine_tuned(config: CalibrationConfig, domain_shift: bool, tuned: int) -> str | None:
     """Why the candidate is not fine-tuned, or None when it is."""
-    if not config.fine_tune_epochs:
+    if not config.fine_tune("classification")[0]:
         return "disabled (fine_tune_epochs=0)"
     if not domain_shift:
         return "the traffic has not drifted from the parent's domain"
@@ -56,14 +56,15 @@ def fine_tune_candidate(
     After every epoch the statistics are collected again and mixed with
     ``prior_strength`` of the source, as the candidate was before.
     """
+    epochs, learning_rate = config.fine_tune("classification")
     return {
         "ran": True,
         **fine_tune_on_feedback(
             model,
             *feedback,
             reference,
-            epochs=config.fine_tune_epochs,
-            learning_rate=config.fine_tune_learning_rate,
+            epochs=epochs,
+            learning_rate=learning_rate,
             reestimate=lambda: stats.collect_again(prior_strength),
             seed=config.seed,
         ),

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from calibration.cli import add_calibrate_arguments, config_from_args
-from calibration.config import CalibrationConfig
+from calibration.config import FINE_TUNE_DEFAULTS, CalibrationConfig
 from calibration.errors import CalibrationError, LabelError, NotEnoughSamplesError
 
 
@@ -20,10 +20,12 @@ def test_the_command_line_parses_into_the_config_with_its_defaults(tmp_path):
     args = parser.parse_args(
         ["--name", "m", "--samples", "s", "--prior-strength", "8", "--promote", "stable"]
         + ["--fine-tune-epochs", "0", "--min-fine-tune-labels", "5", "--seed", "3"]
+        + ["--fine-tune-weight-mix", "0.5"]
     )
     config = config_from_args(args)
     assert (config.prior_strength, config.promote, config.fine_tune_epochs) == (8.0, "stable", 0)
     assert (config.min_fine_tune_labels, config.seed, config.model_base) == (5, 3, "models")
+    assert (config.fine_tune_weight_mix, config.fine_tune_learning_rate) == (0.5, None)
 
 
 def test_the_config_survives_json(tmp_path):
@@ -57,3 +59,17 @@ def test_calibration_errors_carry_a_code_and_no_http_status():
     assert len(codes) == 3
     for error in (CalibrationError, NotEnoughSamplesError, LabelError):
         assert not hasattr(error, "status")
+
+
+def test_fine_tuning_defaults_are_the_task_s_unless_asked():
+    config = CalibrationConfig(name="m", samples_dir="s")
+    assert config.fine_tune("classification") == FINE_TUNE_DEFAULTS["classification"]
+    assert config.fine_tune("detection") == FINE_TUNE_DEFAULTS["detection"]
+    assert FINE_TUNE_DEFAULTS["classification"] != FINE_TUNE_DEFAULTS["detection"]
+    asked = CalibrationConfig(name="m", samples_dir="s", fine_tune_epochs=0)
+    assert asked.fine_tune("detection") == (0, FINE_TUNE_DEFAULTS["detection"][1])
+    asked = CalibrationConfig(name="m", samples_dir="s", fine_tune_learning_rate=0.01)
+    assert asked.fine_tune("classification") == (FINE_TUNE_DEFAULTS["classification"][0], 0.01)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="weight mix"):
+            CalibrationConfig(name="m", samples_dir="s", fine_tune_weight_mix=bad).validate()

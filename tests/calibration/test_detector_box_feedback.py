@@ -146,3 +146,40 @@ def test_after_fine_tuning_only_the_drift_check_stops_gating():
     )
     other = GateCheck("parity", False, True, "modes disagree")
     assert drift_after_fine_tuning(other) is other
+
+
+@pytest.mark.parametrize("mix", [1.0, 0.5])
+def test_fine_tuned_weights_keep_the_weight_mix_of_their_change_then_statistics_follow(mix):
+    from calibration.detector_fine_tune import fine_tune_detector
+    from contract import bn
+    from training.detection.model import DetectorConfig, build_detector
+
+    cfg = DetectorConfig(num_classes=2, image_height=64, image_width=64)
+    model = build_detector(cfg, seed=0)
+    anchors = generate_anchors(cfg.anchors, 64, 64)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (8, 64, 64, 3)).astype(np.float32)
+    labels = np.zeros((8, len(anchors)), np.int32)
+    labels[:, :5] = 1
+    targets = (labels, rng.normal(0, 1, (8, len(anchors), 4)).astype(np.float32))
+    parent = [v.numpy() for v in model.trainable_variables if "kernel" in v.path]
+    seen = []  # the kernels each time the statistics are collected again
+
+    def reestimate():
+        assert not any(layer.trainable for layer in bn.bn_layers(model))
+        seen.append([v.numpy() for v in model.trainable_variables if "kernel" in v.path])
+
+    run = fine_tune_detector(
+        model, x, targets, epochs=2, learning_rate=1e-2, reestimate=reestimate, weight_mix=mix
+    )
+    assert run["weight_mix"] == mix and len(run["loss_by_epoch"]) == 2
+    assert len(seen) == (2 if mix == 1.0 else 3)  # after each epoch, and after mixing
+    tuned, final = seen[1], seen[-1]
+    assert any(np.abs(t - p).max() > 1e-4 for t, p in zip(tuned, parent, strict=True))
+    for p, t, f in zip(parent, tuned, final, strict=True):
+        np.testing.assert_allclose(f, p + mix * (t - p), rtol=1e-5, atol=1e-6)
+    assert all(layer.trainable for layer in bn.bn_layers(model))  # flags restored
+    with pytest.raises(ValueError, match="weight_mix"):
+        fine_tune_detector(
+            model, x, targets, epochs=1, learning_rate=1e-3, reestimate=lambda: None, weight_mix=0.0
+        )
