@@ -49,7 +49,7 @@ class CalibrationConfig:
     fine_tune_epochs: int | None = None
     fine_tune_learning_rate: float | None = None
     #: Detectors: the candidate's weights are parent + mix x (fine-tuned - parent).
-    fine_tune_weight_mix: float = 0.6
+    fine_tune_weight_mix: float = 0.5
     min_fine_tune_labels: int = 96
     seed: int = 0
     holdout_fraction: float = 0.25
