@@ -209,8 +209,8 @@ def fine_tune_detector(
             losses.append(mean)
             reestimate()
         if weight_mix < 1.0:
-            for var, start in zip(model.trainable_variables, parent, strict=True):
-                var.assign(start + weight_mix * (var.numpy() - start))
+            tuned = [v.numpy() for v in model.trainable_variables]
+            mix_weights(model.trainable_variables, parent, tuned, weight_mix)
             reestimate()
         trainable = len(model.trainable_variables)
     finally:
@@ -229,6 +229,17 @@ def fine_tune_detector(
         "loss_by_epoch": losses,
         "seconds": round(time.monotonic() - started, 1),
     }
+
+
+def mix_weights(
+    variables: Sequence[tf.Variable],
+    parent: Sequence[np.ndarray],
+    tuned: Sequence[np.ndarray],
+    mix: float,
+) -> None:
+    """Assign parent + ``mix`` x (tuned - parent) to ``variables`` (WiSE-FT's interpolation)."""
+    for var, start, end in zip(variables, parent, tuned, strict=True):
+        var.assign(start + mix * (end - start))
 
 
 def score_boxes(

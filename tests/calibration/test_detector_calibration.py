@@ -72,24 +72,25 @@ def _capture(base: Path, samples: Path, traffic, boxed: int, garbage: bool = Fal
 
 
 def _config(base: Path, samples: Path, **kw) -> CalibrationConfig:
+    options = {"prior_strength": 0.0, "fine_tune_epochs": 2, "fine_tune_learning_rate": 1e-3}
     return CalibrationConfig(
         model_base=base,
         name=NAME,
         samples_dir=samples,
-        prior_strength=0.0,
         min_fine_tune_labels=32,
-        fine_tune_epochs=2,
-        fine_tune_learning_rate=1e-3,
-        **kw,
+        **{**options, **kw},
     )
 
 
 def test_box_feedback_fine_tunes_and_publishes_a_better_detector_on_the_traffic(traffic, tmp_path):
     base, samples = _repository(tmp_path), tmp_path / "samples"
     _capture(base, samples, traffic, boxed=80)
-    result = calibrate(_config(base, samples))
+    result = calibrate(_config(base, samples, prior_strength="auto"))
     checks = {c.name: c for c in result.checks}
     assert result.status == "published", result.reasons
+    # The weights learn the traffic: the statistics are those that serve the source best.
+    best = max(result.prior_search, key=lambda t: (t["reference_map_50_95"], -t["source_weight"]))
+    assert result.prior_strength == best["prior_strength"] and best["source_weight"] > 0
     assert ModelRepository(base).labels(NAME) == {"stable": 1, "canary": 2}
     assert set(checks) >= BOX_CHECKS and all(checks[n].gating for n in BOX_CHECKS)
     held = checks["map_traffic"].details
@@ -99,6 +100,7 @@ def test_box_feedback_fine_tunes_and_publishes_a_better_detector_on_the_traffic(
     assert lineage["method"] == "adabn-precise-bn+box-feedback-fine-tune"
     fine_tune = lineage["fine_tune"]
     assert fine_tune["ran"] and fine_tune["epochs"] == 2 and len(fine_tune["loss_by_epoch"]) == 2
+    assert fine_tune["weight_mix"] == CalibrationConfig.fine_tune_weight_mix < 1
     assert fine_tune["feedback_images"] + fine_tune["held_out_images"] == 80
     assert fine_tune["held_out_images"] == held["images"] == result.samples["held_out"]
     assert fine_tune["held_out_map_50_95"]["candidate"] == held["candidate"]["map_50_95"]
