@@ -369,7 +369,7 @@ def choose_prior(
     traffic's boxes next) the weight with the best reference-set mAP wins: the
     fine-tuned weights learn to read the traffic, and statistics that serve the
     source keep the source domain served (statistics fitted to the traffic cost
-    the clean domain 3-5 mAP points that fine-tuning did not win back,
+    the clean domain 3.5-4 more mAP points at the same recovery,
     docs/calibration.md). The drift alarm does not bound that choice: it is not
     gating after fine-tuning (:func:`drift_after_fine_tuning`).
     """

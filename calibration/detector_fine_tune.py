@@ -175,11 +175,11 @@ def fine_tune_detector(
 
     Then the weights keep ``weight_mix`` of their change: parent + mix x
     (fine-tuned - parent), weight-space ensembling (WiSE-FT, Wortsman et al.,
-    CVPR 2022). A few hundred images move every weight; the part of the move
-    that fits those images rather than the shift is what costs the source
-    domain, and halfway between two solutions of the same loss basin keeps most
-    of both (measured in docs/calibration.md). ``reestimate()`` runs once more
-    on the mixed weights. Returns what the lineage records.
+    CVPR 2022). A few hundred images move every weight, and the part of the
+    move that fits those images rather than the shift costs the source domain;
+    the mix gives most of that back for a smaller part of what the traffic
+    gained (docs/calibration.md has the trade-off). ``reestimate()`` runs once
+    more on the mixed weights. Returns what the lineage records.
     """
     if not 0.0 < weight_mix <= 1.0:
         raise ValueError(f"weight_mix must be in (0, 1], got {weight_mix}")
