@@ -353,9 +353,13 @@ def test_calibration_of_a_detector_on_noise_images_is_rejected(trained, tmp_path
     assert result.status == "rejected" and result.reasons
     failed = {c.name for c in result.checks if c.gating and not c.passed}
     # The mix that keeps the reference mAP finds no objects in noise; a mix that
-    # finds some has lost the reference mAP. Which of the two fails depends on the
-    # mix chosen; this small model's scores do not decide it reliably.
-    assert failed & {"detects_objects", "map_reference"}, [c.to_dict() for c in result.checks]
+    # finds some has lost the reference mAP, or (one fresh-clone run: this tiny model
+    # "found" objects in noise under a mix within tolerance) leaves the noise above the
+    # drift alarm. Which fails depends on the mix chosen; this small model, trained
+    # anew each run, does not decide it reliably.
+    assert failed & {"detects_objects", "map_reference", "drift"}, [
+        c.to_dict() for c in result.checks
+    ]
     assert (base / "models.config").read_bytes() == config
     assert ModelRepository(base).versions("tiny_detector") == [1]
     kept = base / "tiny_detector" / "rejected" / "2"
