@@ -43,22 +43,19 @@ from calibration.config import FINE_TUNE_DEFAULTS, CalibrationConfig  # noqa: E4
 from calibration.detector import postprocess_from_card  # noqa: E402
 from calibration.detector_fine_tune import (  # noqa: E402
     anchor_targets,
+    box_coding,
     fine_tune_detector,
     mix_weights,
 )
 from calibration.model_io import load_keras_model  # noqa: E402
 from calibration.reestimate import reestimate_statistics  # noqa: E402
-from contract.json_sections import thaw  # noqa: E402
 from contract.model_card import ModelCard, load_model_card  # noqa: E402
 from contract.preprocessing import PreprocessSpec, preprocess_pixels  # noqa: E402
 from contract.repository import ModelRepository  # noqa: E402
-from training.detection.anchors import AnchorConfig, generate_anchors  # noqa: E402
 from training.detection.data import DetectionDataset, load_coco, write_synthetic_coco  # noqa: E402
 from training.detection.evaluate import predict  # noqa: E402
-from training.detection.matching import MatchConfig  # noqa: E402
 from training.detection.reference import (  # noqa: E402
     REFERENCE_SET,
-    boxes_to_input_pixels,
     load_reference_set,
     score_outputs,
 )
@@ -77,7 +74,7 @@ def model_inputs(
     for sample, pixels in zip(drawn.samples, drawn.load_images(), strict=True):
         x, geom = preprocess_pixels(corrupt(shift, pixels, rng) if shift else pixels, spec)
         xs.append(x)
-        boxes = boxes_to_input_pixels(sample.boxes, geom).astype(np.float32)
+        boxes = geom.boxes_to_input(sample.boxes).astype(np.float32)
         samples.append(
             dataclasses.replace(sample, height=spec.height, width=spec.width, boxes=boxes)
         )
@@ -118,12 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     vdir = Path(args.model_base) / args.name / str(version)
     card = ModelCard.from_json(load_model_card(vdir))
     spec = card.preprocess_spec
-    det = card.detection
-    anchors = generate_anchors(AnchorConfig.from_dict(thaw(det.anchors)), spec.height, spec.width)
-    matching = thaw(det.extra.get("matching", {}))
-    match = MatchConfig(
-        **{k: matching[k] for k in MatchConfig.__dataclass_fields__ if k in matching}
-    )
+    anchors, match, variances = box_coding(card)
     ref = load_reference_set(vdir / "assets.extra" / REFERENCE_SET, spec, list(card.labels))
     postprocess = postprocess_from_card(card)
     print(
@@ -161,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 trained_on += f" + {args.extra_shifted} more shifted"
             x, dataset = joined(parts)
-            targets = anchor_targets(dataset, anchors, match, thaw(det.box_variances))
+            targets = anchor_targets(dataset, anchors, match, variances)
             start = [v.numpy() for v in model.trainable_variables]
             started = time.monotonic()
             fine_tune_detector(

@@ -255,6 +255,17 @@ def score_boxes(
     return score_outputs(predict(model, postprocess, x[index], batch_size=batch_size), dataset)
 
 
+def box_coding(card: ModelCard) -> tuple[np.ndarray, MatchConfig, list[float]]:
+    """Training's anchors, anchor matching and box variances, from a detector's card."""
+    det, spec = card.detection, card.preprocess_spec
+    anchors = generate_anchors(AnchorConfig.from_dict(thaw(det.anchors)), spec.height, spec.width)
+    matching = thaw(det.extra.get("matching", {}))  # training's MatchConfig; defaults if absent
+    match = MatchConfig(
+        **{k: matching[k] for k in MatchConfig.__dataclass_fields__ if k in matching}
+    )
+    return anchors, match, thaw(det.box_variances)
+
+
 def fine_tune_on_boxes(
     model: keras.Model,
     stats: Reestimation,
@@ -271,14 +282,7 @@ def fine_tune_on_boxes(
     training). After every epoch the statistics are collected again and mixed
     with ``prior_strength`` of the source, as the candidate was before.
     """
-    det = card.detection
-    spec = card.preprocess_spec
-    anchors = generate_anchors(AnchorConfig.from_dict(thaw(det.anchors)), spec.height, spec.width)
-    matching = thaw(det.extra.get("matching", {}))  # training's MatchConfig; defaults if absent
-    match = MatchConfig(
-        **{k: matching[k] for k in MatchConfig.__dataclass_fields__ if k in matching}
-    )
-    variances = thaw(det.box_variances)
+    anchors, match, variances = box_coding(card)
     index, fit_set = boxes.part(boxes.fit)
     feedback = anchor_targets(fit_set, anchors, match, variances)
     ref_targets = anchor_targets(reference.dataset, anchors, match, variances)

@@ -63,7 +63,7 @@ def reference_set_bytes(
         resized, geom = resize(images[int(i)], spec)
         pixels.append(resized)
         b = np.asarray(sample.boxes, dtype=np.float64).reshape(-1, 4)
-        boxes.append(boxes_to_input_pixels(b, geom))
+        boxes.append(geom.boxes_to_input(b))
         classes.append(np.asarray(sample.classes, dtype=np.int64))
         crowd.append(np.asarray(sample.crowd, dtype=bool))
         box_image.append(np.full(len(b), j, dtype=np.int64))
@@ -78,14 +78,6 @@ def reference_set_bytes(
         category_ids=np.asarray(dataset.category_ids, dtype=np.int64),
     )
     return buf.getvalue()
-
-
-def boxes_to_input_pixels(boxes: np.ndarray, geom: ImageGeometry) -> np.ndarray:
-    """Original-pixel ``(ymin, xmin, ymax, xmax)`` -> model-input pixels (the resize's map)."""
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    y = b[:, [0, 2]] * geom.scale_y + geom.pad_y
-    x = b[:, [1, 3]] * geom.scale_x + geom.pad_x
-    return np.stack([y[:, 0], x[:, 0], y[:, 1], x[:, 1]], axis=1)
 
 
 def load_reference_set(path: str | Path, spec: PreprocessSpec, labels: list[str]) -> ReferenceSet:

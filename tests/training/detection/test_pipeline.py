@@ -37,7 +37,7 @@ from training.detection.data import load_coco
 from training.detection.evaluate import preprocess_images
 from training.detection.matching import MatchConfig, match_anchors
 from training.detection.pipeline import TrainingBatches, encode_example, image_batches
-from training.detection.reference import boxes_to_input_pixels, reference_set_bytes
+from training.detection.reference import reference_set_bytes
 
 ROOT = Path(__file__).resolve().parents[3]
 #: A card written before photo-sized decoding: the kept demo detector's.
@@ -111,7 +111,7 @@ def test_training_input_path_equals_the_gateway_steps_for_photo_sized_images(
         assert eval_geoms[i] == geom
         np.testing.assert_array_equal(normalize(ref["pixels"][i], spec), served)
         np.testing.assert_allclose(
-            ref["boxes"][ref["box_image"] == i], boxes_to_input_pixels(sample.boxes, geom), 1e-5
+            ref["boxes"][ref["box_image"] == i], geom.boxes_to_input(sample.boxes), 1e-5
         )
     precise_bn = np.concatenate(list(image_batches(images, spec, 2)))
     np.testing.assert_array_equal(precise_bn, evaluated)

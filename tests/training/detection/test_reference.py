@@ -11,7 +11,6 @@ from calibration.detector_gate import _as_ground_truth, confident_score
 from contract.preprocessing import PreprocessSpec, preprocess_pixels
 from training.detection.data import load_coco, write_synthetic_coco
 from training.detection.reference import (
-    boxes_to_input_pixels,
     describe,
     load_reference_set,
     reference_set_bytes,
@@ -52,7 +51,7 @@ def test_boxes_map_into_the_input_and_back(dataset, geometry):
     spec = PreprocessSpec(height=64, width=48, geometry=geometry)
     for sample, pixels in zip(ds.samples[:4], images[:4], strict=True):
         _, geom = preprocess_pixels(pixels, spec)
-        inside = boxes_to_input_pixels(sample.boxes, geom)
+        inside = geom.boxes_to_input(sample.boxes)
         assert (inside >= -1e-6).all() and (inside[:, [0, 2]] <= 64 + 1e-6).all()
         normalised = inside / np.array([64, 48, 64, 48])
         np.testing.assert_allclose(geom.boxes_to_original(normalised), sample.boxes, atol=1e-4)
