@@ -418,7 +418,7 @@ def read_geometry(path: Path) -> np.ndarray | None:
 def shard_time_ns(name: str) -> int:
     """The capture time a shard (or tombstone) name starts with, in ns (0 if none)."""
     head = name.split("-", 1)[0]
-    return int(head) if head.isdigit() else 0
+    return int(head) if head.isascii() and head.isdigit() else 0
 
 
 def _read_shard_field(path: Path, field: str) -> np.ndarray:

@@ -9,9 +9,12 @@ are the command line's.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from calibration.errors import InvalidOptionError
 
 #: Version labels a published candidate may be pointed at.
 PROMOTE_LABELS = ("canary", "stable")
@@ -64,18 +67,22 @@ class CalibrationConfig:
         object.__setattr__(self, "samples_dir", os.fspath(self.samples_dir))
 
     def validate(self) -> None:
-        """Raise ValueError for options no calibration can run with.
+        """Raise :class:`InvalidOptionError` (a ValueError) for options no calibration can run with.
 
         Not done at construction: a job records whatever it was asked, and the
         run itself fails on a bad option (the job's outcome says so).
         """
         if self.promote not in PROMOTE_LABELS:
-            raise ValueError(f"promote must be one of {PROMOTE_LABELS}, got {self.promote!r}")
+            raise InvalidOptionError(
+                f"promote must be one of {PROMOTE_LABELS}, got {self.promote!r}"
+            )
         strength = self.prior_strength
-        if strength != "auto" and (isinstance(strength, str) or strength < 0):
-            raise ValueError(f"prior_strength must be >= 0 or 'auto', got {strength!r}")
+        if strength != "auto" and (
+            isinstance(strength, str) or not math.isfinite(strength) or strength < 0
+        ):
+            raise InvalidOptionError(f"prior_strength must be >= 0 or 'auto', got {strength!r}")
         if self.min_samples < 1 or self.min_labelled < 1 or not 0 <= self.holdout_fraction < 1:
-            raise ValueError("min_samples >= 1, min_labelled >= 1, 0 <= holdout < 1")
+            raise InvalidOptionError("min_samples >= 1, min_labelled >= 1, 0 <= holdout < 1")
         epochs, rate = self.fine_tune_epochs, self.fine_tune_learning_rate
         if (
             (epochs is not None and epochs < 0)
@@ -83,7 +90,7 @@ class CalibrationConfig:
             or not 0 < self.fine_tune_fraction <= 1
             or not 0 < self.fine_tune_weight_mix <= 1
         ):
-            raise ValueError(
+            raise InvalidOptionError(
                 "fine_tune_epochs >= 0, fine_tune_learning_rate > 0, 0 < fraction <= 1, "
                 "0 < weight mix <= 1"
             )

@@ -16,6 +16,12 @@ class CalibrationError(DomainError, RuntimeError):
     code = "calibration_error"
 
 
+class InvalidOptionError(CalibrationError, ValueError):
+    """An option no calibration can run with (a negative prior, no samples asked...)."""
+
+    code = "invalid_option"
+
+
 class NotEnoughSamplesError(CalibrationError):
     """Too few captured samples to re-estimate statistics from."""
 

@@ -265,7 +265,7 @@ def _normalise_objects(
             not isinstance(box, Sequence)
             or isinstance(box, str | bytes)
             or len(box) != 4
-            or not all(_is_number(v) and math.isfinite(v) for v in box)
+            or not all(_is_number(v) and _finite(v) for v in box)
         ):
             raise InvalidFeedbackError(
                 f"{where}.box must be 4 finite numbers [ymin, xmin, ymax, xmax], got {box!r}"
@@ -292,6 +292,14 @@ def _normalise_objects(
         mapped = geometry.boxes_to_input(np.array([clipped]))[0]
         out.append({"label": label, "box": clipped, "input_box": [float(v) for v in mapped]})
     return tuple(out)
+
+
+def _finite(v: Any) -> bool:
+    """``v`` is finite as a float (a JSON integer past float's range is not)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _is_number(v: Any) -> bool:

@@ -105,7 +105,8 @@ class CalibrationJobs:
         cooldown_s: float = 0.0,
         reason: str = "",
     ) -> dict[str, Any]:
-        """Start a job for ``model``; raises CalibrationBusy if one is running.
+        """Start a job for ``model``; raises CalibrationBusy if one is running, and
+        InvalidOptionError (nothing started) for options no calibration can run with.
 
         ``cooldown_s`` > 0 also refuses (CoolingDown) while the model's last job
         started less than that long ago; the check and the start happen under
@@ -126,6 +127,7 @@ class CalibrationJobs:
                 model_base=self.model_base,
                 **{k: v for k, v in asked.items() if v is not None},
             )
+            config.validate()
             job = {
                 "id": job_id,
                 "model": model,

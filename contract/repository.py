@@ -55,6 +55,12 @@ READY_GRPC_ENV = "IMGSERVE_LABEL_READY_GRPC"
 FROM_ENV = "env"
 
 
+def is_version_name(name: str) -> bool:
+    """A version directory's name: ASCII digits, as TF Serving reads them ("²" and
+    "٣" are Unicode digits that are not versions)."""
+    return name.isascii() and name.isdigit()
+
+
 class RepositoryError(RuntimeError):
     """A model repository operation that cannot be done as asked."""
 
@@ -102,7 +108,7 @@ class ModelRepository:
         d = self.base / name
         if not d.is_dir():
             return []
-        return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+        return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and is_version_name(p.name))
 
     def version_dir(self, name: str, version: int) -> Path:
         return self.base / name / str(int(version))
@@ -110,10 +116,10 @@ class ModelRepository:
     def next_version(self, name: str) -> int:
         """One more than the highest version on disk (including rejected candidates)."""
         d = self.base / name
-        taken = [int(p.name) for p in d.iterdir() if p.name.isdigit()] if d.is_dir() else []
+        taken = [int(p.name) for p in d.iterdir() if is_version_name(p.name)] if d.is_dir() else []
         rejected = []
         if (d / "rejected").is_dir():
-            rejected = [int(p.name) for p in (d / "rejected").iterdir() if p.name.isdigit()]
+            rejected = [int(p.name) for p in (d / "rejected").iterdir() if is_version_name(p.name)]
         return max(taken + rejected, default=0) + 1
 
     @contextlib.contextmanager

@@ -349,7 +349,12 @@ class Settings:
 def split_host_port(address: str, name: str = "address") -> tuple[str, int]:
     """``"host:port"`` -> ``(host, port)``; raises :class:`SettingsError` when malformed."""
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if (
+        not sep
+        or not host
+        or not (port.isascii() and port.isdigit())
+        or not 0 <= int(port) <= 65535
+    ):
         raise SettingsError(f"{name} must be host:port, got {address!r}")
     return host.strip("[]"), int(port)
 

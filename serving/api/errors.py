@@ -43,7 +43,7 @@ from calibration.capture_store import (
     SampleStoreError,
     UnknownRequestError,
 )
-from calibration.errors import CalibrationError
+from calibration.errors import CalibrationError, InvalidOptionError
 from calibration.jobs import CalibrationBusy, UnknownJob
 from contract.preprocessing import (
     ImageDecodeError,
@@ -59,6 +59,7 @@ from serving.errors import (
     Conflict,
     Gone,
     ImageRejected,
+    InvalidParameter,
     MethodNotAllowed,
     NotFound,
     Overloaded,
@@ -97,7 +98,8 @@ class Entry:
 
 def _like(cls: type[ServingError]) -> Entry:
     """The row of ``cls`` with its code and title fixed: report another class exactly as it."""
-    return replace(TABLE[cls], code=cls.code, title=cls.title)
+    row = next(TABLE[klass] for klass in cls.__mro__ if klass in TABLE)
+    return replace(row, code=cls.code, title=cls.title)
 
 
 TABLE: dict[type[BaseException], Entry] = {
@@ -145,6 +147,7 @@ TABLE.update(
         # calibration.errors: a run that cannot go ahead as asked (not enough samples,
         # no stable version, a label move that cannot be made).
         CalibrationError: _like(Unprocessable),
+        InvalidOptionError: _like(InvalidParameter),
         # calibration.jobs (CoolingDown is a CalibrationBusy).
         CalibrationBusy: _like(Conflict),
         UnknownJob: _like(NotFound),

@@ -21,6 +21,7 @@ error table (:mod:`serving.api.errors`).
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -108,10 +109,14 @@ class InferResponse:
 
 # -- tensor encoding -------------------------------------------------------------------
 def element_count(shape: Sequence[int]) -> int:
-    """How many elements a tensor of ``shape`` holds; 400 for a negative dimension."""
+    """How many elements a tensor of ``shape`` holds; 400 for a negative dimension.
+
+    Exact (Python integers): a product in int64 wraps, and ``[2**40, 2**40]`` would
+    claim to hold nothing, so an empty body would "fill" it.
+    """
     if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
         raise InvalidParameter(f"tensor shape {list(shape)} must hold non-negative integers")
-    return int(np.prod(shape, dtype=np.int64))
+    return math.prod(shape)
 
 
 def deserialize_bytes(raw: bytes, name: str) -> list[bytes]:
@@ -251,11 +256,13 @@ def _expect(tensor: InferInput, datatype: str, rank: int, shape: str) -> None:
 def _options(request: InferRequest, task: str) -> PredictOptions:
     params = request.parameters
     version = request.version.strip()
+    # A version is a number (ASCII digits: "²" is a digit int() refuses); anything
+    # else names a version label ("stable").
+    number = version.isascii() and version.isdigit()
     return PredictOptions(
         model=request.model,
-        # A version is a number; anything else names a version label ("stable").
-        version=int(version) if version.isdigit() else None,
-        label=version if version and not version.isdigit() else None,
+        version=int(version) if number else None,
+        label=version if version and not number else None,
         top_k=_param(params, "top_k", int) if task == CLASSIFICATION else None,
         score_threshold=_param(params, "score_threshold", float),
         max_detections=_param(params, "max_detections", int) if task == DETECTION else None,
@@ -269,9 +276,12 @@ def _param(params: Mapping[str, Any], name: str, typ: type) -> Any:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidParameter(f"parameter {name!r} must be a number, got {value!r}")
-    if typ is int and not float(value).is_integer():
-        raise InvalidParameter(f"parameter {name!r} must be an integer, got {value!r}")
-    return typ(value)
+    try:
+        if typ is int and not float(value).is_integer():
+            raise InvalidParameter(f"parameter {name!r} must be an integer, got {value!r}")
+        return typ(value)
+    except OverflowError:  # an integer past float's range (JSON has no limit)
+        raise InvalidParameter(f"parameter {name!r} is out of range, got {value!r}") from None
 
 
 def _output(name: str, data: np.ndarray) -> OutputTensor:

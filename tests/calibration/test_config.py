@@ -9,7 +9,12 @@ import pytest
 
 from calibration.cli import add_calibrate_arguments, config_from_args
 from calibration.config import FINE_TUNE_DEFAULTS, CalibrationConfig
-from calibration.errors import CalibrationError, LabelError, NotEnoughSamplesError
+from calibration.errors import (
+    CalibrationError,
+    InvalidOptionError,
+    LabelError,
+    NotEnoughSamplesError,
+)
 
 
 def test_the_command_line_parses_into_the_config_with_its_defaults(tmp_path):
@@ -42,6 +47,8 @@ def test_the_config_survives_json(tmp_path):
         {"promote": "production"},
         {"prior_strength": -1.0},
         {"prior_strength": "some"},
+        {"prior_strength": float("nan")},
+        {"prior_strength": float("inf")},
         {"min_samples": 0},
         {"holdout_fraction": 1.0},
         {"fine_tune_learning_rate": 0.0},
@@ -50,7 +57,7 @@ def test_the_config_survives_json(tmp_path):
 )
 def test_validate_refuses_options_no_run_can_use(bad):
     config = CalibrationConfig(name="m", samples_dir="s", **bad)  # recorded as asked
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidOptionError):  # a ValueError and a CalibrationError
         config.validate()
 
 

@@ -199,6 +199,7 @@ def test_box_feedback_errors(tmp_path):
         [1, 2, 3, float("inf")],
         "abcd",
         [1, 2, 3, True],
+        [1, 2, 3, 10**400],  # JSON integers have no limit; float() of this overflows
     ):
         invalid([[{"label": "cat", "box": bad}]], "4 finite numbers")
     invalid([[{"label": "cat", "box": [80, 20, 10, 150]}]], "empty")

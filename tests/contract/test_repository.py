@@ -33,6 +33,16 @@ def empty_versions(base: Path, *versions: int) -> ModelRepository:
     return ModelRepository(base, readiness=None)
 
 
+def test_only_ascii_digit_directories_are_versions(tmp_path):
+    # Unicode digits pass str.isdigit(); "²" then fails int(), "٣" would be version 3.
+    repo = empty_versions(tmp_path, 1, 2)
+    for stray in ("²", "٣", "3a", "tmp"):
+        (tmp_path / NAME / stray).mkdir()
+    (tmp_path / NAME / "rejected" / "¹").mkdir(parents=True)
+    assert repo.versions(NAME) == [1, 2]
+    assert repo.next_version(NAME) == 3
+
+
 def test_a_label_move_is_two_writes_with_the_wait_between(tmp_path):
     repo = empty_versions(tmp_path, 1, 2)
     repo.set_labels(NAME, {"stable": 1})

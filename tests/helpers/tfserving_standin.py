@@ -139,7 +139,11 @@ class ModelManager:
         for entry in config.model_config_list.config:
             model_dir = self.base / entry.name
             on_disk = (
-                sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+                sorted(
+                    int(p.name)
+                    for p in model_dir.iterdir()
+                    if p.is_dir() and p.name.isascii() and p.name.isdigit()
+                )
                 if model_dir.is_dir()
                 else []
             )

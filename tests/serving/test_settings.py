@@ -59,6 +59,7 @@ def test_environment_variables_are_typed():
         {"IMGSERVE_MAX_BATCH_SIZE": "0"},
         {"IMGSERVE_MAX_BATCH_SIZE": "many"},
         {"IMGSERVE_BIND": "8080"},
+        {"IMGSERVE_BIND": "0.0.0.0:²"},  # a Unicode digit int() refuses
         {"IMGSERVE_MULTI_FRAME": "all"},
         {"IMGSERVE_LOG_LEVEL": "verbose"},
         {"IMGSERVE_ACCESS_LOG": "sometimes"},

@@ -11,7 +11,9 @@
   classify request id); both keys at once is a 400.
 - ``POST /v1/admin/calibrations`` ``{"model": ..., "prior_strength": N,
   "promote": "canary"|"stable", "min_samples": N}`` (admin token): starts a
-  calibration job in a separate process; 202 with the job, 409 if one runs.
+  calibration job in a separate process; 202 with the job, 409 if one runs, 400
+  (nothing started) for an option no run can use (a negative or non-finite
+  ``prior_strength``, ``min_samples`` < 1 or not an integer).
 - ``GET /v1/admin/calibrations[/<id>]`` (admin token): job status and log tail.
 """
 
@@ -26,7 +28,7 @@ from calibration.feedback import find_capture, record_box_feedback, record_feedb
 from calibration.jobs import UnknownJob
 from serving.api.rest.admin import require_admin
 from serving.api.rest.inference import service
-from serving.api.rest.payload import parse_json, read_body
+from serving.api.rest.payload import number, parse_json, read_body
 from serving.errors import BadRequest, InvalidParameter, ModelNotFound, NotFound
 
 bp = Blueprint("calibration", __name__)
@@ -148,12 +150,10 @@ def start_calibration():
     promote = body.get("promote")
     if promote not in (None, "canary", "stable"):
         raise BadRequest("'promote' must be 'canary' or 'stable'")
-    try:
-        prior = None if body.get("prior_strength") is None else float(body["prior_strength"])
-        min_samples = None if body.get("min_samples") is None else int(body["min_samples"])
-    except (TypeError, ValueError) as exc:
-        raise BadRequest("'prior_strength' and 'min_samples' must be numbers") from exc
-    # CalibrationBusy (one is running) is a 409 by the error table.
+    prior = number("prior_strength", body.get("prior_strength"), float)
+    min_samples = number("min_samples", body.get("min_samples"), int)
+    # CalibrationBusy (one is running) is a 409 by the error table, InvalidOptionError
+    # (a negative or non-finite prior, min_samples < 1) a 400: no job is started.
     job = _monitoring().jobs.start(
         model, prior_strength=prior, promote=promote, min_samples=min_samples
     )

@@ -83,7 +83,7 @@ def request_timeout(request: Request) -> float | None:
 
     ``PredictOptions`` checks that it is positive.
     """
-    return _number(TIMEOUT_HEADER, request.headers.get(TIMEOUT_HEADER), float)
+    return number(TIMEOUT_HEADER, request.headers.get(TIMEOUT_HEADER), float)
 
 
 def read_body(request: Request) -> bytes:
@@ -130,11 +130,11 @@ def options_from(values: Mapping[str, Any]) -> PredictOptions:
     """Typed :class:`PredictOptions` from strings or JSON values; 400 on a bad value."""
     return PredictOptions(
         model=_text("model", values.get("model")),
-        version=_number("version", values.get("version"), int),
+        version=number("version", values.get("version"), int),
         label=_text("label", values.get("label")),
-        top_k=_number("top_k", values.get("top_k"), int),
-        score_threshold=_number("score_threshold", values.get("score_threshold"), float),
-        max_detections=_number("max_detections", values.get("max_detections"), int),
+        top_k=number("top_k", values.get("top_k"), int),
+        score_threshold=number("score_threshold", values.get("score_threshold"), float),
+        max_detections=number("max_detections", values.get("max_detections"), int),
         timeout_s=values.get("timeout_s"),
     )
 
@@ -194,7 +194,12 @@ def _text(name: str, value: Any) -> str | None:
     return value
 
 
-def _number(name: str, value: Any, typ: type) -> Any:
+def number(name: str, value: Any, typ: type) -> Any:
+    """``value`` (a JSON number or a numeric string) as ``typ``; None when absent or empty.
+
+    400 (InvalidParameter) for anything else: booleans, fractions for an integer,
+    text that is not a number. Ranges are the caller's to check.
+    """
     if value is None or value == "":
         return None
     if isinstance(value, bool):
@@ -205,7 +210,7 @@ def _number(name: str, value: Any, typ: type) -> Any:
                 raise ValueError(value)
             return int(value)
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # float(10**400) overflows
         raise InvalidParameter(
             f"{name!r} must be {'an integer' if typ is int else 'a number'}, got {value!r}"
         ) from None

@@ -85,7 +85,7 @@ def infer_request(name: str, version: str) -> tuple[oip.InferRequest, dict[str, 
     json_part, binary = body, b""
     length = request.headers.get(HEADER_LENGTH)
     if length is not None:
-        if not length.isdigit() or int(length) > len(body):
+        if not (length.isascii() and length.isdigit()) or int(length) > len(body):
             raise BadRequest(f"{HEADER_LENGTH} {length!r} does not fit a {len(body)}-byte body")
         json_part, binary = body[: int(length)], body[int(length) :]
     if not json_part:

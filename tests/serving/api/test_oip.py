@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ import requests
 
 from contract.preprocessing import decode_image, preprocess_pixels
 from serving.api import oip
-from serving.errors import BadRequest
+from serving.errors import BadRequest, InvalidParameter
 from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.helpers import tiny_models
@@ -49,6 +50,18 @@ def test_bytes_elements_round_trip_with_length_prefixes():
 def test_truncated_bytes_elements_are_refused(raw):
     with pytest.raises(BadRequest, match="input 'x'"):
         oip.deserialize_bytes(raw, "x")
+
+
+@pytest.mark.parametrize("shape", [[10**20], [2**40, 2**40], [2**62, 4]])
+@pytest.mark.parametrize("datatype", ["FP32", "BYTES"])
+def test_shapes_past_int64_are_refused_not_wrapped(shape, datatype):
+    # In int64 the first overflowed (a 500) and the others wrapped to 0 elements,
+    # which an empty body or an empty data list then "filled".
+    assert oip.element_count(shape) == math.prod(shape)
+    with pytest.raises(InvalidParameter):
+        oip.input_from_raw("x", datatype, shape, b"")
+    with pytest.raises(InvalidParameter):
+        oip.input_from_values("x", datatype, shape, [])
 
 
 # -- real servers ----------------------------------------------------------------------
@@ -251,8 +264,17 @@ JUNK = base64.b64encode(b"not an image").decode()
             400,
             "shape [-1, 32, 32, 3]",
         ),
+        (CLASSIFIER, {"inputs": [image_input([JUNK], shape=[10**20])]}, 400, "needs"),
+        (
+            CLASSIFIER,
+            {"inputs": [image_input([JUNK])], "parameters": {"top_k": 10**400}},
+            400,
+            "out of range",
+        ),
         ("no_such_model", {"inputs": [image_input([JUNK])]}, 404, "is not served"),
         (f"{CLASSIFIER}/versions/9", {"inputs": [image_input([JUNK])]}, 404, "no version 9"),
+        # A Unicode digit is no version number: it names a label, and there is none.
+        (f"{CLASSIFIER}/versions/²", {"inputs": [image_input([JUNK])]}, 404, "'²'"),
     ],
     ids=[
         "wrong-datatype",
@@ -263,8 +285,11 @@ JUNK = base64.b64encode(b"not an image").decode()
         "missing-input",
         "unknown-input",
         "wrong-tensor-shape",
+        "shape-past-int64",
+        "parameter-past-float",
         "unknown-model",
         "unknown-version",
+        "unicode-digit-version",
     ],
 )
 def test_bad_input_over_rest(rest_url, path, body, status, message):
@@ -294,6 +319,14 @@ def test_binary_data_that_does_not_fit_is_refused(rest_url):
         timeout=30,
     )
     assert r.status_code == 400 and "binary_data_size" in r.json()["error"]
+    # A header length in Unicode digits ("²" passes str.isdigit()) is no length.
+    r = requests.post(
+        f"{rest_url}/v2/models/{CLASSIFIER}/infer",
+        data=header,
+        headers={"Inference-Header-Content-Length": "²".encode("latin-1")},
+        timeout=30,
+    )
+    assert r.status_code == 400 and "does not fit" in r.json()["error"], r.text
 
 
 @pytest.mark.slow

@@ -95,6 +95,31 @@ def test_admin_calibration_names_are_checked_before_the_file_system(probed):
     assert _jobs(tmp_path) == before, "a job was started for a probed name"
 
 
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ('"min_samples": 0', "min_samples"),
+        ('"min_samples": 2.5', "min_samples"),
+        ('"min_samples": "many"', "min_samples"),
+        ('"min_samples": 1e400', "min_samples"),  # inf to Python's json: was a 500
+        ('"prior_strength": -1', "prior_strength"),
+        ('"prior_strength": NaN', "prior_strength"),  # passed "< 0" and started a job
+        ('"prior_strength": 1e400', "prior_strength"),
+        ('"prior_strength": true', "prior_strength"),
+    ],
+)
+def test_calibration_options_no_run_can_use_are_a_400_and_start_nothing(probed, options, field):
+    app, tmp_path = probed
+    before = _jobs(tmp_path)
+    body = f'{{"model": "{tiny_models.CLASSIFIER}", {options}}}'
+    r = app.test_client().post(
+        "/v1/admin/calibrations", data=body, content_type="application/json", headers=AUTH
+    )
+    doc = assert_problem(r, 400)
+    assert field in doc["detail"], doc
+    assert _jobs(tmp_path) == before, "a job was started with an option no run can use"
+
+
 @pytest.mark.parametrize("job_id", ["..", ".", "..%00", "%00", "a%00b", "..json", "x" * 300])
 def test_job_ids_are_never_paths(probed, job_id):
     app, _ = probed

@@ -159,6 +159,19 @@ def test_limits_of_the_strict_app(strict_app, images):
     assert_problem(raw(client, images["tiff_multipage"], "image/tiff"), 422, "unusable_image")
 
 
+def test_json_numbers_past_float_are_invalid_parameters(client, images):
+    # JSON integers have no limit and Python's json keeps them exact: float() of
+    # this one overflows (was a 500); as text it reads as inf, refused by range.
+    b64 = base64.b64encode(images["png"]).decode()
+    huge = "1" + "0" * 400
+    for options in (f'"score_threshold": {huge}', f'"top_k": {huge}.5', '"top_k": 1e400'):
+        body = f'{{"instances": [{{"b64": "{b64}"}}], {options}}}'
+        r = client.post("/v1/classify", data=body, content_type="application/json")
+        assert_problem(r, 400, "invalid_parameter")
+    r = raw(client, images["png"], query_string={"score_threshold": huge})
+    assert_problem(r, 400, "invalid_parameter")
+
+
 def test_the_failing_image_of_a_batch_is_named(client, images):
     files = {"image": [(io.BytesIO(images["png"]), "a.png"), (io.BytesIO(b"junk"), "b.png")]}
     doc = assert_problem(client.post("/v1/classify", data=files), 400, "undecodable_image")
