@@ -54,6 +54,11 @@ class ImageServiceStub:
                 request_serializer=serving_dot_proto_dot_imgserve__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=serving_dot_proto_dot_imgserve__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Feedback = channel.unary_unary(
+                '/imgserve.v1.ImageService/Feedback',
+                request_serializer=serving_dot_proto_dot_imgserve__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=serving_dot_proto_dot_imgserve__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class ImageServiceServicer:
@@ -87,6 +92,15 @@ class ImageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Feedback(self, request, context):
+        """Ground truth for a captured request, for calibration (POST /v1/feedback): one
+        label per image, or the objects of each image of a detect request. The same
+        feedback again is OK with created = false; different feedback ALREADY_EXISTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +123,11 @@ def add_ImageServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=serving_dot_proto_dot_imgserve__pb2.GetModelRequest.FromString,
                     response_serializer=serving_dot_proto_dot_imgserve__pb2.ModelInfo.SerializeToString,
+            ),
+            'Feedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Feedback,
+                    request_deserializer=serving_dot_proto_dot_imgserve__pb2.FeedbackRequest.FromString,
+                    response_serializer=serving_dot_proto_dot_imgserve__pb2.FeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +238,33 @@ class ImageService:
             '/imgserve.v1.ImageService/GetModel',
             serving_dot_proto_dot_imgserve__pb2.GetModelRequest.SerializeToString,
             serving_dot_proto_dot_imgserve__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Feedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imgserve.v1.ImageService/Feedback',
+            serving_dot_proto_dot_imgserve__pb2.FeedbackRequest.SerializeToString,
+            serving_dot_proto_dot_imgserve__pb2.FeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

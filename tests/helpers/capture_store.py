@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 
 import numpy as np
 import pytest
+
+from calibration.capture_store import UnknownRequestError
+from calibration.feedback import find_capture
+from tests.helpers.servers import wait_for
 
 MODEL = "tiny_classifier"
 
@@ -22,3 +27,16 @@ def join_or_fail(proc: mp.Process, timeout: float = 60.0) -> None:
         proc.kill()
         proc.join(5)
         pytest.fail(f"process {proc.pid} did not finish in {timeout} s")
+
+
+def wait_captured(capture: str | os.PathLike[str], request_id: str, timeout: float = 60.0) -> None:
+    """Wait (bounded) until the gateway's capture thread has written ``request_id``'s shard."""
+
+    def written() -> bool:
+        try:
+            find_capture(capture, request_id)
+        except UnknownRequestError:
+            return False
+        return True
+
+    assert wait_for(written, timeout=timeout), f"request {request_id} was not captured"

@@ -94,3 +94,62 @@ def model_message(model: dict[str, Any]) -> imgserve_pb2.ModelInfo:
             for v in model["versions"]
         ],
     )
+
+
+# -- feedback --------------------------------------------------------------------------
+def _label_value(label: Any) -> str | int | None:
+    """A TrueLabel's name or index; None when neither is set (the store refuses it)."""
+    which = label.WhichOneof("value")
+    return getattr(label, which) if which else None
+
+
+def _box_values(box: Any) -> list[float]:
+    return [box.ymin, box.xmin, box.ymax, box.xmax]
+
+
+def feedback_from_message(request: Any) -> dict[str, Any]:
+    """A FeedbackRequest as :func:`serving.service.feedback.give_feedback`'s keywords."""
+    truth = request.WhichOneof("truth")
+    labels = objects = None
+    if truth == "labels":
+        labels = [_label_value(lab) for lab in request.labels.labels]
+    elif truth == "objects":
+        objects = [
+            [
+                {
+                    "label": _label_value(o.label),
+                    "box": _box_values(o.box) if o.HasField("box") else None,
+                }
+                for o in image.objects
+            ]
+            for image in request.objects.images
+        ]
+    return {"labels": labels, "objects": objects, "model": request.model or None}
+
+
+def _true_label(value: str | int) -> imgserve_pb2.TrueLabel:
+    if isinstance(value, str):
+        return imgserve_pb2.TrueLabel(name=value)
+    return imgserve_pb2.TrueLabel(index=value)
+
+
+def _box(values: Any) -> imgserve_pb2.Box:
+    ymin, xmin, ymax, xmax = (float(v) for v in values)
+    return imgserve_pb2.Box(ymin=ymin, xmin=xmin, ymax=ymax, xmax=xmax)
+
+
+def feedback_message(result: Any) -> imgserve_pb2.FeedbackResponse:
+    """The FeedbackResponse for a :class:`calibration.feedback.FeedbackResult`."""
+    response = imgserve_pb2.FeedbackResponse(
+        request_id=result.request_id, model=result.model, created=result.created
+    )
+    if result.objects is None:
+        response.labels.labels.extend(_true_label(lab) for lab in result.labels)
+        return response
+    for objs in result.objects:
+        image = response.objects.images.add()
+        for o in objs:
+            image.objects.add(
+                label=_true_label(o["label"]), box=_box(o["box"]), input_box=_box(o["input_box"])
+            )
+    return response

@@ -22,11 +22,14 @@ from serving.api import errors
 from serving.api.grpc.codec import (
     classify_message,
     detect_message,
+    feedback_from_message,
+    feedback_message,
     model_message,
     options_from_message,
 )
 from serving.proto import imgserve_pb2, imgserve_pb2_grpc
 from serving.service import ACCESS_LOG, InferenceService, PredictOptions, request_id_from
+from serving.service.feedback import give_feedback
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,16 @@ class ImageServicer(imgserve_pb2_grpc.ImageServiceServicer):
             return model_message(self.service.describe_model(request.name))
 
         return self._call("GetModel", context, run)
+
+    def Feedback(self, request: imgserve_pb2.FeedbackRequest, context: grpc.ServicerContext):
+        def run(outcome: dict[str, Any]) -> imgserve_pb2.FeedbackResponse:
+            result = give_feedback(
+                self.service, request.request_id, **feedback_from_message(request)
+            )
+            outcome["model"] = self.service.known_model(result.model)
+            return feedback_message(result)
+
+        return self._call("Feedback", context, run)
 
     # -- plumbing ------------------------------------------------------------------
     def _predict(

@@ -12,20 +12,18 @@ from __future__ import annotations
 import io
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 from PIL import Image
 
-from calibration.capture_store import UnknownRequestError
-from calibration.feedback import find_capture
 from calibration.samples import iter_samples
 from contract.model_card import MODEL_CARD_RELPATH
 from contract.repository import ModelRepository
+from tests.helpers.capture_store import wait_captured
 from tests.helpers.photos import photo
-from tests.helpers.servers import ROOT, gunicorn, stop, wait_for
+from tests.helpers.servers import ROOT, gunicorn, stop
 
 DETECTOR = "demo_detector"
 CLASSIFIER = "demo_classifier"
@@ -110,19 +108,6 @@ def _feedback(url: str, body: dict) -> requests.Response:
     return requests.post(f"{url}/v1/feedback", json=body, timeout=30)
 
 
-def _captured(capture: Path, request_id: str) -> None:
-    """Wait (bounded) until the capture thread has written the request's shard."""
-
-    def written() -> bool:
-        try:
-            find_capture(capture, request_id)
-        except UnknownRequestError:
-            return False
-        return True
-
-    assert wait_for(written, timeout=60), f"request {request_id} was not captured"
-
-
 def _problem(r: requests.Response, status: int, code: str) -> dict:
     assert r.status_code == status, r.text
     assert r.headers["Content-Type"].startswith("application/problem+json")
@@ -141,7 +126,7 @@ def test_a_box_in_original_pixels_lands_on_the_object_in_the_captured_input(
     detected = _detect(url, _sideways_jpeg(orientation), request_id, version)
     (image,) = detected["predictions"]
     assert (image["width"], image["height"]) == (451, 300)  # upright: EXIF applied
-    _captured(capture, request_id)
+    wait_captured(capture, request_id)
     body = {
         "request_id": request_id,
         "model": DETECTOR,
@@ -187,8 +172,8 @@ def test_box_feedback_validation_through_the_gateway(gateway):
     jpeg = _sideways_jpeg(6)  # upright: 451 wide, 300 high
     _detect(url, jpeg, "check")
     _classify(url, jpeg, "classified")
-    _captured(capture, "check")
-    _captured(capture, "classified")
+    wait_captured(capture, "check")
+    wait_captured(capture, "classified")
 
     def post(objects, request_id="check", **extra):
         return _feedback(url, {"request_id": request_id, "objects": objects, **extra})
@@ -238,7 +223,7 @@ def test_box_feedback_validation_through_the_gateway(gateway):
     _problem(_feedback(url, {"request_id": "check", "labels": ["circle"]}), 409, "conflict")
     # A detection copied from a response (box as an object, score and index) is taken.
     _detect(url, jpeg, "copied")
-    _captured(capture, "copied")
+    wait_captured(capture, "copied")
     detection = {
         "label": "cross",
         "index": 3,
@@ -267,11 +252,11 @@ def test_box_feedback_validation_through_the_gateway(gateway):
         timeout=60,
     )
     assert tensor.status_code == 200, tensor.text
-    _captured(capture, "tensor")
+    wait_captured(capture, "tensor")
     doc = _problem(post([[ok]], request_id="tensor"), 422, "unprocessable")
     assert "without image geometry" in doc["detail"]
     # Image labels on a detect request keep working.
     _detect(url, jpeg, "labels-only")
-    _captured(capture, "labels-only")
+    wait_captured(capture, "labels-only")
     labelled = _feedback(url, {"request_id": "labels-only", "labels": ["circle"]})
     assert labelled.status_code == 201, labelled.text
