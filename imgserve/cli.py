@@ -11,6 +11,7 @@ Models:
 Clients of a running gateway:
   classify    classify image files
   detect      detect objects in image files, optionally drawing them
+  feedback    send the true labels or boxes of a captured request
 
 Run ``imgserve COMMAND --help`` for a command's flags.
 """
@@ -83,6 +84,12 @@ def _detect(parser: argparse.ArgumentParser) -> None:
     add_detect_arguments(parser)
 
 
+def _feedback(parser: argparse.ArgumentParser) -> None:
+    from imgserve.feedback import add_feedback_arguments
+
+    add_feedback_arguments(parser)
+
+
 CLIENT_EXITS = (
     "Exit codes: 0 answered, 1 the server refused the request (4xx: a bad image or "
     "option), 2 usage error, 3 the server failed or is overloaded (5xx, 429), "
@@ -106,6 +113,11 @@ COMMANDS: dict[str, Command] = {
         "detect objects in image files with a running gateway, optionally drawing them",
         _detect,
         CLIENT_EXITS,
+    ),
+    "feedback": Command(
+        "send the true labels or boxes of a captured request, for calibration",
+        _feedback,
+        CLIENT_EXITS.replace("0 answered", "0 recorded"),
     ),
 }
 

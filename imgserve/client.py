@@ -1,5 +1,6 @@
-"""Clients of the gateway's own API, over REST (``POST /v1/classify``, ``/v1/detect``) or
-gRPC (``imgserve.v1.ImageService``), both answering in the REST API's JSON shape.
+"""Clients of the gateway's own API, over REST (``POST /v1/classify``, ``/v1/detect``,
+``/v1/feedback``) or gRPC (``imgserve.v1.ImageService``), both answering in the REST
+API's JSON shape.
 
 A failure is one of three :class:`ClientError` kinds, each with its exit code: the
 server refused the request (4xx: the input or the options are wrong), the server
@@ -90,11 +91,23 @@ class Options:
 
 
 class ImageClient(Protocol):
-    """A gateway connection; each call returns the REST API's JSON document."""
+    """A gateway connection; each call returns the REST API's JSON document.
 
-    def classify(self, images: list[Image], options: Options) -> dict[str, Any]: ...
+    ``request_id`` (None: the gateway makes one) names the request, which is what
+    feedback refers to.
+    """
 
-    def detect(self, images: list[Image], options: Options) -> dict[str, Any]: ...
+    def classify(
+        self, images: list[Image], options: Options, request_id: str | None = None
+    ) -> dict[str, Any]: ...
+
+    def detect(
+        self, images: list[Image], options: Options, request_id: str | None = None
+    ) -> dict[str, Any]: ...
+
+    def feedback(
+        self, request_id: str, *, labels: Any = None, objects: Any = None, model: str | None = None
+    ) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
 
@@ -111,18 +124,34 @@ class RestClient:
         """Close the connection pool."""
         self.session.close()
 
-    def classify(self, images: list[Image], options: Options) -> dict[str, Any]:
-        return self._post("/v1/classify", images, options)
+    def classify(
+        self, images: list[Image], options: Options, request_id: str | None = None
+    ) -> dict[str, Any]:
+        return self._predict("/v1/classify", images, options, request_id)
 
-    def detect(self, images: list[Image], options: Options) -> dict[str, Any]:
-        return self._post("/v1/detect", images, options)
+    def detect(
+        self, images: list[Image], options: Options, request_id: str | None = None
+    ) -> dict[str, Any]:
+        return self._predict("/v1/detect", images, options, request_id)
 
-    def _post(self, path: str, images: list[Image], options: Options) -> dict[str, Any]:
+    def feedback(
+        self, request_id: str, *, labels: Any = None, objects: Any = None, model: str | None = None
+    ) -> dict[str, Any]:
+        """``POST /v1/feedback``: 201 recorded, 200 the same feedback again."""
+        body = {"request_id": request_id, "labels": labels, "objects": objects, "model": model}
+        body = {k: v for k, v in body.items() if v is not None}
+        return self._post("/v1/feedback", json=body)
+
+    def _predict(
+        self, path: str, images: list[Image], options: Options, request_id: str | None
+    ) -> dict[str, Any]:
         files = [("image", (image.name, image.data, _media_type(image.name))) for image in images]
+        headers = {"X-Request-ID": request_id} if request_id else {}
+        return self._post(path, files=files, data=options.fields(), headers=headers)
+
+    def _post(self, path: str, **kw: Any) -> dict[str, Any]:
         try:
-            response = self.session.post(
-                self.url + path, files=files, data=options.fields(), timeout=self.timeout
-            )
+            response = self.session.post(self.url + path, timeout=self.timeout, **kw)
         except (
             requests.exceptions.MissingSchema,
             requests.exceptions.InvalidSchema,
@@ -131,7 +160,7 @@ class RestClient:
             raise BadAddress(f"--url {self.url!r} is not an http(s) URL: {exc}") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise ServerUnreachable(f"no answer from {self.url}: {_reason(exc)}") from None
-        if response.status_code != 200:
+        if response.status_code not in (200, 201):
             raise error_for_status(
                 response.status_code, problem_message(response), _image_index(response)
             )
@@ -195,14 +224,16 @@ class GrpcClient:
         """Close the channel."""
         self.channel.close()
 
-    def classify(self, images: list[Image], options: Options) -> dict[str, Any]:
+    def classify(
+        self, images: list[Image], options: Options, request_id: str | None = None
+    ) -> dict[str, Any]:
         request = imgserve_pb2.ClassifyRequest(
             model=_selector(options),
             images=[image.data for image in images],
             top_k=options.top_k,
             score_threshold=options.score_threshold,
         )
-        response = self._call(self.stub.Classify, request)
+        response = self._call(self.stub.Classify, request, request_id)
         return {
             "request_id": response.request_id,
             "model": _model_json(response.model),
@@ -211,14 +242,16 @@ class GrpcClient:
             ],
         }
 
-    def detect(self, images: list[Image], options: Options) -> dict[str, Any]:
+    def detect(
+        self, images: list[Image], options: Options, request_id: str | None = None
+    ) -> dict[str, Any]:
         request = imgserve_pb2.DetectRequest(
             model=_selector(options),
             images=[image.data for image in images],
             score_threshold=options.score_threshold,
             max_detections=options.max_detections,
         )
-        response = self._call(self.stub.Detect, request)
+        response = self._call(self.stub.Detect, request, request_id)
         return {
             "request_id": response.request_id,
             "model": _model_json(response.model),
@@ -238,9 +271,50 @@ class GrpcClient:
             ],
         }
 
-    def _call(self, method: Any, request: Any) -> Any:
+    def feedback(
+        self, request_id: str, *, labels: Any = None, objects: Any = None, model: str | None = None
+    ) -> dict[str, Any]:
+        """``ImageService/Feedback``, answered in the REST API's JSON shape."""
+        request = imgserve_pb2.FeedbackRequest(request_id=request_id, model=model or "")
+        if labels is not None:
+            request.labels.labels.extend(_true_label(lab, "labels") for lab in labels)
+        if objects is not None:
+            if not isinstance(objects, list) or not all(isinstance(o, list) for o in objects):
+                raise RequestRefused("objects must be one list of objects per image")
+            for i, image in enumerate(objects):
+                entry = request.objects.images.add()
+                for j, obj in enumerate(image):
+                    where = f"objects[{i}][{j}]"
+                    if not isinstance(obj, dict):
+                        raise RequestRefused(f"{where} must be an object with 'label' and 'box'")
+                    entry.objects.add(
+                        label=_true_label(obj.get("label"), where), box=_box(obj.get("box"), where)
+                    )
+        response = self._call(self.stub.Feedback, request)
+        answer: dict[str, Any] = {"request_id": response.request_id, "model": response.model}
+        if response.WhichOneof("truth") == "objects":
+            answer["objects"] = [
+                [
+                    {
+                        "label": o.label.name,
+                        "box": [getattr(o.box, k) for k in BOX_KEYS],
+                        "input_box": [getattr(o.input_box, k) for k in BOX_KEYS],
+                    }
+                    for o in image.objects
+                ]
+                for image in response.objects.images
+            ]
+        else:
+            answer["labels"] = [
+                getattr(lab, lab.WhichOneof("value") or "name") for lab in response.labels.labels
+            ]
+        answer["created"] = response.created
+        return answer
+
+    def _call(self, method: Any, request: Any, request_id: str | None = None) -> Any:
+        metadata = (("x-request-id", request_id),) if request_id else None
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=metadata)
         except grpc.RpcError as exc:
             raise grpc_error(exc, self.target) from None
 
@@ -252,6 +326,29 @@ def _selector(options: Options) -> imgserve_pb2.ModelSelector:
     return imgserve_pb2.ModelSelector(
         name=options.model or "", version=options.version, label=options.label
     )
+
+
+def _true_label(value: Any, where: str) -> imgserve_pb2.TrueLabel:
+    """A class name or index as the message field; a request the gateway would refuse otherwise."""
+    if isinstance(value, str):
+        return imgserve_pb2.TrueLabel(name=value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
+        return imgserve_pb2.TrueLabel(index=value)
+    raise RequestRefused(f"{where}: a label must be a class name or index, got {value!r}")
+
+
+def _box(value: Any, where: str) -> imgserve_pb2.Box:
+    """``[ymin, xmin, ymax, xmax]`` or the detect answer's box object, as the message."""
+    if isinstance(value, dict) and set(value) >= set(BOX_KEYS):
+        value = [value[k] for k in BOX_KEYS]
+    numbers = isinstance(value, list) and len(value) == 4
+    if not numbers or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    ):
+        raise RequestRefused(
+            f"{where}.box must be 4 numbers [ymin, xmin, ymax, xmax], got {value!r}"
+        )
+    return imgserve_pb2.Box(**dict(zip(BOX_KEYS, (float(v) for v in value), strict=True)))
 
 
 def _model_json(ref: imgserve_pb2.ModelRef) -> dict[str, Any]:

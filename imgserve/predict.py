@@ -1,7 +1,9 @@
 """``imgserve classify FILE...`` and ``imgserve detect FILE...``: call a running gateway.
 
-All FILEs go in one request, over REST (``--url``) or gRPC (``--grpc``). The answer is
-printed as a table, or as the API's JSON document with ``--json``. Exit codes: 0
+All FILEs go in one request, over REST (``--url``) or gRPC (``--grpc``), under the
+gateway's request id or ``--request-id``'s (what ``imgserve feedback`` refers to). The
+answer is printed as a table under a line naming the model and the request, or as the
+API's JSON document with ``--json``. Exit codes: 0
 answered, 1 the server refused the request (4xx: a bad image or option), 2 a usage
 error (bad flags, a FILE that cannot be read, an unusable ``--out``), 3 the server
 failed or is overloaded (5xx, 429), 4 no server answered.
@@ -36,6 +38,11 @@ def add_client_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     version.add_argument("--label", help="version label, e.g. stable or canary")
     parser.add_argument(
         "--score-threshold", type=float, metavar="S", help="drop results scoring below this (0..1)"
+    )
+    parser.add_argument(
+        "--request-id",
+        metavar="ID",
+        help="the request's id (default: the gateway's), which 'imgserve feedback' refers to",
     )
     parser.add_argument("--json", action="store_true", help="print the API's JSON answer")
     parser.add_argument(
@@ -89,13 +96,9 @@ def _run(args: argparse.Namespace, call: str, outputs: list[Path] | None) -> int
     except OSError as exc:
         return _usage(call, f"cannot read {exc.filename}: {exc.strerror}")
     options = Options(**{f.name: getattr(args, f.name, None) for f in dataclasses.fields(Options)})
-    client: ImageClient = (
-        GrpcClient(args.grpc, args.timeout)
-        if args.grpc
-        else RestClient(args.url or DEFAULT_URL, args.timeout)
-    )
+    client = connect(args)
     try:
-        answer = getattr(client, call)(images, options)
+        answer = getattr(client, call)(images, options, args.request_id)
     except ClientError as exc:
         which = exc.image_index
         named = f" (FILE {args.files[which]})" if which is not None and which < len(images) else ""
@@ -117,6 +120,13 @@ def _run(args: argparse.Namespace, call: str, outputs: list[Path] | None) -> int
     return 0
 
 
+def connect(args: argparse.Namespace) -> ImageClient:
+    """The client ``--grpc`` or ``--url`` (default :data:`DEFAULT_URL`) asks for."""
+    if args.grpc:
+        return GrpcClient(args.grpc, args.timeout)
+    return RestClient(args.url or DEFAULT_URL, args.timeout)
+
+
 def _write_annotated(images: list[Image], answer: dict[str, Any], outputs: list[Path]) -> None:
     for image, prediction, path in zip(images, answer["predictions"], outputs, strict=True):
         save(annotate(image.data, prediction["detections"]), path)
@@ -129,10 +139,11 @@ def _usage(call: str, message: object) -> int:
 
 
 def model_line(answer: dict[str, Any]) -> str:
-    """``model NAME version V (labels)`` of an answer."""
+    """``model NAME version V (labels); request ID`` of an answer."""
     model = answer["model"]
     labels = f" ({', '.join(model['labels'])})" if model.get("labels") else ""
-    return f"model {model['name']} version {model['version']}{labels}"
+    request = f"; request {answer['request_id']}" if answer.get("request_id") else ""
+    return f"model {model['name']} version {model['version']}{labels}{request}"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -78,18 +78,13 @@ def give_feedback(
         )
     if model is not None:
         served_model(svc, model)
+    # Unknown id: the store's 404, before any label lookup. Labels are checked against
+    # the version that answered the request, whether or not the model was named.
+    found, entry = find_capture(store, request_id, model)
+    allowed = captured_labels(svc, found, entry.get("version"))
     if objects is not None:
-        # Unknown id: the store's 404, before any label lookup. Box labels are checked
-        # against the version that answered the request.
-        found, entry = find_capture(store, request_id, model)
-        allowed = captured_labels(svc, found, entry.get("version"))
         return record_box_feedback(store, request_id, objects, model=found, allowed=allowed)
-    allowed = None
-    if model is not None:
-        versions = svc.catalog.repository.versions(model)
-        if versions:
-            allowed = list(svc.catalog.version(model, versions[-1]).class_labels)
-    return record_feedback(store, request_id, labels, model=model, allowed=allowed)
+    return record_feedback(store, request_id, labels, model=found, allowed=allowed)
 
 
 def captured_labels(svc: InferenceService, model: str, version: Any) -> Sequence[str] | None:

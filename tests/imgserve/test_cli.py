@@ -24,6 +24,7 @@ HELPS = {
     ("rollback",): ["--name", "--label"],
     ("classify",): ["FILE", "--url", "--grpc", "--top-k", "--version", "--label", "--json"],
     ("detect",): ["FILE", "--url", "--grpc", "--out", "--score-threshold", "--json"],
+    ("feedback",): ["REQUEST_ID", "LABEL", "--objects", "--url", "--grpc", "0 recorded"],
 }
 TRAINING = ("python -m training",)
 

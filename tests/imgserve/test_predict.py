@@ -22,6 +22,7 @@ from imgserve.cli import main
 from imgserve.client import EXIT_REFUSED, EXIT_UNREACHABLE
 from imgserve.predict import EXIT_USAGE
 from tests.helpers import tiny_models
+from tests.helpers.capture_store import wait_captured
 from tests.helpers.photos import exif_rotated_jpeg, photo
 from tests.helpers.servers import (
     PYTHON,
@@ -36,10 +37,17 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
+def capture_dir(tmp_path_factory) -> Path:
+    """The capture store both servers keep every request in (for ``imgserve feedback``)."""
+    return tmp_path_factory.mktemp("capture")
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, capture_dir):
     """(REST base URL, gRPC address) of ``imgserve serve`` and ``imgserve grpc``, started
-    together on one repository; each must stop cleanly on SIGTERM (exec: the signal
-    reaches gunicorn and the gRPC server themselves)."""
+    together on one repository and capture store; each must stop cleanly on SIGTERM
+    (exec: the signal reaches gunicorn and the gRPC server themselves)."""
+    capture = {"IMGSERVE_CAPTURE_DIR": str(capture_dir), "IMGSERVE_CAPTURE_RATE": "1"}
     tmp = tmp_path_factory.mktemp("imgserve_servers")
     base = tiny_models.build_repository(tmp / "models")
     http_port, grpc_port = free_port(), free_port()
@@ -47,13 +55,13 @@ def servers(tmp_path_factory):
     rest_log, grpc_log = tmp / "serve.log", tmp / "grpc.log"
     rest = start(
         [PYTHON, "-m", "imgserve", "serve", "--bind", f"127.0.0.1:{http_port}", *common],
-        {},
+        capture,
         rest_log,
     )
     grpc_server = start(
         [PYTHON, "-m", "imgserve", "grpc", "--bind", f"127.0.0.1:{grpc_port}", *common]
         + ["--metrics-bind", ""],
-        {},
+        capture,
         grpc_log,
     )
     try:
@@ -118,10 +126,11 @@ def test_classify_gives_the_classes_of_a_direct_post(servers, photos, capsys, tr
     expected = [c["score"] for p in direct.json()["predictions"] for c in p["classes"]]
     assert scores == pytest.approx(expected, abs=1e-6)
 
-    code, table, _ = run(capsys, "classify", *files, *where, "--top-k", 1)
+    rid = f"table-{transport}"
+    code, table, _ = run(capsys, "classify", *files, *where, "--top-k", 1, "--request-id", rid)
     assert code == 0
     lines = table.splitlines()
-    assert lines[0] == "model tiny_classifier version 1 (stable)"
+    assert lines[0] == f"model tiny_classifier version 1 (stable); request {rid}"
     assert lines[1].split() == ["FILE", "RANK", "LABEL", "SCORE"]
     for f, labels, line in zip(files, top_classes(answer), lines[2:], strict=True):
         assert line.split()[:3] == [str(f), "1", labels[0]]
@@ -240,3 +249,83 @@ def test_an_unwritable_out_is_a_usage_error_after_the_answer(servers, photos, ca
     assert code == EXIT_USAGE
     assert "triangle" in out  # the answer is printed; only the drawing could not be written
     assert f"cannot write {blocker}" in err
+
+
+# -- imgserve feedback ----------------------------------------------------------------
+@pytest.mark.parametrize(("asked", "told"), [("rest", "grpc"), ("grpc", "rest")])
+def test_feedback_joins_labels_to_a_request_made_over_either_api(
+    servers, photos, capsys, capture_dir, asked, told
+):
+    url, grpc_address = servers
+    where = {"rest": ["--url", url], "grpc": ["--grpc", grpc_address]}
+    rid = f"labels-{asked}-{told}"
+    files = [photos["chelsea"], photos["coffee"]]
+    code, _, err = run(capsys, "classify", *files, *where[asked], "--request-id", rid)
+    assert code == 0, err
+    wait_captured(capture_dir, rid)
+    labels = tiny_models.CLASSIFIER_LABELS
+    code, out, err = run(capsys, "feedback", rid, labels[2], labels[0], *where[told])
+    assert code == 0, err
+    assert out.splitlines() == [
+        f"request {rid} model {tiny_models.CLASSIFIER}: recorded",
+        f"image 0: {labels[2]}",
+        f"image 1: {labels[0]}",
+    ]
+    code, out, _ = run(capsys, "feedback", rid, labels[2], labels[0], *where[asked], "--json")
+    assert code == 0 and json.loads(out)["created"] is False  # the same again
+    code, _, err = run(capsys, "feedback", rid, labels[1], labels[1], *where[told])
+    assert code == EXIT_REFUSED and "(409)" in err, err
+    code, _, err = run(capsys, "feedback", rid, "no-such-class", "x", *where[told])
+    assert code == EXIT_REFUSED and "no-such-class" in err, err
+
+
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+def test_feedback_takes_a_detect_answer_back_as_its_objects(
+    servers, photos, capsys, capture_dir, tmp_path, transport
+):
+    url, grpc_address = servers
+    where = ["--url", url] if transport == "rest" else ["--grpc", grpc_address]
+    rid = f"boxes-{transport}"
+    code, text, err = run(capsys, "detect", photos["exif"], *where, "--json", "--request-id", rid)
+    assert code == 0, err
+    answer = json.loads(text)
+    assert answer["request_id"] == rid
+    wait_captured(capture_dir, rid)
+    (detections,) = [p["detections"] for p in answer["predictions"]]
+    assert detections
+    saved = tmp_path / "answer.json"
+    saved.write_text(text)  # what a reviewer corrects: here, taken as it is
+    code, out, err = run(capsys, "feedback", rid, "--objects", saved, *where, "--json")
+    assert code == 0, err
+    recorded = json.loads(out)
+    assert recorded["created"] is True and recorded["model"] == tiny_models.DETECTOR
+    (objects,) = recorded["objects"]
+    assert [o["label"] for o in objects] == [d["label"] for d in detections]
+    for o, d in zip(objects, detections, strict=True):
+        box = [d["box"][k] for k in ("ymin", "xmin", "ymax", "xmax")]
+        assert o["box"] == pytest.approx(box, abs=1e-3)
+        assert len(o["input_box"]) == 4
+    code, out, _ = run(capsys, "feedback", rid, "--objects", saved, *where)
+    assert code == 0 and "already recorded" in out.splitlines()[0]
+
+
+def test_feedback_usage_errors_come_before_any_request(capsys, tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: each refusal is local
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for argv, words in [
+        (["r1"], "either LABELs"),
+        (["r1", "cat", "--objects", bad], "either LABELs"),
+        (["r1", "--objects", tmp_path / "missing.json"], "cannot read"),
+        (["r1", "--objects", bad], "is not JSON"),
+    ]:
+        code, _, err = run(capsys, "feedback", *argv, "--url", url)
+        assert code == EXIT_USAGE and words in err, (argv, err)
+
+
+def test_feedback_objects_the_gateway_would_refuse_are_refused_before_grpc(capsys, tmp_path):
+    objects = tmp_path / "objects.json"
+    objects.write_text(json.dumps([[{"label": "circle", "box": [1, 2, 3]}]]))
+    grpc_address = f"127.0.0.1:{free_port()}"  # never reached
+    code, _, err = run(capsys, "feedback", "r1", "--objects", objects, "--grpc", grpc_address)
+    assert code == EXIT_REFUSED and "objects[0][0].box must be 4 numbers" in err, err
