@@ -117,7 +117,10 @@ COMMANDS: dict[str, Command] = {
     "feedback": Command(
         "send the true labels or boxes of a captured request, for calibration",
         _feedback,
-        CLIENT_EXITS.replace("0 answered", "0 recorded"),
+        CLIENT_EXITS.replace("0 answered", "0 recorded").replace(
+            "4xx: a bad image or option",
+            "4xx: an unknown request id, a label the model lacks, other feedback recorded first",
+        ),
     ),
 }
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from imgserve.client import ClientError
-from imgserve.predict import DEFAULT_URL, EXIT_USAGE, connect
+from imgserve.predict import EXIT_USAGE, add_connection_arguments, connect
 
 
 def add_feedback_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,18 +35,8 @@ def add_feedback_arguments(parser: argparse.ArgumentParser) -> None:
         help="JSON: per image, a list of {label, box} in original pixels ('-': stdin); "
         "or the JSON answer of 'imgserve detect --json'",
     )
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--url", help=f"gateway REST base URL (default {DEFAULT_URL})")
-    where.add_argument("--grpc", metavar="HOST:PORT", help="gateway gRPC address instead of REST")
+    add_connection_arguments(parser)
     parser.add_argument("--model", help="the model that answered (default: found by the id)")
-    parser.add_argument("--json", action="store_true", help="print the API's JSON answer")
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="seconds to wait for the answer (default 30)",
-    )
     parser.set_defaults(func=run_feedback)
 
 

@@ -26,12 +26,26 @@ EXIT_USAGE = 2
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 
-def add_client_arguments(parser: argparse.ArgumentParser, task: str) -> None:
-    """The flags both client commands take: where the server is, which model, the output."""
-    parser.add_argument("files", nargs="+", metavar="FILE", help="image files to send")
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the gateway is (``--url`` or ``--grpc``), ``--json`` and ``--timeout``: the
+    flags of every client command."""
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--url", help=f"gateway REST base URL (default {DEFAULT_URL})")
     where.add_argument("--grpc", metavar="HOST:PORT", help="gateway gRPC address instead of REST")
+    parser.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="seconds to wait for the answer (default 30)",
+    )
+
+
+def add_client_arguments(parser: argparse.ArgumentParser, task: str) -> None:
+    """The flags both image commands take: the files, the server, which model, the output."""
+    parser.add_argument("files", nargs="+", metavar="FILE", help="image files to send")
+    add_connection_arguments(parser)
     parser.add_argument("--model", help=f"model name (default: the gateway's {task} model)")
     version = parser.add_mutually_exclusive_group()
     version.add_argument("--version", type=int, metavar="N", help="model version")
@@ -43,14 +57,6 @@ def add_client_arguments(parser: argparse.ArgumentParser, task: str) -> None:
         "--request-id",
         metavar="ID",
         help="the request's id (default: the gateway's), which 'imgserve feedback' refers to",
-    )
-    parser.add_argument("--json", action="store_true", help="print the API's JSON answer")
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="seconds to wait for the answer (default 30)",
     )
 
 
