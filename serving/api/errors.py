@@ -97,9 +97,20 @@ class Entry:
 
 
 def _like(cls: type[ServingError]) -> Entry:
-    """The row of ``cls`` with its code and title fixed: report another class exactly as it."""
-    row = next(TABLE[klass] for klass in cls.__mro__ if klass in TABLE)
+    """The row of ``cls`` (or of its nearest mapped base) with its code and title fixed:
+    report another class exactly as it."""
+    row = entry_for(cls)
+    assert row is not None, cls
     return replace(row, code=cls.code, title=cls.title)
+
+
+def entry_for(cls: type[BaseException]) -> Entry | None:
+    """The row of the first class in ``cls``'s MRO that has one; None for an unmapped class."""
+    for klass in cls.__mro__:
+        row = TABLE.get(klass)
+        if row is not None:
+            return row
+    return None
 
 
 TABLE: dict[type[BaseException], Entry] = {
@@ -168,15 +179,6 @@ def _werkzeug(exc: http.HTTPException) -> Entry:
     """A Werkzeug HTTP error without a row: its own status and name (never seen over gRPC)."""
     status = exc.code or 500
     return Entry(status, _CODE.UNKNOWN, exc.name.lower().replace(" ", "_"), exc.name)
-
-
-def entry_for(cls: type[BaseException]) -> Entry | None:
-    """The row of the first class in ``cls``'s MRO that has one; None for an unmapped class."""
-    for klass in cls.__mro__:
-        row = TABLE.get(klass)
-        if row is not None:
-            return row
-    return None
 
 
 def resolve(exc: BaseException) -> Entry | None:

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from contract.repository import is_version_name
 from serving.catalog import CLASSIFICATION, DETECTION
 from serving.errors import BadRequest, InvalidParameter, VersionNotFound
 from serving.service import ClassifyResult, DetectResult, InferenceService, PredictOptions
@@ -256,9 +257,9 @@ def _expect(tensor: InferInput, datatype: str, rank: int, shape: str) -> None:
 def _options(request: InferRequest, task: str) -> PredictOptions:
     params = request.parameters
     version = request.version.strip()
-    # A version is a number (ASCII digits: "²" is a digit int() refuses); anything
-    # else names a version label ("stable").
-    number = version.isascii() and version.isdigit()
+    # A version is a number, as a version directory's name is ("²" is a digit int()
+    # refuses); anything else names a version label ("stable").
+    number = is_version_name(version)
     return PredictOptions(
         model=request.model,
         version=int(version) if number else None,
